@@ -1,0 +1,75 @@
+"""Are the digits recognisable? Classify 256 samples of a run's final G_ema.
+
+A scikit-learn MLP classifier is fitted on the bundled 8x8 digits (all 1,797). A sample
+counts as recognisable when the classifier's top probability is >= 0.9; mode coverage is
+the share of samples per predicted class (uniform would be 10% each). The same figures for
+held-out real digits (classifier fitted on the other 70%) are printed as the ceiling.
+
+    python bench/digits_quality.py --run runs/default [--num 256] [--seed 0]
+
+Exit code 0 when >= 90% are confident and every class gets 5-15%, 1 otherwise.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+import numpy as np
+import torch
+from sklearn.datasets import load_digits
+from sklearn.model_selection import train_test_split
+from sklearn.neural_network import MLPClassifier
+
+from gan_dist.checkpoint import load_generator
+
+CONFIDENCE, MIN_SHARE, MAX_SHARE = 0.9, 0.05, 0.15
+
+
+def classifier(X: np.ndarray, y: np.ndarray) -> MLPClassifier:
+    return MLPClassifier((256,), max_iter=1000, random_state=0).fit(X, y)
+
+
+def figures(clf: MLPClassifier, X: np.ndarray) -> tuple[float, np.ndarray]:
+    proba = clf.predict_proba(X)
+    confident = float((proba.max(1) >= CONFIDENCE).mean())
+    shares = np.bincount(proba.argmax(1), minlength=10) / len(X)
+    return confident, shares
+
+
+def generate(run: str, num: int, seed: int) -> np.ndarray:
+    G, info = load_generator(run)
+    if list(info["shape"]) != [1, 8, 8]:
+        sys.exit(f"{run} was trained on samples of shape {info['shape']}, not the 8x8 digits")
+    z = torch.randn(num, info["model"]["latent_dim"], generator=torch.Generator().manual_seed(seed))
+    with torch.no_grad():
+        samples = G(z).reshape(num, 64)
+    # The same quantisation as the stored data: [-1, 1] -> 0..255 -> the digits' 0..16 scale / 16.
+    pixels = ((samples + 1) * 127.5).round().clamp(0, 255) / 255.0
+    return pixels.numpy()
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--run", default="runs/default")
+    parser.add_argument("--num", type=int, default=256)
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args()
+    X, y = load_digits(return_X_y=True)
+    X = X / 16.0
+    X_fit, X_held, y_fit, _ = train_test_split(X, y, test_size=0.3, random_state=0)
+    real_conf, real_shares = figures(classifier(X_fit, y_fit), X_held)
+    gan_conf, gan_shares = figures(classifier(X, y), generate(args.run, args.num, args.seed))
+    print(f"| samples | confident (p >= {CONFIDENCE}) | smallest class | largest class |")
+    print("|---|---|---|---|")
+    print(f"| held-out real digits ({len(X_held)}) | {real_conf:.1%} | {real_shares.min():.1%} | {real_shares.max():.1%} |")
+    print(f"| G_ema of {args.run} ({args.num}) | {gan_conf:.1%} | {gan_shares.min():.1%} | {gan_shares.max():.1%} |")
+    print("class shares of the samples: " + " ".join(f"{c}:{s:.1%}" for c, s in enumerate(gan_shares)))
+    ok = gan_conf >= 0.9 and gan_shares.min() >= MIN_SHARE and gan_shares.max() <= MAX_SHARE
+    print("recognisable digits: " + ("yes" if ok else "NO") + f" (needs >= 90% confident, every class "
+          f"{MIN_SHARE:.0%}-{MAX_SHARE:.0%})")
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,53 @@
+"""`gan-dist train|prepare|check`: the console script."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from gan_dist.errors import run_reporting_errors
+
+
+def _check(args) -> int:
+    """Validate a config the way training would (plugins, registries), without starting."""
+    from gan_dist import config as config_mod
+    from gan_dist.losses import get_loss
+    from gan_dist.models import MODELS, _load_builtins
+    from gan_dist.train import import_plugins
+
+    cfg = config_mod.load_config(args.config, args.overrides)
+    import_plugins(cfg.plugins)
+    _load_builtins()
+    get_loss(cfg.loss.name)
+    if cfg.model.name not in MODELS:
+        from gan_dist.errors import UserError, did_you_mean
+
+        raise UserError(f"config key 'model.name': unknown model '{cfg.model.name}'{did_you_mean(cfg.model.name, MODELS)}")
+    print(config_mod.to_yaml(cfg), end="")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["train"]:
+        from gan_dist.train import main as train_main
+
+        return train_main(argv[1:], prog="gan-dist train")
+    parser = argparse.ArgumentParser(prog="gan-dist", description="gan_dist command line")
+    sub = parser.add_subparsers(dest="command", required=True)
+    sub.add_parser("train", help="train a GAN (same as python train.py; see gan-dist train --help)")
+    from gan_dist.data import prepare
+
+    prepare.add_arguments(sub.add_parser("prepare", help="write a dataset as webdataset shards"))
+    check = sub.add_parser("check", help="validate a config and print it resolved")
+    check.add_argument("config")
+    check.add_argument("overrides", nargs="*", metavar="key=value")
+    for p in sub.choices.values():
+        p.add_argument("--debug", action="store_true", help="show tracebacks")
+    args = parser.parse_args(argv)
+    handlers = {"prepare": prepare.run, "check": _check}
+    return run_reporting_errors(lambda: handlers[args.command](args), args.debug)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,317 @@
+"""The run configuration: a typed schema, YAML files, dotted command-line overrides.
+
+OmegaConf merges the schema defaults, the YAML file and the overrides, and checks keys and
+types against the dataclasses. Every field carries a one-line docstring, which `--help`
+prints. Choices that plugins can extend (model and loss names) are checked against their
+registries after the plugins are imported.
+"""
+
+from __future__ import annotations
+
+import ast
+import dataclasses
+import inspect
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import ConfigKeyError, OmegaConfBaseException
+
+from gan_dist.errors import UserError, did_you_mean
+
+
+@dataclass
+class RunConfig:
+    name: str = "default"
+    """Run name; outputs go to <run.root>/<run.name>/."""
+    root: str = "runs"
+    """Directory that holds the run directories."""
+    overwrite: bool = False
+    """Replace an existing run of the same name instead of refusing to start."""
+
+
+@dataclass
+class DataConfig:
+    dataset: str = "digits"
+    """Built-in source prepared on first use (digits, ring8, grid25, mnist, fashionmnist); '' for your own shards."""
+    path: str = ""
+    """Dataset directory with index.json, or a shard pattern such as shards/train-{000000..000009}.tar; '' means data/<data.dataset>[-<resolution>px]."""
+    root: str = ""
+    """Directory with torchvision's raw files (<root>/MNIST/raw/...), used to prepare mnist and fashionmnist."""
+    resolution: int = 0
+    """Resize images to this many pixels square when preparing a built-in dataset (0 keeps the native size)."""
+    num_workers: int = 2
+    """DataLoader worker processes per training process (0 reads in the training process)."""
+    shuffle_buffer: int = 1000
+    """Samples held in each worker's shuffle buffer, seeded from train.seed, rank and worker."""
+    cache_mb: float = 256.0
+    """Keep decoded shards in each worker's memory up to this size, so small datasets are read once; 0 turns it off."""
+
+
+@dataclass
+class ModelConfig:
+    name: str = "mlp"
+    """Architecture from the model registry: mlp, dcgan, mlp2d, or one registered by a plugin."""
+    latent_dim: int = 100
+    """Length of the noise vector z fed to G."""
+    width_mult: float = 1.0
+    """Multiplier on every hidden width (mlp: 256/512/1024 units; dcgan: 64 base channels)."""
+    g_norm: Literal["batch", "none"] = "batch"
+    """Normalisation in G's hidden layers."""
+    d_norm: Literal["none", "batch", "spectral"] = "none"
+    """Normalisation in D's hidden layers."""
+    conditional: bool = False
+    """Class-conditional G (label embedding) and projection D; needs a labelled dataset."""
+
+
+@dataclass
+class LossConfig:
+    name: str = "nonsaturating"
+    """Adversarial loss on logits: nonsaturating, minimax, hinge, wasserstein, least_squares."""
+    r1_gamma: float = 0.0
+    """Weight gamma of the R1 penalty gamma/2 * |grad D(real)|^2; 0 turns it off."""
+    r1_interval: int = 16
+    """Apply R1 every this many D steps (lazy regularisation), scaled by the interval."""
+    gp_weight: float = 0.0
+    """Weight of the WGAN-GP gradient penalty on real/fake interpolates; 0 turns it off."""
+
+
+@dataclass
+class OptimizerConfig:
+    lr: float = 2e-4
+    """Adam learning rate."""
+    beta1: float = 0.5
+    """Adam beta1 (the tutorial's 0.5)."""
+    beta2: float = 0.999
+    """Adam beta2."""
+    eps: float = 1e-8
+    """Adam epsilon."""
+    weight_decay: float = 0.0
+    """Adam (L2) weight decay."""
+    grad_clip_norm: float = 0.0
+    """Clip the global gradient norm to this value before each step; 0 turns it off."""
+    warmup_kimg: float = 0.0
+    """Ramp the learning rate linearly from 0 over this many thousand images; 0 turns it off."""
+
+
+@dataclass
+class OptimConfig:
+    generator: OptimizerConfig = field(default_factory=OptimizerConfig)
+    """Optimizer of G."""
+    discriminator: OptimizerConfig = field(default_factory=OptimizerConfig)
+    """Optimizer of D."""
+
+
+@dataclass
+class TrainConfig:
+    total_kimg: float = 1000.0
+    """Length of training in thousands of real images shown to D."""
+    max_steps: int = 0
+    """Stop after this many G steps even if total_kimg is not reached; 0 means no limit."""
+    batch_size: int = 64
+    """Global batch of real images per D step, summed over all processes."""
+    num_micro_batches: int = 1
+    """Gradient accumulation: each phase runs this many micro-batches, synchronising only the last."""
+    n_critic: int = 1
+    """D steps per G step."""
+    seed: int = 0
+    """Base seed; noise and data streams derive theirs from it and the global rank."""
+    mixed_precision: Literal["no", "bf16", "fp16"] = "no"
+    """Autocast precision of G and D forwards; master weights stay fp32."""
+    backend: Literal["ddp"] = "ddp"
+    """Data-parallel backend."""
+    ema_half_life_kimg: float = 10.0
+    """Half-life of G_ema in thousands of images."""
+    ema_rampup: float = 0.05
+    """Cap the EMA half-life at this fraction of the images seen so far (early speed-up); 0 turns it off."""
+
+
+@dataclass
+class LogConfig:
+    every_steps: int = 100
+    """Reduce statistics across ranks, print a line and append to metrics.jsonl every this many G steps."""
+    sample_every_kimg: float = 50.0
+    """Write a sample grid of G_ema every this many thousand images (and at the end)."""
+    num_samples: int = 64
+    """Images in each sample grid (fixed noise, the same all run)."""
+    tensorboard: bool = False
+    """Also write scalars and sample grids to TensorBoard under the run directory."""
+
+
+@dataclass
+class Config:
+    run: RunConfig = field(default_factory=RunConfig)
+    """Where outputs go."""
+    data: DataConfig = field(default_factory=DataConfig)
+    """Training data."""
+    model: ModelConfig = field(default_factory=ModelConfig)
+    """G and D architecture."""
+    loss: LossConfig = field(default_factory=LossConfig)
+    """Adversarial loss and regularisers."""
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    """One Adam per network (two time-scale update rule)."""
+    train: TrainConfig = field(default_factory=TrainConfig)
+    """Length, batch, precision and seeds."""
+    log: LogConfig = field(default_factory=LogConfig)
+    """Console, metrics and samples."""
+    plugins: list[str] = field(default_factory=list)
+    """Python modules imported at start, e.g. to register models: plugins=[my_models]."""
+
+
+def field_docs(cls: type) -> dict[str, str]:
+    """The docstring under each field of a dataclass (read from its source)."""
+    tree = ast.parse(inspect.getsource(cls))
+    body = tree.body[0].body
+    docs = {}
+    for node, after in zip(body, body[1:]):
+        if isinstance(node, ast.AnnAssign) and isinstance(after, ast.Expr):
+            if isinstance(after.value, ast.Constant) and isinstance(after.value.value, str):
+                docs[node.target.id] = after.value.value.strip()
+    return docs
+
+
+def _literal_choices(cls: type, name: str) -> tuple | None:
+    hint = typing.get_type_hints(cls)[name]
+    return typing.get_args(hint) if typing.get_origin(hint) is Literal else None
+
+
+def _fix_yaml_values(schema_cls: type, values: Any) -> Any:
+    """Undo two YAML readings: `no` is False (Literal fields that accept 'no' want the string),
+    and `key=` is None (string fields want '')."""
+    if not isinstance(values, dict):
+        return values
+    hints = typing.get_type_hints(schema_cls)
+    for key, value in values.items():
+        hint = hints.get(key)
+        if dataclasses.is_dataclass(hint):
+            values[key] = _fix_yaml_values(hint, value)
+        elif value is False and "no" in (_literal_choices(schema_cls, key) or ()):
+            values[key] = "no"
+        elif value is None and hint is str:
+            values[key] = ""
+    return values
+
+
+def _keys_at(schema: DictConfig, dotted_parent: str) -> list[str]:
+    node = OmegaConf.select(schema, dotted_parent) if dotted_parent else schema
+    return list(node.keys()) if isinstance(node, DictConfig) else []
+
+
+def _explain(err: OmegaConfBaseException, schema: DictConfig, origin: str) -> UserError:
+    """One line that names the key, the problem, and the closest valid key."""
+    key = getattr(err, "full_key", None) or "?"
+    if isinstance(err, ConfigKeyError):
+        parent, _, leaf = key.rpartition(".")
+        valid = [f"{parent}.{k}" if parent else k for k in _keys_at(schema, parent)]
+        return UserError(f"{origin}: unknown config key '{key}'{did_you_mean(key, valid)}")
+    first_line = str(err).splitlines()[0]
+    return UserError(f"{origin}: config key '{key}': {first_line}")
+
+
+def _merge(schema: DictConfig, values: Any, origin: str) -> DictConfig:
+    try:
+        return OmegaConf.merge(schema, values)
+    except OmegaConfBaseException as err:
+        raise _explain(err, schema, origin) from err
+
+
+def _parse_overrides(overrides: list[str]) -> dict:
+    for item in overrides:
+        if "=" not in item or item.startswith("="):
+            raise UserError(f"override '{item}' is not of the form key=value, e.g. train.total_kimg=2")
+    try:
+        return OmegaConf.to_container(OmegaConf.from_dotlist(overrides))
+    except OmegaConfBaseException as err:
+        raise UserError(f"command-line overrides: {str(err).splitlines()[0]}") from err
+
+
+def load_config(path: str | None, overrides: list[str]) -> Config:
+    """Schema defaults <- YAML file <- dotted overrides, validated, as a `Config` object."""
+    schema = OmegaConf.structured(Config)
+    merged = schema
+    if path:
+        file = Path(path)
+        if not file.is_file():
+            raise UserError(f"config file '{path}' does not exist; pass --config with a YAML file from configs/")
+        try:
+            values = OmegaConf.to_container(OmegaConf.load(file))
+        except Exception as err:  # yaml syntax errors come in many classes
+            raise UserError(f"config file '{path}' is not valid YAML: {str(err).splitlines()[0]}") from err
+        merged = _merge(merged, _fix_yaml_values(Config, values or {}), f"config file {path}")
+    values = _fix_yaml_values(Config, _parse_overrides(overrides))
+    merged = _merge(merged, values, "command line")
+    cfg = OmegaConf.to_object(merged)
+    validate(cfg)
+    return cfg
+
+
+def _require(ok: bool, key: str, message: str) -> None:
+    if not ok:
+        raise UserError(f"config key '{key}' {message}")
+
+
+def validate(cfg: Config) -> None:
+    """Checks on values that the types alone do not catch (registries are checked later)."""
+    _require(cfg.model.latent_dim > 0, "model.latent_dim", f"must be > 0, got {cfg.model.latent_dim}")
+    _require(cfg.model.width_mult > 0, "model.width_mult", "must be > 0")
+    _require(cfg.train.batch_size > 0, "train.batch_size", "must be > 0")
+    _require(cfg.train.num_micro_batches > 0, "train.num_micro_batches", "must be >= 1")
+    _require(cfg.train.n_critic > 0, "train.n_critic", "must be >= 1")
+    _require(cfg.train.total_kimg > 0, "train.total_kimg", "must be > 0")
+    _require(cfg.train.max_steps >= 0, "train.max_steps", "must be >= 0 (0 = no limit)")
+    _require(cfg.train.ema_half_life_kimg > 0, "train.ema_half_life_kimg", "must be > 0")
+    _require(cfg.loss.r1_interval > 0, "loss.r1_interval", "must be >= 1")
+    _require(cfg.loss.r1_gamma >= 0 and cfg.loss.gp_weight >= 0, "loss.r1_gamma/gp_weight", "must be >= 0")
+    _require(cfg.log.every_steps > 0, "log.every_steps", "must be >= 1")
+    _require(cfg.log.num_samples > 0, "log.num_samples", "must be >= 1")
+    _require(cfg.data.num_workers >= 0, "data.num_workers", "must be >= 0")
+    _require(cfg.data.shuffle_buffer >= 1, "data.shuffle_buffer", "must be >= 1")
+    _require(cfg.data.resolution >= 0, "data.resolution", "must be >= 0 (0 = native size)")
+    _require(cfg.data.cache_mb >= 0, "data.cache_mb", "must be >= 0 (0 = off)")
+    _require(bool(cfg.run.name) and "/" not in cfg.run.name, "run.name", "must be a plain name")
+    for net in ("generator", "discriminator"):
+        opt = getattr(cfg.optim, net)
+        _require(opt.lr > 0, f"optim.{net}.lr", "must be > 0")
+        _require(0 <= opt.beta1 < 1 and 0 <= opt.beta2 < 1, f"optim.{net}.beta1/beta2", "must be in [0, 1)")
+
+
+def to_yaml(cfg: Config) -> str:
+    return OmegaConf.to_yaml(OmegaConf.structured(cfg))
+
+
+def to_dict(cfg: Config) -> dict:
+    return OmegaConf.to_container(OmegaConf.structured(cfg))
+
+
+def help_lines(cls: type = Config, prefix: str = "") -> list[str]:
+    """'key (type, default): doc' for every leaf of the schema, for --help."""
+    docs = field_docs(cls)
+    lines = []
+    defaults = cls()
+    for f in dataclasses.fields(cls):
+        hint = typing.get_type_hints(cls)[f.name]
+        key = f"{prefix}{f.name}"
+        if dataclasses.is_dataclass(hint):
+            lines += help_lines(hint, key + ".")
+            continue
+        choices = _literal_choices(cls, f.name)
+        kind = "|".join(choices) if choices else getattr(hint, "__name__", str(hint))
+        lines.append(f"  {key} ({kind}, default {getattr(defaults, f.name)!r})\n      {docs.get(f.name, '')}")
+    return lines
+
+
+def flat_dict(cfg: Config) -> dict[str, Any]:
+    """{'train.batch_size': 64, ...} with lists as strings (for TensorBoard's hparams)."""
+    out: dict[str, Any] = {}
+
+    def walk(node: Any, prefix: str) -> None:
+        if isinstance(node, dict):
+            for key, value in node.items():
+                walk(value, f"{prefix}{key}.")
+        else:
+            out[prefix[:-1]] = node if isinstance(node, (int, float, str, bool)) else str(node)
+
+    walk(to_dict(cfg), "")
+    return out

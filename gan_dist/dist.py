@@ -1,0 +1,155 @@
+"""Everything that knows about the launcher, accelerate and DDP lives here.
+
+Three silent failures this module turns into errors or fixes (see docs/distributed.md):
+- torchrun / `accelerate launch --multi_gpu` on a machine without CUDA starts independent
+  one-process runs unless CPU mode is requested: we request it when WORLD_SIZE > 1 and
+  there is no CUDA, and check afterwards that accelerate sees the launcher's world size;
+- accelerate reads precision and gradient accumulation from its launch config, and divides
+  losses by its own accumulation count: our config owns those, so a contradiction exits 2;
+- G's loss must not leave gradients in D: D is frozen whole during the G phase.
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+from collections.abc import Iterator
+from contextlib import contextmanager, nullcontext
+
+import torch
+import torch.nn as nn
+
+from gan_dist.errors import UserError
+
+# accelerate settings that our config owns: env variable -> (our key, value meaning "unset").
+OWNED_BY_CONFIG = {
+    "ACCELERATE_GRADIENT_ACCUMULATION_STEPS": ("train.num_micro_batches", "1"),
+    "ACCELERATE_USE_DEEPSPEED": ("train.backend", "false"),
+    "ACCELERATE_USE_FSDP": ("train.backend", "false"),
+    "ACCELERATE_USE_MEGATRON_LM": ("train.backend", "false"),
+    "ACCELERATE_DYNAMO_BACKEND": ("train.compile (not available yet)", "no"),
+}
+
+
+def env_world_size() -> int:
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def _cuda_available() -> bool:
+    return torch.cuda.is_available()
+
+
+def check_launch_env(mixed_precision: str) -> None:
+    """Refuse accelerate launch settings that contradict our config (accelerate would win)."""
+    for var, (key, unset) in OWNED_BY_CONFIG.items():
+        value = os.environ.get(var)
+        if value is not None and value.strip().lower() not in (unset, ""):
+            raise UserError(f"the launcher sets {var}={value}, but gan_dist's config owns this ({key}); "
+                            "remove it from your accelerate config and set the gan_dist key instead")
+    launcher_precision = os.environ.get("ACCELERATE_MIXED_PRECISION", "no").lower()
+    if launcher_precision not in ("no", mixed_precision):
+        raise UserError(f"the accelerate launch config asks for mixed_precision={launcher_precision} but "
+                        f"train.mixed_precision={mixed_precision}; set train.mixed_precision={launcher_precision} "
+                        "and leave the launch config at 'no'")
+    if env_world_size() > 1 and not all(k in os.environ for k in ("RANK", "MASTER_ADDR")):
+        raise UserError(f"WORLD_SIZE={env_world_size()} is set but RANK/MASTER_ADDR are not; start "
+                        "several processes with torchrun or accelerate launch, or unset WORLD_SIZE")
+
+
+def build_accelerator(mixed_precision: str, run_dir, tensorboard: bool, timeout_s: float = 1800):
+    """One Accelerator for G and D, really distributed whenever the launcher started several processes."""
+    from accelerate import Accelerator
+    from accelerate.utils import InitProcessGroupKwargs, ProjectConfiguration
+
+    check_launch_env(mixed_precision)
+    # Without CUDA, accelerate must be told CPU mode or a multi-process launch runs undistributed.
+    cpu = not _cuda_available()
+    if mixed_precision == "fp16" and cpu:
+        raise UserError("train.mixed_precision=fp16 needs a GPU (on CPU it would silently run in fp32); "
+                        "use train.mixed_precision=bf16 or no")
+    accelerator = Accelerator(
+        cpu=cpu,
+        mixed_precision=mixed_precision,
+        gradient_accumulation_steps=1,
+        log_with="tensorboard" if tensorboard else None,
+        project_config=ProjectConfiguration(project_dir=str(run_dir), logging_dir=str(run_dir)),
+        kwargs_handlers=[InitProcessGroupKwargs(timeout=datetime.timedelta(seconds=timeout_s))],
+    )
+    check_world_size(accelerator.num_processes)
+    return accelerator
+
+
+def check_world_size(num_processes: int) -> None:
+    launched = env_world_size()
+    if num_processes != launched:
+        raise UserError(f"the launcher started WORLD_SIZE={launched} processes but accelerate sees "
+                        f"{num_processes}: each process would train alone on the same data. Launch with "
+                        "torchrun or accelerate launch (launch/accelerate/*.yaml), which set RANK, LOCAL_RANK "
+                        "and MASTER_ADDR for every process")
+
+
+def batch_per_device(batch_size: int, num_processes: int, num_micro_batches: int) -> int:
+    """train.batch_size is global; each process gets an equal share, split into micro-batches."""
+    if batch_size % (num_processes * num_micro_batches):
+        raise UserError(f"train.batch_size={batch_size} is not divisible by {num_processes} processes x "
+                        f"{num_micro_batches} micro-batches; choose a multiple of {num_processes * num_micro_batches}")
+    return batch_size // num_processes
+
+
+def rank_seed(seed: int, rank: int, purpose: int) -> int:
+    """Distinct, reproducible seeds per (seed, GLOBAL rank, purpose)."""
+    import numpy as np
+
+    return int(np.random.SeedSequence([seed, rank, purpose]).generate_state(1)[0])
+
+
+@contextmanager
+def frozen(parameters: list[nn.Parameter]) -> Iterator[None]:
+    """All trainable parameters of a network stop collecting gradients.
+
+    Pass every trainable parameter of the network: freezing only part of a DDP module breaks
+    its reducer ("Expected to have finished reduction in the prior iteration").
+    """
+    for p in parameters:
+        p.requires_grad_(False)
+    try:
+        yield
+    finally:
+        for p in parameters:
+            p.requires_grad_(True)
+
+
+def sync_buffers(accelerator, *modules: nn.Module) -> None:
+    """Make BatchNorm statistics (and other buffers) identical on every rank: rank 0's.
+
+    DDP broadcasts rank 0's buffers at the start of each forward, but every rank then updates
+    them from its own batch, so after any step they differ. Rank 0's values are what DDP
+    would use next; call this before anything reads buffers (grids, EMA copies, snapshots).
+    """
+    if accelerator.num_processes == 1:
+        return
+    import torch.distributed as torch_dist
+
+    for module in modules:
+        for buffer in module.buffers():
+            torch_dist.broadcast(buffer.data, src=0)
+
+
+def micro_batch_sync(accelerator, model: nn.Module, index: int, count: int):
+    """No gradient all-reduce until the last micro-batch of a phase."""
+    return nullcontext() if index == count - 1 else accelerator.no_sync(model)
+
+
+def grad_norm(accelerator, optimizer, parameters: list[nn.Parameter], max_norm: float) -> torch.Tensor:
+    """Total gradient norm of one network, clipped to `max_norm` when > 0 (after unscaling under fp16)."""
+    accelerator.unscale_gradients(optimizer=optimizer)
+    grads = [p.grad for p in parameters if p.grad is not None]
+    if max_norm > 0:
+        return torch.nn.utils.clip_grad_norm_(parameters, max_norm)
+    return torch.nn.utils.get_total_norm(grads)
+
+
+def describe(accelerator) -> dict[str, str]:
+    return {"devices": f"{accelerator.num_processes} x {accelerator.device.type}",
+            "distributed": str(accelerator.distributed_type).split(".")[-1],
+            "precision": accelerator.mixed_precision}

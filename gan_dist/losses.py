@@ -1,0 +1,85 @@
+"""Adversarial losses and gradient regularisers, as pure functions of D's logits.
+
+Everything takes raw logits: a Sigmoid followed by BCELoss overflows under autocast, while
+softplus on logits is exact and stable. Each loss returns the batch mean.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from gan_dist.errors import UserError, did_you_mean
+
+
+@dataclass(frozen=True)
+class AdversarialLoss:
+    d_loss: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+    """(real_logits, fake_logits) -> D's loss."""
+    g_loss: Callable[[torch.Tensor], torch.Tensor]
+    """fake_logits -> G's loss."""
+
+
+def _d_cross_entropy(real: torch.Tensor, fake: torch.Tensor) -> torch.Tensor:
+    # -log sigmoid(r) - log(1 - sigmoid(f)) == softplus(-r) + softplus(f)
+    return F.softplus(-real).mean() + F.softplus(fake).mean()
+
+
+LOSSES: dict[str, AdversarialLoss] = {
+    # G maximises log D(G(z)): strong gradients early (Goodfellow et al., the usual default).
+    "nonsaturating": AdversarialLoss(_d_cross_entropy, lambda fake: F.softplus(-fake).mean()),
+    # G minimises log(1 - D(G(z))) = -softplus(f): the tutorial's original objective.
+    "minimax": AdversarialLoss(_d_cross_entropy, lambda fake: -F.softplus(fake).mean()),
+    "hinge": AdversarialLoss(
+        lambda real, fake: F.relu(1 - real).mean() + F.relu(1 + fake).mean(),
+        lambda fake: -fake.mean()),
+    "wasserstein": AdversarialLoss(
+        lambda real, fake: fake.mean() - real.mean(),
+        lambda fake: -fake.mean()),
+    # LSGAN with targets a=0 (fake), b=1 (real), c=1 (what G wants D to say).
+    "least_squares": AdversarialLoss(
+        lambda real, fake: 0.5 * (real - 1).square().mean() + 0.5 * fake.square().mean(),
+        lambda fake: 0.5 * (fake - 1).square().mean()),
+}
+
+
+def get_loss(name: str) -> AdversarialLoss:
+    if name not in LOSSES:
+        raise UserError(f"config key 'loss.name': unknown loss '{name}'{did_you_mean(name, LOSSES)}")
+    return LOSSES[name]
+
+
+def input_gradients(outputs: torch.Tensor, inputs: torch.Tensor, scaler=None) -> torch.Tensor:
+    """d(sum outputs)/d(inputs), kept in the graph so a penalty on it can be backpropagated.
+
+    Under fp16 the sum is scaled before the gradient and unscaled after (PyTorch's AMP recipe
+    for gradient penalties), so small gradients do not underflow.
+    """
+    total = outputs.sum()
+    if scaler is not None:
+        (grad,) = torch.autograd.grad(scaler.scale(total), inputs, create_graph=True)
+        return grad / scaler.get_scale()
+    (grad,) = torch.autograd.grad(total, inputs, create_graph=True)
+    return grad
+
+
+def r1_penalty(real_logits: torch.Tensor, real: torch.Tensor, scaler=None) -> torch.Tensor:
+    """Mean over samples of |grad_x D(x)|^2 at real x (Mescheder et al. 2018); weight gamma/2 outside."""
+    grad = input_gradients(real_logits, real, scaler)
+    return grad.float().square().flatten(1).sum(1).mean()
+
+
+def interpolate(real: torch.Tensor, fake: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """Random points on the lines between real and fake samples (WGAN-GP), requiring grad."""
+    shape = (real.shape[0],) + (1,) * (real.dim() - 1)
+    alpha = torch.rand(shape, device=real.device, generator=generator, dtype=real.dtype)
+    return (alpha * real.detach() + (1 - alpha) * fake.detach()).requires_grad_(True)
+
+
+def gradient_penalty(mixed_logits: torch.Tensor, mixed: torch.Tensor, scaler=None) -> torch.Tensor:
+    """Mean of (|grad_x D(x)| - 1)^2 at interpolates x (Gulrajani et al. 2017); weight outside."""
+    grad = input_gradients(mixed_logits, mixed, scaler)
+    return (grad.float().flatten(1).norm(dim=1) - 1).square().mean()

@@ -1,0 +1,46 @@
+"""The model registry: short names -> builders of (G, D).
+
+A builder takes the model config and the data's sample shape and number of classes, and
+returns `(G, D)` with `G(z, labels=None) -> samples` and `D(x, labels=None) -> logits [N]`.
+Plugins add architectures with `@register_model("name")` without editing this package.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch.nn as nn
+
+from gan_dist.errors import UserError, did_you_mean
+
+Builder = Callable[..., tuple[nn.Module, nn.Module]]
+MODELS: dict[str, Builder] = {}
+
+
+def register_model(name: str) -> Callable[[Builder], Builder]:
+    """Decorator: make `builder(cfg, shape, num_classes) -> (G, D)` available as model.name."""
+
+    def add(builder: Builder) -> Builder:
+        MODELS[name] = builder
+        return builder
+
+    return add
+
+
+def build_models(cfg, shape: tuple[int, ...], num_classes: int) -> tuple[nn.Module, nn.Module]:
+    """Build G and D for `cfg.name`; unknown names and unfit data raise UserError."""
+    _load_builtins()
+    if cfg.name not in MODELS:
+        raise UserError(f"config key 'model.name': unknown model '{cfg.name}'{did_you_mean(cfg.name, MODELS)}")
+    if cfg.conditional and num_classes < 2:
+        raise UserError("model.conditional=true needs a labelled dataset (index.json lists no classes); "
+                        "set model.conditional=false")
+    return MODELS[cfg.name](cfg, tuple(shape), num_classes if cfg.conditional else 0)
+
+
+def _load_builtins() -> None:
+    from gan_dist.models import dcgan, mlp, toy2d  # noqa: F401  (they register themselves)
+
+
+def count_parameters(module: nn.Module) -> int:
+    return sum(p.numel() for p in module.parameters())

@@ -1,0 +1,92 @@
+"""DCGAN (Radford et al.) G and D for 16, 32 and 64 px, with a width multiplier.
+
+G: z -> 4x4 transposed conv, then stride-2 transposed convs doubling the resolution and
+halving the channels, Tanh. D mirrors it with stride-2 convs and LeakyReLU 0.2, ending in
+a 4x4 conv to one logit. Class-conditional: a label embedding concatenated to z in G, and
+a projection term <embed(y), features> in D.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn as nn
+
+from gan_dist.errors import UserError
+from gan_dist.models import register_model
+from gan_dist.models.layers import d_layer, d_norm_layer, norm_layer
+
+RESOLUTIONS = (16, 32, 64)
+BASE_CHANNELS = 64
+
+
+def _channels(resolution: int, base: int) -> list[int]:
+    """Channels at 4x4, 8x8, ... up to resolution/2, widest first (e.g. 32 px: 4c, 2c, c)."""
+    num_up = int(math.log2(resolution // 4))
+    return [base * 2**k for k in reversed(range(num_up))]
+
+
+class DCGANGenerator(nn.Module):
+    def __init__(self, latent_dim: int, out_channels: int, resolution: int, base: int,
+                 g_norm: str, num_classes: int = 0):
+        super().__init__()
+        self.embed = nn.Embedding(num_classes, latent_dim) if num_classes else None
+        ch = _channels(resolution, base)
+        in_dim = latent_dim * (2 if num_classes else 1)
+        layers = [nn.ConvTranspose2d(in_dim, ch[0], 4, 1, 0, bias=g_norm == "none"),
+                  norm_layer(g_norm, ch[0], 2), nn.ReLU(True)]
+        for c_in, c_out in zip(ch, ch[1:]):
+            layers += [nn.ConvTranspose2d(c_in, c_out, 4, 2, 1, bias=g_norm == "none"),
+                       norm_layer(g_norm, c_out, 2), nn.ReLU(True)]
+        layers += [nn.ConvTranspose2d(ch[-1], out_channels, 4, 2, 1), nn.Tanh()]
+        self.net = nn.Sequential(*layers)
+
+    def forward(self, z: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
+        if self.embed is not None:
+            z = torch.cat([z, self.embed(labels)], dim=1)
+        return self.net(z[:, :, None, None])
+
+
+class DCGANDiscriminator(nn.Module):
+    def __init__(self, in_channels: int, resolution: int, base: int, d_norm: str, num_classes: int = 0):
+        super().__init__()
+        ch = list(reversed(_channels(resolution, base)))  # c, 2c, ... at resolution/2 .. 4x4
+        layers = [d_layer(nn.Conv2d(in_channels, ch[0], 4, 2, 1), d_norm), nn.LeakyReLU(0.2, True)]
+        for c_in, c_out in zip(ch, ch[1:]):
+            layers += [d_layer(nn.Conv2d(c_in, c_out, 4, 2, 1, bias=d_norm != "batch"), d_norm),
+                       d_norm_layer(d_norm, c_out, 2), nn.LeakyReLU(0.2, True)]
+        self.features = nn.Sequential(*layers)
+        self.head = d_layer(nn.Conv2d(ch[-1], 1, 4, 1, 0), d_norm)
+        self.embed = nn.Embedding(num_classes, ch[-1]) if num_classes else None
+
+    def forward(self, x: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
+        h = self.features(x)
+        logits = self.head(h).flatten()
+        if self.embed is not None:
+            logits = logits + (self.embed(labels) * h.sum((2, 3))).sum(1)
+        return logits
+
+
+def init_dcgan_weights(module: nn.Module) -> None:
+    """N(0, 0.02) for convs, N(1, 0.02) for BatchNorm scales, as in the DCGAN paper."""
+    if isinstance(module, (nn.Conv2d, nn.ConvTranspose2d)):
+        weight = module.parametrizations.weight.original if hasattr(module, "parametrizations") else module.weight
+        nn.init.normal_(weight, 0.0, 0.02)
+    elif isinstance(module, nn.BatchNorm2d):
+        nn.init.normal_(module.weight, 1.0, 0.02)
+        nn.init.zeros_(module.bias)
+
+
+@register_model("dcgan")
+def build_dcgan(cfg, shape: tuple[int, ...], num_classes: int):
+    if len(shape) != 3 or shape[1] != shape[2] or shape[1] not in RESOLUTIONS:
+        raise UserError(f"model.name=dcgan needs square images of {', '.join(map(str, RESOLUTIONS))} px, "
+                        f"but the data has samples of shape {list(shape)}; prepare the data with "
+                        "--resolution 32 (or 16/64), or set model.name=mlp")
+    base = max(1, round(BASE_CHANNELS * cfg.width_mult))
+    G = DCGANGenerator(cfg.latent_dim, shape[0], shape[1], base, cfg.g_norm, num_classes)
+    D = DCGANDiscriminator(shape[0], shape[1], base, cfg.d_norm, num_classes)
+    G.apply(init_dcgan_weights)
+    D.apply(init_dcgan_weights)
+    return G, D

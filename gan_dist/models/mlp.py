@@ -1,0 +1,69 @@
+"""The tutorial's fully connected GAN, with D returning logits (no Sigmoid).
+
+G: latent -> 256 -> 512 -> 1024 -> pixels (LeakyReLU 0.2, Tanh); D: pixels -> 512 -> 256 -> 1.
+`model.width_mult` scales the hidden widths; the tutorial is width_mult=1, g_norm=none.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn as nn
+
+from gan_dist.models import register_model
+from gan_dist.models.layers import d_layer, d_norm_layer, norm_layer
+
+G_HIDDEN = (256, 512, 1024)
+D_HIDDEN = (512, 256)
+
+
+class MLPGenerator(nn.Module):
+    def __init__(self, latent_dim: int, shape: tuple[int, ...], hidden: list[int], g_norm: str,
+                 num_classes: int = 0):
+        super().__init__()
+        self.shape = shape
+        self.embed = nn.Embedding(num_classes, latent_dim) if num_classes else None
+        layers, width = [], latent_dim * (2 if num_classes else 1)
+        for out in hidden:
+            layers += [nn.Linear(width, out), norm_layer(g_norm, out, 1), nn.LeakyReLU(0.2)]
+            width = out
+        layers += [nn.Linear(width, math.prod(shape)), nn.Tanh()]
+        self.net = nn.Sequential(*layers)
+
+    def forward(self, z: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
+        if self.embed is not None:
+            z = torch.cat([z, self.embed(labels)], dim=1)
+        return self.net(z).view(-1, *self.shape)
+
+
+class MLPDiscriminator(nn.Module):
+    def __init__(self, shape: tuple[int, ...], hidden: list[int], d_norm: str, num_classes: int = 0):
+        super().__init__()
+        layers, width = [], math.prod(shape)
+        for out in hidden:
+            layers += [d_layer(nn.Linear(width, out), d_norm), d_norm_layer(d_norm, out, 1),
+                       nn.LeakyReLU(0.2)]
+            width = out
+        self.features = nn.Sequential(*layers)
+        self.head = d_layer(nn.Linear(width, 1), d_norm)
+        # Projection discriminator (Miyato & Koyama): <embed(y), features> added to the logit.
+        self.embed = nn.Embedding(num_classes, width) if num_classes else None
+
+    def forward(self, x: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
+        h = self.features(x.flatten(1))
+        logits = self.head(h).squeeze(1)
+        if self.embed is not None:
+            logits = logits + (self.embed(labels) * h).sum(1)
+        return logits
+
+
+def _scaled(widths: tuple[int, ...], mult: float) -> list[int]:
+    return [max(1, round(w * mult)) for w in widths]
+
+
+@register_model("mlp")
+def build_mlp(cfg, shape: tuple[int, ...], num_classes: int):
+    G = MLPGenerator(cfg.latent_dim, shape, _scaled(G_HIDDEN, cfg.width_mult), cfg.g_norm, num_classes)
+    D = MLPDiscriminator(shape, _scaled(D_HIDDEN, cfg.width_mult), cfg.d_norm, num_classes)
+    return G, D

@@ -1,0 +1,45 @@
+"""`mlp2d`: small fully connected G and D for the 2-D Gaussian mixtures (ring8, grid25).
+
+The sizes follow the PacGAN/VEEGAN experiments: a few hidden layers of a few hundred
+units, ReLU in G, LeakyReLU in D, a linear output for G (points are not bounded to [-1, 1]).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+
+from gan_dist.errors import UserError
+from gan_dist.models import register_model
+from gan_dist.models.layers import norm_layer
+from gan_dist.models.mlp import MLPDiscriminator
+
+HIDDEN = (400, 400, 400)
+
+
+class PointGenerator(nn.Module):
+    def __init__(self, latent_dim: int, hidden: list[int], g_norm: str, num_classes: int = 0):
+        super().__init__()
+        self.embed = nn.Embedding(num_classes, latent_dim) if num_classes else None
+        layers, width = [], latent_dim * (2 if num_classes else 1)
+        for out in hidden:
+            layers += [nn.Linear(width, out), norm_layer(g_norm, out, 1), nn.ReLU()]
+            width = out
+        layers.append(nn.Linear(width, 2))
+        self.net = nn.Sequential(*layers)
+
+    def forward(self, z: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
+        if self.embed is not None:
+            z = torch.cat([z, self.embed(labels)], dim=1)
+        return self.net(z)
+
+
+@register_model("mlp2d")
+def build_mlp2d(cfg, shape: tuple[int, ...], num_classes: int):
+    if tuple(shape) != (2,):
+        raise UserError(f"model.name=mlp2d generates 2-D points but the data has samples of shape "
+                        f"{list(shape)}; use model.name=mlp or dcgan for images")
+    hidden = [max(1, round(w * cfg.width_mult)) for w in HIDDEN]
+    G = PointGenerator(cfg.latent_dim, hidden, cfg.g_norm, num_classes)
+    D = MLPDiscriminator(shape, hidden, cfg.d_norm, num_classes)
+    return G, D

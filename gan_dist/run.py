@@ -1,0 +1,127 @@
+"""The pieces `train()` wires together: run directory, data, optimizers, provenance."""
+
+from __future__ import annotations
+
+import json
+import platform
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+
+from gan_dist import config as config_mod
+from gan_dist.data.prepare import BUILTIN_DATASETS, load_source, write_shards
+from gan_dist.data.stream import DatasetInfo, make_loader, open_dataset
+from gan_dist.errors import UserError
+from gan_dist.models import count_parameters
+
+RUN_MARKER = "run.json"
+
+
+def check_run_dir(run_dir: Path, overwrite: bool) -> None:
+    """Refuse to mix a new run into an old one; never delete what is not a gan_dist run."""
+    if not run_dir.exists() or not any(run_dir.iterdir()):
+        return
+    if not (run_dir / RUN_MARKER).is_file():
+        raise UserError(f"{run_dir} exists and is not a gan_dist run directory; choose another run.name "
+                        "or run.root")
+    if not overwrite:
+        raise UserError(f"{run_dir} already holds a run; choose another run.name, or pass "
+                        "run.overwrite=true to replace it")
+
+
+def prepare_run_dir(run_dir: Path, cfg, accelerator) -> None:
+    """Rank 0 clears a run being overwritten and writes the resolved config; others wait."""
+    if accelerator.is_main_process:
+        if run_dir.exists() and (run_dir / RUN_MARKER).is_file():
+            shutil.rmtree(run_dir)
+        (run_dir / "samples").mkdir(parents=True, exist_ok=True)
+        (run_dir / "config.yaml").write_text(config_mod.to_yaml(cfg))
+    accelerator.wait_for_everyone()
+
+
+def dataset_path(cfg) -> str:
+    if cfg.data.path:
+        return cfg.data.path
+    if cfg.data.dataset:
+        suffix = f"-{cfg.data.resolution}px" if cfg.data.resolution else ""
+        return str(Path("data") / f"{cfg.data.dataset}{suffix}")
+    return ""
+
+
+def open_data(cfg, accelerator, batch_per_device: int) -> tuple[DatasetInfo, torch.utils.data.DataLoader]:
+    """Open the shards (rank 0 prepares a missing built-in dataset first) and this rank's loader."""
+    path = dataset_path(cfg)
+    with accelerator.main_process_first():
+        if accelerator.is_main_process and path and not Path(path).exists() and cfg.data.dataset:
+            if cfg.data.dataset not in BUILTIN_DATASETS:
+                raise UserError(f"data.path={path} does not exist and data.dataset='{cfg.data.dataset}' is not "
+                                f"built in ({', '.join(BUILTIN_DATASETS)}); prepare it with gan-dist prepare")
+            arrays = load_source(cfg.data.dataset, root=cfg.data.root, resolution=cfg.data.resolution)
+            write_shards(arrays, path, shard_size=_default_shard_size(len(arrays.samples)))
+        info = open_dataset(path)
+    loader = make_loader(info, batch_per_device, cfg.train.seed, accelerator.process_index,
+                         cfg.data.num_workers, cfg.data.shuffle_buffer, cfg.data.cache_mb,
+                         pin_memory=accelerator.device.type == "cuda")
+    return info, loader
+
+
+def _default_shard_size(count: int) -> int:
+    # At least 8 shards so that several ranks and workers each start from different shards.
+    return max(64, min(10_000, count // 8))
+
+
+def build_optimizers(cfg, G, D) -> tuple[torch.optim.Optimizer, torch.optim.Optimizer]:
+    def adam(module, opt_cfg):
+        return torch.optim.Adam(module.parameters(), lr=opt_cfg.lr, betas=(opt_cfg.beta1, opt_cfg.beta2),
+                                eps=opt_cfg.eps, weight_decay=opt_cfg.weight_decay, foreach=True)
+
+    return adam(G, cfg.optim.generator), adam(D, cfg.optim.discriminator)
+
+
+def _git_commit() -> str | None:
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).parent, capture_output=True,
+                             text=True, timeout=5)
+        return out.stdout.strip() or None
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def _version(module: str) -> str | None:
+    try:
+        return __import__(module).__version__
+    except (ImportError, AttributeError):
+        return None
+
+
+def write_provenance(run_dir: Path, cfg, accelerator) -> None:
+    """run.json: what ran, where and with which versions (rank 0)."""
+    if not accelerator.is_main_process:
+        return
+    record = {"command": sys.argv, "world_size": accelerator.num_processes,
+              "distributed_type": str(accelerator.distributed_type).split(".")[-1],
+              "device": accelerator.device.type, "mixed_precision": accelerator.mixed_precision,
+              "git_commit": _git_commit(), "python": platform.python_version(),
+              "versions": {m: _version(m) for m in ("torch", "accelerate", "webdataset", "gan_dist")}}
+    (run_dir / RUN_MARKER).write_text(json.dumps(record, indent=1))
+
+
+def describe_run(cfg, accelerator, info: DatasetInfo, G, D, batch_per_device: int) -> dict[str, str]:
+    G_raw, D_raw = accelerator.unwrap_model(G), accelerator.unwrap_model(D)
+    return {
+        "devices": f"{accelerator.num_processes} process(es) on {accelerator.device.type} "
+                   f"({str(accelerator.distributed_type).split('.')[-1]})",
+        "precision": accelerator.mixed_precision,
+        "model": f"{cfg.model.name}: G {count_parameters(G_raw):,} params, D {count_parameters(D_raw):,} params",
+        "loss": cfg.loss.name + (f", R1 gamma {cfg.loss.r1_gamma}" if cfg.loss.r1_gamma else "")
+        + (f", GP {cfg.loss.gp_weight}" if cfg.loss.gp_weight else ""),
+        "dataset": f"{dataset_path(cfg)}: {info.count or '?'} samples of {list(info.shape)} {info.dtype}, "
+                   f"{info.num_classes} classes",
+        "batch": f"{cfg.train.batch_size} global = {accelerator.num_processes} x {batch_per_device}"
+                 f" ({cfg.train.num_micro_batches} micro-batch(es))",
+        "length": f"{cfg.train.total_kimg} kimg" + (f", at most {cfg.train.max_steps} steps"
+                                                     if cfg.train.max_steps else ""),
+    }

@@ -1,0 +1,108 @@
+"""`python train.py` / `gan-dist train`: the one place that wires config, data, models and
+the accelerator together, then hands them to the Trainer.
+
+    python train.py --config configs/default.yaml train.total_kimg=2 optim.discriminator.lr=4e-4
+    torchrun --nproc_per_node 2 train.py --config configs/tiny.yaml
+    accelerate launch --config_file launch/accelerate/cpu-2proc.yaml train.py --config configs/tiny.yaml
+    python train.py --debug --config configs/default.yaml
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+from pathlib import Path
+
+import torch
+
+from gan_dist import config as config_mod
+from gan_dist import dist
+from gan_dist.errors import UserError, run_reporting_errors
+
+DEBUG_MAX_STEPS = 20
+
+
+def build_parser(prog: str = "train.py") -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog=prog, formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Train a GAN. Config = schema defaults <- --config YAML <- key=value overrides.",
+        epilog="config keys (override as key=value):\n" + "\n".join(config_mod.help_lines()))
+    parser.add_argument("--config", help="YAML run config, e.g. configs/default.yaml")
+    parser.add_argument("--debug", action="store_true",
+                        help=f"one process, {DEBUG_MAX_STEPS} steps, no workers, anomaly detection, tracebacks")
+    parser.add_argument("overrides", nargs="*", metavar="key=value", help="dotted config overrides")
+    return parser
+
+
+def main(argv: list[str] | None = None, prog: str = "train.py") -> int:
+    args = build_parser(prog).parse_args(argv)
+    return run_reporting_errors(lambda: train(args.config, args.overrides, args.debug), args.debug)
+
+
+def apply_debug_mode(cfg) -> None:
+    """--debug: the given config, shortened, in one process, with every check switched on."""
+    if dist.env_world_size() > 1:
+        raise UserError(f"--debug runs one process, but the launcher started WORLD_SIZE={dist.env_world_size()}; "
+                        "run it as plain `python train.py --debug ...`")
+    cfg.train.max_steps = min(cfg.train.max_steps or DEBUG_MAX_STEPS, DEBUG_MAX_STEPS)
+    cfg.data.num_workers = 0
+    cfg.log.every_steps = 1
+    cfg.run.name += "-debug"
+    cfg.run.overwrite = True
+    torch.autograd.set_detect_anomaly(True)
+    torch.use_deterministic_algorithms(True, warn_only=True)
+
+
+def import_plugins(names: list[str]) -> None:
+    for name in names:
+        try:
+            importlib.import_module(name)
+        except ImportError as err:
+            raise UserError(f"config key 'plugins': cannot import '{name}' ({err}); "
+                            "put the module on PYTHONPATH or fix its name") from err
+
+
+def train(config_path: str | None, overrides: list[str], debug: bool = False) -> int:
+    from gan_dist.checkpoint import save_snapshot
+    from gan_dist.models import build_models
+    from gan_dist.run import (build_optimizers, check_run_dir, describe_run, open_data,
+                              prepare_run_dir, write_provenance)
+    from gan_dist.trainer import Trainer
+
+    cfg = config_mod.load_config(config_path, overrides)
+    if debug:
+        apply_debug_mode(cfg)
+    import_plugins(cfg.plugins)
+    run_dir = Path(cfg.run.root) / cfg.run.name
+    check_run_dir(run_dir, cfg.run.overwrite)
+    acc = dist.build_accelerator(cfg.train.mixed_precision, run_dir, cfg.log.tensorboard)
+    per_device = dist.batch_per_device(cfg.train.batch_size, acc.num_processes, cfg.train.num_micro_batches)
+    prepare_run_dir(run_dir, cfg, acc)
+    info, loader = open_data(cfg, acc, per_device)
+    torch.manual_seed(cfg.train.seed)  # identical initial weights on every rank
+    G, D = build_models(cfg.model, info.shape, info.num_classes)
+    opt_G, opt_D = build_optimizers(cfg, G, D)
+    G, D, opt_G, opt_D = acc.prepare(G, D, opt_G, opt_D)
+    from gan_dist.console import Console
+    from gan_dist.ema import EMA
+
+    ema = EMA(acc.unwrap_model(G), cfg.train.ema_half_life_kimg, cfg.train.ema_rampup)
+    console = Console(acc.is_main_process, int(cfg.train.total_kimg * 1000), run_dir, acc)
+    write_provenance(run_dir, cfg, acc)
+    console.summary(f"gan_dist run '{cfg.run.name}'", describe_run(cfg, acc, info, G, D, per_device))
+    if debug:
+        console.print(f"G: {acc.unwrap_model(G)}\nD: {acc.unwrap_model(D)}")
+    if cfg.log.tensorboard:
+        acc.init_trackers("tensorboard", config=config_mod.flat_dict(cfg))
+    trainer = Trainer(cfg, acc, G, D, opt_G, opt_D, ema, loader, console, run_dir, info.num_classes, debug)
+    trainer.fit()
+    model_info = {"model": config_mod.to_dict(cfg)["model"], "shape": list(info.shape),
+                  "num_classes": info.num_classes, "plugins": cfg.plugins}
+    snapshot = save_snapshot(run_dir, trainer.n.step,
+                             {"G": acc.unwrap_model(G), "D": acc.unwrap_model(D), "G_ema": ema.module},
+                             model_info, acc)
+    console.print(f"done: {trainer.n.step} steps, {trainer.n.num_images / 1000:.1f} kimg\n"
+                  f"  samples: {run_dir / 'samples'} (final grid: {run_dir / 'samples' / 'final.png'})\n"
+                  f"  metrics: {run_dir / 'metrics.jsonl'}\n  weights: {snapshot}")
+    acc.end_training()
+    return 0

@@ -1,0 +1,221 @@
+"""The training loop: n_critic D phases, one G phase, EMA, statistics, grids.
+
+A phase is a module, its optimizer, a loss and `train.num_micro_batches` micro-batches;
+only the last micro-batch all-reduces gradients, and the optimizer steps once per phase.
+Time is counted in real images shown to D (kimg) and in G steps.
+
+Choices worth knowing (docs/training.md):
+- Lazy R1 is folded into the D loss every `loss.r1_interval` D steps, multiplied by the
+  interval. StyleGAN2 runs it as a separate phase with its own optimizer step and
+  corrects Adam's lr and betas for the extra steps; folding keeps one optimizer step and one
+  gradient all-reduce per D phase, so no correction is needed.
+- The fakes for the D phase are made with G in train mode under no_grad: D sees fakes
+  normalised exactly as in the G phase, and they also update G's BatchNorm running
+  statistics (used only by G_ema's eval-mode samples).
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from gan_dist import dist
+from gan_dist.losses import get_loss, gradient_penalty, interpolate, r1_penalty
+from gan_dist.stats import Stats
+from gan_dist.visual import save_samples
+
+NOISE_PURPOSE, PENALTY_PURPOSE, FIXED_PURPOSE = 10, 11, 12
+
+
+class NonFiniteLossError(FloatingPointError):
+    """Raised in --debug mode at the first NaN/Inf loss, naming the phase and step."""
+
+
+@dataclass
+class Counters:
+    step: int = 0
+    d_steps: int = 0
+    num_images: int = 0
+    last_log_images: int = 0
+    last_log_time: float = field(default_factory=time.perf_counter)
+    data_wait_s: float = 0.0
+    next_sample_images: int = 0
+
+
+class Trainer:
+    def __init__(self, cfg, accelerator, G, D, opt_G, opt_D, ema, data, console, run_dir: Path,
+                 num_classes: int, debug: bool = False):
+        self.cfg, self.acc, self.debug = cfg, accelerator, debug
+        self.G, self.D, self.opt_G, self.opt_D, self.ema = G, D, opt_G, opt_D, ema
+        self.data, self.console, self.run_dir = data, console, run_dir
+        self.loss = get_loss(cfg.loss.name)
+        self.num_classes = num_classes if cfg.model.conditional else 0
+        self.batch_per_device = dist.batch_per_device(cfg.train.batch_size, accelerator.num_processes,
+                                                      cfg.train.num_micro_batches)
+        self.total_images = int(cfg.train.total_kimg * 1000)
+        rank, device = accelerator.process_index, accelerator.device
+        # Noise differs per GLOBAL rank; the fixed grid noise is the same on every rank.
+        self.noise_gen = torch.Generator(device).manual_seed(dist.rank_seed(cfg.train.seed, rank, NOISE_PURPOSE))
+        self.penalty_gen = torch.Generator(device).manual_seed(dist.rank_seed(cfg.train.seed, rank, PENALTY_PURPOSE))
+        fixed_gen = torch.Generator().manual_seed(dist.rank_seed(cfg.train.seed, 0, FIXED_PURPOSE))
+        self.fixed_z = torch.randn(cfg.log.num_samples, cfg.model.latent_dim, generator=fixed_gen).to(device)
+        self.fixed_labels = (torch.arange(cfg.log.num_samples, device=device) % self.num_classes
+                             if self.num_classes else None)
+        self.G_raw = accelerator.unwrap_model(G)
+        self.params = {"G": [p for p in G.parameters() if p.requires_grad],
+                       "D": [p for p in D.parameters() if p.requires_grad]}
+        self.stats = Stats()
+        self.n = Counters()
+
+    # ----------------------------------------------------------------- the loop
+    def fit(self) -> None:
+        batches = iter(self.data)
+        self.start_time = self.n.last_log_time = time.perf_counter()
+        self.console.start()
+        try:
+            while not self._done():
+                for _ in range(self.cfg.train.n_critic):
+                    self.d_phase(*self._next_real(batches))
+                self.g_phase()
+                self.n.step += 1
+                self.ema.update(self.G_raw, self.n.num_images,
+                                self.cfg.train.batch_size * self.cfg.train.n_critic)
+                self._at_intervals()
+            self._finish()
+        finally:
+            self.console.close()
+
+    def _done(self) -> bool:
+        max_steps = self.cfg.train.max_steps
+        return self.n.num_images >= self.total_images or (max_steps > 0 and self.n.step >= max_steps)
+
+    def _at_intervals(self) -> None:
+        self.console.advance(self.n.num_images, self.n.step)
+        if self.n.step % self.cfg.log.every_steps == 0:
+            self.log()
+        if self.n.num_images >= self.n.next_sample_images:
+            self.sample_grid()
+
+    def _finish(self) -> None:
+        if self.n.step % self.cfg.log.every_steps:
+            self.log()
+        self.sample_grid(name="final")
+
+    # ----------------------------------------------------------------- phases
+    def d_phase(self, real: torch.Tensor, labels: torch.Tensor | None) -> None:
+        cfg = self.cfg.loss
+        r1_due = cfg.r1_gamma > 0 and self.n.d_steps % cfg.r1_interval == 0
+        count = self.cfg.train.num_micro_batches
+        self.opt_D.zero_grad(set_to_none=True)
+        label_chunks = labels.chunk(count) if labels is not None else [None] * count
+        for i, (x, y) in enumerate(zip(real.chunk(count), label_chunks)):
+            with dist.micro_batch_sync(self.acc, self.D, i, count):
+                loss = self._d_loss(x, y, r1_due)
+                self._check_finite(loss, "D")
+                self.acc.backward(loss / count)
+        self._step(self.opt_D, "D", self.cfg.optim.discriminator)
+        self.n.d_steps += 1
+        self.n.num_images += self.cfg.train.batch_size
+
+    def _d_loss(self, real: torch.Tensor, labels, r1_due: bool) -> torch.Tensor:
+        z, fake_labels = self._noise(len(real))
+        with torch.no_grad():
+            fake = self.G(z, fake_labels)
+        if r1_due:
+            real = real.detach().requires_grad_(True)
+        real_logits, fake_logits = self.D(real, labels).float(), self.D(fake, fake_labels).float()
+        loss = self.loss.d_loss(real_logits, fake_logits)
+        self.stats.report("Loss/D/adversarial", loss)
+        self.stats.report("Logits/real", real_logits.mean())
+        self.stats.report("Logits/fake", fake_logits.mean())
+        if r1_due:
+            r1 = r1_penalty(real_logits, real, self.acc.scaler)
+            self.stats.report("Loss/D/r1", r1)
+            loss = loss + r1 * (self.cfg.loss.r1_gamma / 2 * self.cfg.loss.r1_interval)
+        if self.cfg.loss.gp_weight > 0:
+            mixed = interpolate(real, fake, self.penalty_gen)
+            gp = gradient_penalty(self.D(mixed, labels).float(), mixed, self.acc.scaler)
+            self.stats.report("Loss/D/gp", gp)
+            loss = loss + self.cfg.loss.gp_weight * gp
+        self.stats.report("Loss/D", loss)
+        return loss
+
+    def g_phase(self) -> None:
+        count = self.cfg.train.num_micro_batches
+        self.opt_G.zero_grad(set_to_none=True)
+        with dist.frozen(self.params["D"]):
+            for i in range(count):
+                with dist.micro_batch_sync(self.acc, self.G, i, count):
+                    z, fake_labels = self._noise(self.batch_per_device // count)
+                    fake_logits = self.D(self.G(z, fake_labels), fake_labels).float()
+                    loss = self.loss.g_loss(fake_logits)
+                    self.stats.report("Loss/G", loss)
+                    self._check_finite(loss, "G")
+                    self.acc.backward(loss / count)
+        self._step(self.opt_G, "G", self.cfg.optim.generator)
+
+    def _step(self, optimizer, name: str, opt_cfg) -> None:
+        grad_norm = dist.grad_norm(self.acc, optimizer, self.params[name], opt_cfg.grad_clip_norm)
+        self.stats.report(f"GradNorm/{name}", grad_norm)
+        if opt_cfg.warmup_kimg > 0:
+            ramp = min(1.0, (self.n.num_images + self.cfg.train.batch_size) / (opt_cfg.warmup_kimg * 1000))
+            for group in optimizer.param_groups:
+                group["lr"] = opt_cfg.lr * ramp
+        optimizer.step()
+
+    # ----------------------------------------------------------------- inputs
+    def _noise(self, count: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+        device = self.acc.device
+        z = torch.randn(count, self.cfg.model.latent_dim, device=device, generator=self.noise_gen)
+        labels = (torch.randint(self.num_classes, (count,), device=device, generator=self.noise_gen)
+                  if self.num_classes else None)
+        return z, labels
+
+    def _next_real(self, batches) -> tuple[torch.Tensor, torch.Tensor | None]:
+        start = time.perf_counter()
+        samples, labels, _keys = next(batches)
+        self.n.data_wait_s += time.perf_counter() - start
+        x = samples.to(self.acc.device, non_blocking=True)
+        # uint8 images travel as bytes and become [-1, 1] floats on the device.
+        x = x.float().div_(127.5).sub_(1.0) if x.dtype == torch.uint8 else x.float()
+        y = labels.to(self.acc.device, non_blocking=True) if self.num_classes else None
+        return x, y
+
+    def _check_finite(self, loss: torch.Tensor, phase: str) -> None:
+        # A host sync per step: only in --debug, where finding the first bad step matters most.
+        if self.debug and not torch.isfinite(loss).item():
+            raise NonFiniteLossError(f"non-finite {phase} loss ({loss.item()}) at step {self.n.step + 1}, "
+                                     f"kimg {self.n.num_images / 1000:.3f}")
+
+    # ----------------------------------------------------------------- outputs
+    def log(self) -> None:
+        """Every rank reduces the statistics (one collective); rank 0 records them."""
+        values = self.stats.reduce(self.acc)
+        now = time.perf_counter()
+        elapsed = max(now - self.n.last_log_time, 1e-9)
+        record = {"step": self.n.step, "kimg": self.n.num_images / 1000,
+                  "time_s": now - self.start_time, **values,
+                  "Speed/img_per_s": (self.n.num_images - self.n.last_log_images) / elapsed,
+                  "Speed/data_wait_fraction": min(1.0, self.n.data_wait_s / elapsed)}
+        self.n.last_log_images, self.n.last_log_time, self.n.data_wait_s = self.n.num_images, now, 0.0
+        self.console.log(record)
+
+    def sync_buffers(self) -> None:
+        """Every rank: make buffers identical (rank 0's) before anything reads them."""
+        dist.sync_buffers(self.acc, self.G_raw, self.acc.unwrap_model(self.D))
+        self.ema.copy_buffers(self.G_raw)
+
+    @torch.no_grad()
+    def sample_grid(self, name: str | None = None) -> None:
+        """G_ema on the fixed noise, written by rank 0 (every rank syncs buffers first)."""
+        self.n.next_sample_images = self.n.num_images + int(self.cfg.log.sample_every_kimg * 1000)
+        self.sync_buffers()
+        if not self.acc.is_main_process:
+            return
+        samples = self.ema.module(self.fixed_z, self.fixed_labels)
+        path = self.run_dir / "samples" / f"{name or f'step_{self.n.step:08d}'}.png"
+        grid = save_samples(samples, path)
+        self.console.image("samples", grid.transpose(2, 0, 1) if grid.ndim == 3 else grid[None], self.n.step)

@@ -1,0 +1,94 @@
+"""Model registry, shapes, logits (no Sigmoid), conditioning, plugins."""
+
+import pytest
+import torch
+
+from gan_dist.config import ModelConfig
+from gan_dist.errors import UserError
+from gan_dist.models import MODELS, build_models, count_parameters, register_model
+
+CASES = [("mlp", (1, 8, 8)), ("mlp", (1, 28, 28)), ("mlp2d", (2,)),
+         ("dcgan", (1, 16, 16)), ("dcgan", (3, 32, 32)), ("dcgan", (3, 64, 64))]
+
+
+@pytest.mark.parametrize("name, shape", CASES)
+@pytest.mark.parametrize("conditional", [False, True])
+def test_shapes_and_logits(name, shape, conditional):
+    cfg = ModelConfig(name=name, latent_dim=16, width_mult=0.25, conditional=conditional)
+    G, D = build_models(cfg, shape, num_classes=10)
+    z, labels = torch.randn(5, 16), torch.randint(0, 10, (5,))
+    x = G(z, labels)
+    assert x.shape == (5, *shape)
+    logits = D(torch.randn_like(x) * 1000, labels)  # large inputs: logits must be free to leave [0, 1]
+    assert logits.shape == (5,)
+    assert not ((logits >= 0) & (logits <= 1)).all(), "D looks like it ends in a Sigmoid"
+
+
+def test_conditional_generator_uses_labels():
+    G, _ = build_models(ModelConfig(name="dcgan", latent_dim=8, conditional=True, width_mult=0.25), (1, 16, 16), 10)
+    z = torch.randn(2, 8)
+    G.eval()
+    assert not torch.allclose(G(z, torch.tensor([0, 0])), G(z, torch.tensor([1, 1])))
+
+
+def test_projection_discriminator_uses_labels():
+    _, D = build_models(ModelConfig(name="dcgan", conditional=True, width_mult=0.25), (1, 16, 16), 10)
+    torch.nn.init.normal_(D.embed.weight)
+    x = torch.randn(2, 1, 16, 16)
+    assert not torch.allclose(D(x, torch.tensor([0, 0])), D(x, torch.tensor([3, 3])))
+
+
+def test_tutorial_mlp_sizes():
+    G, D = build_models(ModelConfig(name="mlp", g_norm="none"), (1, 28, 28), 0)
+    linear_g = [m for m in G.modules() if isinstance(m, torch.nn.Linear)]
+    linear_d = [m for m in D.modules() if isinstance(m, torch.nn.Linear)]
+    assert [m.out_features for m in linear_g] == [256, 512, 1024, 784]
+    assert [m.out_features for m in linear_d] == [512, 256, 1]
+    assert not any(isinstance(m, torch.nn.Sigmoid) for m in D.modules())
+
+
+@pytest.mark.parametrize("d_norm, kind", [("batch", torch.nn.BatchNorm2d), ("spectral", None)])
+def test_dcgan_d_norms(d_norm, kind):
+    _, D = build_models(ModelConfig(name="dcgan", d_norm=d_norm, width_mult=0.25), (3, 32, 32), 0)
+    if kind:
+        assert any(isinstance(m, kind) for m in D.modules())
+    else:
+        assert any(hasattr(m, "parametrizations") for m in D.modules())
+
+
+def test_g_norm_none_removes_batchnorm():
+    G, _ = build_models(ModelConfig(name="dcgan", g_norm="none", width_mult=0.25), (3, 32, 32), 0)
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in G.modules())
+
+
+@pytest.mark.parametrize("name, shape, match", [
+    ("dcgan", (1, 8, 8), "model.name=dcgan needs square images of 16, 32, 64 px"),
+    ("mlp2d", (1, 8, 8), "model.name=mlp2d generates 2-D points"),
+    ("mlpp", (1, 8, 8), "unknown model 'mlpp'; did you mean 'mlp'"),
+])
+def test_unfit_data_or_name_is_a_user_error(name, shape, match):
+    with pytest.raises(UserError, match=match):
+        build_models(ModelConfig(name=name), shape, 0)
+
+
+def test_conditional_needs_labels():
+    with pytest.raises(UserError, match="model.conditional=true needs a labelled dataset"):
+        build_models(ModelConfig(name="mlp", conditional=True), (1, 8, 8), 0)
+
+
+def test_width_mult_scales_parameters():
+    small = count_parameters(build_models(ModelConfig(name="dcgan", width_mult=0.25), (3, 32, 32), 0)[0])
+    large = count_parameters(build_models(ModelConfig(name="dcgan", width_mult=0.5), (3, 32, 32), 0)[0])
+    assert large > 2 * small  # conv weights grow with the square of the width
+
+
+def test_plugin_registration_without_editing_the_package():
+    @register_model("test_tiny_linear")
+    def build(cfg, shape, num_classes):
+        return torch.nn.Linear(cfg.latent_dim, 4), torch.nn.Linear(4, 1)
+
+    try:
+        G, D = build_models(ModelConfig(name="test_tiny_linear", latent_dim=3), (4,), 0)
+        assert G.in_features == 3
+    finally:
+        MODELS.pop("test_tiny_linear")

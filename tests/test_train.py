@@ -1,0 +1,194 @@
+"""End-to-end runs in this process: outputs, phases, debug mode, and every bad input."""
+
+import json
+import os
+
+import pytest
+import torch
+
+from conftest import ROOT, tiny_args, write_idx_mnist
+
+METRIC_KEYS = {"step", "kimg", "Loss/D", "Loss/G", "Logits/real", "Logits/fake", "GradNorm/D", "GradNorm/G",
+               "Speed/img_per_s", "Speed/data_wait_fraction"}
+
+
+def test_tiny_run_writes_every_output(train_main, digits_dir, tmp_path):
+    code, out, err = train_main(*tiny_args(digits_dir, "train.max_steps=25", "log.every_steps=10"))
+    assert code == 0, err
+    run = tmp_path / "runs" / "tiny"
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == [10, 20, 25]
+    assert METRIC_KEYS <= set(records[0])
+    assert all(v == v for r in records for v in r.values()), "NaN in metrics"
+    provenance = json.loads((run / "run.json").read_text())
+    assert provenance["world_size"] == 1 and provenance["versions"]["torch"] == torch.__version__
+    assert "total_kimg: 1.0" in (run / "config.yaml").read_text()
+    assert (run / "samples" / "final.png").is_file() and len(list((run / "samples").glob("*.png"))) >= 2
+    assert (run / "checkpoints" / "latest").read_text().strip() == "step_00000025"
+    assert "samples:" in out and "metrics:" in out
+
+
+def test_resolved_config_includes_overrides(train_main, digits_dir, tmp_path):
+    code, _, err = train_main(*tiny_args(digits_dir, "train.max_steps=2", "optim.discriminator.lr=4e-4"))
+    assert code == 0, err
+    from gan_dist.config import load_config
+
+    saved = load_config(str(tmp_path / "runs" / "tiny" / "config.yaml"), [])
+    assert saved.optim.discriminator.lr == 4e-4 and saved.data.path == str(digits_dir)
+
+
+@pytest.mark.parametrize("extra", [
+    ["loss.name=hinge", "train.n_critic=2", "train.num_micro_batches=2"],
+    ["loss.name=wasserstein", "loss.gp_weight=10", "optim.generator.grad_clip_norm=1.0"],
+    ["loss.r1_gamma=1", "loss.r1_interval=2", "optim.discriminator.warmup_kimg=0.5"],
+    ["model.conditional=true", "loss.name=least_squares"],
+    ["train.mixed_precision=bf16", "loss.r1_gamma=0.1", "loss.r1_interval=1"],
+    ["log.tensorboard=true"],
+])
+def test_variants_train_with_finite_losses(train_main, digits_dir, tmp_path, extra):
+    code, _, err = train_main(*tiny_args(digits_dir, "train.max_steps=6", "log.every_steps=3", *extra))
+    assert code == 0, err
+    records = [json.loads(line) for line in (tmp_path / "runs" / "tiny" / "metrics.jsonl").read_text().splitlines()]
+    assert all(torch.isfinite(torch.tensor(r["Loss/D"])) and torch.isfinite(torch.tensor(r["Loss/G"])) for r in records)
+    if "loss.gp_weight=10" in extra:
+        assert "Loss/D/gp" in records[0]
+    if "loss.r1_gamma=1" in extra:
+        assert "Loss/D/r1" in records[0]
+    if "log.tensorboard=true" in extra:
+        assert list((tmp_path / "runs" / "tiny").rglob("events.out.tfevents*"))
+
+
+def test_dcgan_trains_on_32px_mnist(train_main, tmp_path):
+    root = write_idx_mnist(tmp_path / "raw_root", num_train=96)
+    from gan_dist.cli import main as cli_main
+
+    assert cli_main(["prepare", "torchvision", "MNIST", "--root", str(root), "--resolution", "32",
+                     "--out", str(tmp_path / "mnist32")]) == 0
+    code, _, err = train_main("--config", str(ROOT / "configs" / "tiny.yaml"), f"data.path={tmp_path / 'mnist32'}",
+                              "model.name=dcgan", "model.width_mult=0.125", "model.d_norm=spectral",
+                              "train.max_steps=3")
+    assert code == 0, err
+
+
+def test_mlp_mnist_config_prepares_mnist_from_raw_files(train_main, tmp_path):
+    root = write_idx_mnist(tmp_path / "raw_root", num_train=64)
+    code, out, err = train_main("--config", str(ROOT / "configs" / "mlp_mnist.yaml"), f"data.root={root}",
+                                "train.max_steps=3", "data.num_workers=0")
+    assert code == 0, err
+    index = json.loads((tmp_path / "data" / "mnist" / "index.json").read_text())
+    assert index["count"] == 64 and index["shape"] == [1, 28, 28]
+    assert "G 1,486,352 params" in out  # the tutorial's MLP: 100-256-512-1024-784
+
+
+def test_g_phase_leaves_d_gradients_untouched(digits_dir, tmp_path, monkeypatch):
+    """D is frozen during the G step: G's loss must not accumulate into D's gradients."""
+    from gan_dist import trainer as trainer_mod
+
+    seen = {}
+    original = trainer_mod.Trainer.g_phase
+
+    def spy(self):
+        before = [None if p.grad is None else p.grad.clone() for p in self.D.parameters()]
+        original(self)
+        after = [p.grad for p in self.D.parameters()]
+        seen["unchanged"] = all(torch.equal(a, b) for a, b in zip(before, after))
+        seen["g_grads"] = all(p.grad is not None for p in self.G.parameters())
+
+    monkeypatch.setattr(trainer_mod.Trainer, "g_phase", spy)
+    monkeypatch.chdir(tmp_path)
+    from gan_dist.train import main
+
+    assert main(tiny_args(digits_dir, "train.max_steps=2")) == 0
+    assert seen == {"unchanged": True, "g_grads": True}
+
+
+def test_existing_run_is_not_overwritten_by_default(train_main, digits_dir, tmp_path):
+    assert train_main(*tiny_args(digits_dir, "train.max_steps=1"))[0] == 0
+    code, _, err = train_main(*tiny_args(digits_dir, "train.max_steps=1"))
+    assert code == 2 and "already holds a run; choose another run.name, or pass run.overwrite=true" in err
+    assert (tmp_path / "runs" / "tiny" / "metrics.jsonl").is_file(), "refusal must not delete anything"
+    assert train_main(*tiny_args(digits_dir, "train.max_steps=1", "run.overwrite=true"))[0] == 0
+
+
+def test_help_lists_options_with_docs(capsys):
+    from gan_dist.train import main
+
+    with pytest.raises(SystemExit) as info:
+        main(["--help"])
+    assert info.value.code == 0
+    out = capsys.readouterr().out
+    assert "train.batch_size (int, default 64)" in out and "Global batch of real images" in out
+
+
+# ---------------------------------------------------------------- debug mode
+def test_debug_mode_runs_short_and_prints_shapes(train_main, digits_dir, tmp_path):
+    code, out, err = train_main("--debug", *tiny_args(digits_dir))
+    assert code == 0, err
+    records = (tmp_path / "runs" / "tiny-debug" / "metrics.jsonl").read_text().splitlines()
+    assert json.loads(records[-1])["step"] == 20
+    assert "Linear(in_features=16" in out and "G 19,680 params" in out
+
+
+def test_debug_refuses_multiple_processes(train_main, digits_dir, monkeypatch):
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    code, _, err = train_main("--debug", *tiny_args(digits_dir))
+    assert code == 2
+    assert "--debug runs one process, but the launcher started WORLD_SIZE=2" in err
+    assert "Traceback" in err  # --debug shows where it came from
+
+
+def test_debug_raises_at_first_non_finite_loss(train_main, digits_dir):
+    from gan_dist.trainer import NonFiniteLossError
+
+    with pytest.raises(NonFiniteLossError, match=r"non-finite D loss \(nan\) at step 3"):
+        train_main("--debug", *tiny_args(digits_dir, "plugins=[nan_plugin]", "model.name=nan_mlp"))
+
+
+# ---------------------------------------------------------------- bad input: exit 2, one line
+BAD_INPUTS = [
+    (["data.path=does/not/exist", "data.dataset="], {}, "data.path: 1 of 1 shards are missing, e.g. does/not/exist"),
+    (["data.path=", "data.dataset="], {}, "data.path is empty"),
+    (["model.name=dcgan"], {}, "model.name=dcgan needs square images of 16, 32, 64 px"),
+    (["model.name=mpl"], {}, "unknown model 'mpl'; did you mean 'mlp'?"),
+    (["loss.name=hinje"], {}, "unknown loss 'hinje'; did you mean 'hinge'?"),
+    (["model.latent_dim=0"], {}, "config key 'model.latent_dim' must be > 0"),
+    (["model.latent_dim=-3"], {}, "config key 'model.latent_dim' must be > 0"),
+    (["train.batch_size=30", "train.num_micro_batches=4"], {}, "train.batch_size=30 is not divisible by 1 processes x 4"),
+    (["train.totl_kimg=3"], {}, "did you mean 'train.total_kimg'?"),
+    (["plugins=[no_such_module]"], {}, "cannot import 'no_such_module'"),
+    (["train.mixed_precision=fp16"], {}, "fp16 needs a GPU"),
+    ([], {"ACCELERATE_GRADIENT_ACCUMULATION_STEPS": "4"}, "ACCELERATE_GRADIENT_ACCUMULATION_STEPS=4"),
+    ([], {"ACCELERATE_MIXED_PRECISION": "fp16"}, "asks for mixed_precision=fp16 but train.mixed_precision=no"),
+    ([], {"ACCELERATE_USE_DEEPSPEED": "true"}, "gan_dist's config owns this (train.backend)"),
+    ([], {"WORLD_SIZE": "2"}, "WORLD_SIZE=2 is set but RANK/MASTER_ADDR are not"),
+]
+
+
+@pytest.mark.parametrize("overrides, env, message", BAD_INPUTS, ids=[m[:40] for _, _, m in BAD_INPUTS])
+def test_bad_input_exits_2_with_one_line(train_main, digits_dir, monkeypatch, overrides, env, message):
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    code, _, err = train_main(*tiny_args(digits_dir, *overrides))
+    assert code == 2
+    assert message in err
+    assert "Traceback" not in err and len(err.strip().splitlines()) == 1
+
+
+def test_launcher_world_size_the_accelerator_does_not_see(train_main, digits_dir, monkeypatch):
+    """WORLD_SIZE=2 but no LOCAL_RANK on a CUDA machine: accelerate would run alone, silently."""
+    from gan_dist import dist
+
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "0")
+    monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
+    monkeypatch.setenv("MASTER_PORT", "29555")
+    monkeypatch.setattr(dist, "_cuda_available", lambda: True)  # as on a GPU node
+    code, _, err = train_main(*tiny_args(digits_dir))
+    assert code == 2
+    assert "the launcher started WORLD_SIZE=2 processes but accelerate sees 1" in err
+
+
+def test_bad_data_leaves_no_run_behind(train_main, tmp_path):
+    code, _, _ = train_main("--config", str(ROOT / "configs" / "tiny.yaml"), "data.path=missing", "data.dataset=")
+    assert code == 2
+    assert not (tmp_path / "runs" / "tiny" / "metrics.jsonl").exists()
