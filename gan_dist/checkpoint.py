@@ -13,8 +13,8 @@ import os
 import shutil
 from pathlib import Path
 
-import torch.nn as nn
 from safetensors.torch import load_file, save_file
+from torch import nn
 
 from gan_dist.errors import UserError
 
@@ -54,14 +54,20 @@ def latest_snapshot(run_dir: Path) -> Path:
 
 def load_generator(run_dir: Path, which: str = "G_ema") -> tuple[nn.Module, dict]:
     """Rebuild G (or G_ema) from the latest snapshot of a run; returns (module in eval mode, model.json)."""
-    from types import SimpleNamespace
+    import dataclasses
+    import importlib
 
+    from gan_dist.config import ModelConfig
     from gan_dist.models import build_models
 
     snapshot = latest_snapshot(run_dir)
     info = json.loads((snapshot / "model.json").read_text())
     if info.get("format") != SNAPSHOT_FORMAT:
         raise UserError(f"{snapshot} has snapshot format {info.get('format')!r}; this gan_dist reads {SNAPSHOT_FORMAT}")
-    G, _ = build_models(SimpleNamespace(**info["model"]), tuple(info["shape"]), info["num_classes"])
+    for plugin in info.get("plugins", []):
+        importlib.import_module(plugin)
+    known = {f.name for f in dataclasses.fields(ModelConfig)}
+    model_cfg = ModelConfig(**{k: v for k, v in info["model"].items() if k in known})
+    G, _ = build_models(model_cfg, tuple(info["shape"]), info["num_classes"])
     G.load_state_dict(load_file(str(snapshot / f"{which}.safetensors")))
     return G.eval().requires_grad_(False), info

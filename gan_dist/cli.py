@@ -12,17 +12,13 @@ def _check(args) -> int:
     """Validate a config the way training would (plugins, registries), without starting."""
     from gan_dist import config as config_mod
     from gan_dist.losses import get_loss
-    from gan_dist.models import MODELS, _load_builtins
+    from gan_dist.models import get_builder
     from gan_dist.train import import_plugins
 
     cfg = config_mod.load_config(args.config, args.overrides)
     import_plugins(cfg.plugins)
-    _load_builtins()
+    get_builder(cfg.model.name)
     get_loss(cfg.loss.name)
-    if cfg.model.name not in MODELS:
-        from gan_dist.errors import UserError, did_you_mean
-
-        raise UserError(f"config key 'model.name': unknown model '{cfg.model.name}'{did_you_mean(cfg.model.name, MODELS)}")
     print(config_mod.to_yaml(cfg), end="")
     return 0
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import ast
 import dataclasses
 import inspect
+import itertools
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -62,6 +63,8 @@ class ModelConfig:
     """Normalisation in G's hidden layers."""
     d_norm: Literal["none", "batch", "spectral"] = "none"
     """Normalisation in D's hidden layers."""
+    d_dropout: float = 0.0
+    """Dropout after each hidden layer of the MLP discriminators (mlp, mlp2d), as in the original GAN."""
     conditional: bool = False
     """Class-conditional G (label embedding) and projection D; needs a labelled dataset."""
 
@@ -118,6 +121,8 @@ class TrainConfig:
     """D steps per G step."""
     seed: int = 0
     """Base seed; noise and data streams derive theirs from it and the global rank."""
+    num_threads: int = 0
+    """CPU threads per process for torch (0 keeps torch's default); results depend on it, so pin it to reproduce."""
     mixed_precision: Literal["no", "bf16", "fp16"] = "no"
     """Autocast precision of G and D forwards; master weights stay fp32."""
     backend: Literal["ddp"] = "ddp"
@@ -165,10 +170,10 @@ def field_docs(cls: type) -> dict[str, str]:
     tree = ast.parse(inspect.getsource(cls))
     body = tree.body[0].body
     docs = {}
-    for node, after in zip(body, body[1:]):
-        if isinstance(node, ast.AnnAssign) and isinstance(after, ast.Expr):
-            if isinstance(after.value, ast.Constant) and isinstance(after.value.value, str):
-                docs[node.target.id] = after.value.value.strip()
+    for node, after in itertools.pairwise(body):
+        if (isinstance(node, ast.AnnAssign) and isinstance(after, ast.Expr)
+                and isinstance(after.value, ast.Constant) and isinstance(after.value.value, str)):
+            docs[node.target.id] = after.value.value.strip()
     return docs
 
 
@@ -203,7 +208,7 @@ def _explain(err: OmegaConfBaseException, schema: DictConfig, origin: str) -> Us
     """One line that names the key, the problem, and the closest valid key."""
     key = getattr(err, "full_key", None) or "?"
     if isinstance(err, ConfigKeyError):
-        parent, _, leaf = key.rpartition(".")
+        parent = key.rpartition(".")[0]
         valid = [f"{parent}.{k}" if parent else k for k in _keys_at(schema, parent)]
         return UserError(f"{origin}: unknown config key '{key}'{did_you_mean(key, valid)}")
     first_line = str(err).splitlines()[0]
@@ -256,10 +261,12 @@ def validate(cfg: Config) -> None:
     """Checks on values that the types alone do not catch (registries are checked later)."""
     _require(cfg.model.latent_dim > 0, "model.latent_dim", f"must be > 0, got {cfg.model.latent_dim}")
     _require(cfg.model.width_mult > 0, "model.width_mult", "must be > 0")
+    _require(0 <= cfg.model.d_dropout < 1, "model.d_dropout", "must be in [0, 1)")
     _require(cfg.train.batch_size > 0, "train.batch_size", "must be > 0")
     _require(cfg.train.num_micro_batches > 0, "train.num_micro_batches", "must be >= 1")
     _require(cfg.train.n_critic > 0, "train.n_critic", "must be >= 1")
     _require(cfg.train.total_kimg > 0, "train.total_kimg", "must be > 0")
+    _require(cfg.train.num_threads >= 0, "train.num_threads", "must be >= 0 (0 = torch's default)")
     _require(cfg.train.max_steps >= 0, "train.max_steps", "must be >= 0 (0 = no limit)")
     _require(cfg.train.ema_half_life_kimg > 0, "train.ema_half_life_kimg", "must be > 0")
     _require(cfg.loss.r1_interval > 0, "loss.r1_interval", "must be >= 1")

@@ -30,7 +30,8 @@ class Console:
         self.tty = sys.stdout.isatty() if tty is None else tty
         self.rich = RichConsole(highlight=False, force_terminal=self.tty, soft_wrap=not self.tty)
         self.progress: Progress | None = None
-        self._metrics_file = open(run_dir / "metrics.jsonl", "a") if enabled else None
+        # Open for the whole run (closed in close()): one line is appended per log interval.
+        self._metrics_file = open(run_dir / "metrics.jsonl", "a") if enabled else None  # noqa: SIM115
 
     def summary(self, title: str, rows: dict[str, str]) -> None:
         if not self.enabled:

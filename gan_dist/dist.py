@@ -17,7 +17,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager, nullcontext
 
 import torch
-import torch.nn as nn
+from torch import nn
 
 from gan_dist.errors import UserError
 

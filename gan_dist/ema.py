@@ -10,7 +10,7 @@ unwrapped G after each applied G step, so all ranks hold the same G_ema.
 from __future__ import annotations
 
 import torch
-import torch.nn as nn
+from torch import nn
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
 

@@ -33,12 +33,13 @@ def check_run_dir(run_dir: Path, overwrite: bool) -> None:
 
 
 def prepare_run_dir(run_dir: Path, cfg, accelerator) -> None:
-    """Rank 0 clears a run being overwritten and writes the resolved config; others wait."""
+    """Rank 0 clears a run being overwritten, writes the resolved config and run.json; others wait."""
     if accelerator.is_main_process:
         if run_dir.exists() and (run_dir / RUN_MARKER).is_file():
             shutil.rmtree(run_dir)
         (run_dir / "samples").mkdir(parents=True, exist_ok=True)
         (run_dir / "config.yaml").write_text(config_mod.to_yaml(cfg))
+        write_provenance(run_dir, accelerator)
     accelerator.wait_for_everyone()
 
 
@@ -84,7 +85,7 @@ def build_optimizers(cfg, G, D) -> tuple[torch.optim.Optimizer, torch.optim.Opti
 def _git_commit() -> str | None:
     try:
         out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).parent, capture_output=True,
-                             text=True, timeout=5)
+                             text=True, timeout=5, check=False)
         return out.stdout.strip() or None
     except (OSError, subprocess.SubprocessError):
         return None
@@ -97,10 +98,8 @@ def _version(module: str) -> str | None:
         return None
 
 
-def write_provenance(run_dir: Path, cfg, accelerator) -> None:
-    """run.json: what ran, where and with which versions (rank 0)."""
-    if not accelerator.is_main_process:
-        return
+def write_provenance(run_dir: Path, accelerator) -> None:
+    """run.json: what ran, where and with which versions; also marks the directory as a run."""
     record = {"command": sys.argv, "world_size": accelerator.num_processes,
               "distributed_type": str(accelerator.distributed_type).split(".")[-1],
               "device": accelerator.device.type, "mixed_precision": accelerator.mixed_precision,

@@ -63,46 +63,43 @@ def import_plugins(names: list[str]) -> None:
 
 
 def train(config_path: str | None, overrides: list[str], debug: bool = False) -> int:
-    from gan_dist.checkpoint import save_snapshot
+    from gan_dist.console import Console
+    from gan_dist.ema import EMA
+    from gan_dist.losses import get_loss
     from gan_dist.models import build_models
-    from gan_dist.run import (build_optimizers, check_run_dir, describe_run, open_data,
-                              prepare_run_dir, write_provenance)
-    from gan_dist.trainer import Trainer
+    from gan_dist.run import (
+        build_optimizers,
+        check_run_dir,
+        describe_run,
+        open_data,
+        prepare_run_dir,
+    )
+    from gan_dist.trainer import Networks, Trainer
 
     cfg = config_mod.load_config(config_path, overrides)
     if debug:
         apply_debug_mode(cfg)
     import_plugins(cfg.plugins)
+    if cfg.train.num_threads:
+        torch.set_num_threads(cfg.train.num_threads)
     run_dir = Path(cfg.run.root) / cfg.run.name
     check_run_dir(run_dir, cfg.run.overwrite)
     acc = dist.build_accelerator(cfg.train.mixed_precision, run_dir, cfg.log.tensorboard)
     per_device = dist.batch_per_device(cfg.train.batch_size, acc.num_processes, cfg.train.num_micro_batches)
-    prepare_run_dir(run_dir, cfg, acc)
     info, loader = open_data(cfg, acc, per_device)
+    loss = get_loss(cfg.loss.name)
     torch.manual_seed(cfg.train.seed)  # identical initial weights on every rank
     G, D = build_models(cfg.model, info.shape, info.num_classes)
-    opt_G, opt_D = build_optimizers(cfg, G, D)
-    G, D, opt_G, opt_D = acc.prepare(G, D, opt_G, opt_D)
-    from gan_dist.console import Console
-    from gan_dist.ema import EMA
-
-    ema = EMA(acc.unwrap_model(G), cfg.train.ema_half_life_kimg, cfg.train.ema_rampup)
+    # Only now, with config, data and models known to be good, is the run directory touched.
+    prepare_run_dir(run_dir, cfg, acc)
+    G, D, opt_G, opt_D = acc.prepare(G, D, *build_optimizers(cfg, G, D))
+    nets = Networks(G, D, opt_G, opt_D, EMA(acc.unwrap_model(G), cfg.train.ema_half_life_kimg, cfg.train.ema_rampup))
     console = Console(acc.is_main_process, int(cfg.train.total_kimg * 1000), run_dir, acc)
-    write_provenance(run_dir, cfg, acc)
     console.summary(f"gan_dist run '{cfg.run.name}'", describe_run(cfg, acc, info, G, D, per_device))
     if debug:
         console.print(f"G: {acc.unwrap_model(G)}\nD: {acc.unwrap_model(D)}")
     if cfg.log.tensorboard:
         acc.init_trackers("tensorboard", config=config_mod.flat_dict(cfg))
-    trainer = Trainer(cfg, acc, G, D, opt_G, opt_D, ema, loader, console, run_dir, info.num_classes, debug)
-    trainer.fit()
-    model_info = {"model": config_mod.to_dict(cfg)["model"], "shape": list(info.shape),
-                  "num_classes": info.num_classes, "plugins": cfg.plugins}
-    snapshot = save_snapshot(run_dir, trainer.n.step,
-                             {"G": acc.unwrap_model(G), "D": acc.unwrap_model(D), "G_ema": ema.module},
-                             model_info, acc)
-    console.print(f"done: {trainer.n.step} steps, {trainer.n.num_images / 1000:.1f} kimg\n"
-                  f"  samples: {run_dir / 'samples'} (final grid: {run_dir / 'samples' / 'final.png'})\n"
-                  f"  metrics: {run_dir / 'metrics.jsonl'}\n  weights: {snapshot}")
+    Trainer(cfg, acc, nets, loss, loader, info, console, run_dir, debug).fit()
     acc.end_training()
     return 0

@@ -23,7 +23,11 @@ from pathlib import Path
 import torch
 
 from gan_dist import dist
-from gan_dist.losses import get_loss, gradient_penalty, interpolate, r1_penalty
+from gan_dist.checkpoint import save_snapshot
+from gan_dist.config import to_dict as config_to_dict
+from gan_dist.data.stream import DatasetInfo
+from gan_dist.ema import EMA
+from gan_dist.losses import AdversarialLoss, gradient_penalty, interpolate, r1_penalty
 from gan_dist.stats import Stats
 from gan_dist.visual import save_samples
 
@@ -32,6 +36,17 @@ NOISE_PURPOSE, PENALTY_PURPOSE, FIXED_PURPOSE = 10, 11, 12
 
 class NonFiniteLossError(FloatingPointError):
     """Raised in --debug mode at the first NaN/Inf loss, naming the phase and step."""
+
+
+@dataclass
+class Networks:
+    """G and D as prepared by accelerate, their optimizers, and G's moving average."""
+
+    G: torch.nn.Module
+    D: torch.nn.Module
+    opt_G: torch.optim.Optimizer
+    opt_D: torch.optim.Optimizer
+    ema: EMA
 
 
 @dataclass
@@ -46,13 +61,12 @@ class Counters:
 
 
 class Trainer:
-    def __init__(self, cfg, accelerator, G, D, opt_G, opt_D, ema, data, console, run_dir: Path,
-                 num_classes: int, debug: bool = False):
+    def __init__(self, cfg, accelerator, nets: Networks, loss: AdversarialLoss, data, info: DatasetInfo,
+                 console, run_dir: Path, debug: bool = False):
         self.cfg, self.acc, self.debug = cfg, accelerator, debug
-        self.G, self.D, self.opt_G, self.opt_D, self.ema = G, D, opt_G, opt_D, ema
-        self.data, self.console, self.run_dir = data, console, run_dir
-        self.loss = get_loss(cfg.loss.name)
-        self.num_classes = num_classes if cfg.model.conditional else 0
+        self.G, self.D, self.opt_G, self.opt_D, self.ema = nets.G, nets.D, nets.opt_G, nets.opt_D, nets.ema
+        self.loss, self.data, self.info, self.console, self.run_dir = loss, data, info, console, run_dir
+        self.num_classes = info.num_classes if cfg.model.conditional else 0
         self.batch_per_device = dist.batch_per_device(cfg.train.batch_size, accelerator.num_processes,
                                                       cfg.train.num_micro_batches)
         self.total_images = int(cfg.train.total_kimg * 1000)
@@ -64,9 +78,9 @@ class Trainer:
         self.fixed_z = torch.randn(cfg.log.num_samples, cfg.model.latent_dim, generator=fixed_gen).to(device)
         self.fixed_labels = (torch.arange(cfg.log.num_samples, device=device) % self.num_classes
                              if self.num_classes else None)
-        self.G_raw = accelerator.unwrap_model(G)
-        self.params = {"G": [p for p in G.parameters() if p.requires_grad],
-                       "D": [p for p in D.parameters() if p.requires_grad]}
+        self.G_raw, self.D_raw = accelerator.unwrap_model(self.G), accelerator.unwrap_model(self.D)
+        self.params = {"G": [p for p in self.G.parameters() if p.requires_grad],
+                       "D": [p for p in self.D.parameters() if p.requires_grad]}
         self.stats = Stats()
         self.n = Counters()
 
@@ -102,7 +116,15 @@ class Trainer:
     def _finish(self) -> None:
         if self.n.step % self.cfg.log.every_steps:
             self.log()
-        self.sample_grid(name="final")
+        self.sample_grid(name="final")  # also syncs buffers across ranks before the snapshot
+        model_info = {"model": config_to_dict(self.cfg)["model"], "shape": list(self.info.shape),
+                      "num_classes": self.info.num_classes, "plugins": self.cfg.plugins}
+        snapshot = save_snapshot(self.run_dir, self.n.step,
+                                 {"G": self.G_raw, "D": self.D_raw, "G_ema": self.ema.module}, model_info, self.acc)
+        samples = self.run_dir / "samples"
+        self.console.print(f"done: {self.n.step} steps, {self.n.num_images / 1000:.1f} kimg\n"
+                           f"  samples: {samples} (final grid: {samples / 'final.png'})\n"
+                           f"  metrics: {self.run_dir / 'metrics.jsonl'}\n  weights: {snapshot}")
 
     # ----------------------------------------------------------------- phases
     def d_phase(self, real: torch.Tensor, labels: torch.Tensor | None) -> None:
@@ -205,7 +227,7 @@ class Trainer:
 
     def sync_buffers(self) -> None:
         """Every rank: make buffers identical (rank 0's) before anything reads them."""
-        dist.sync_buffers(self.acc, self.G_raw, self.acc.unwrap_model(self.D))
+        dist.sync_buffers(self.acc, self.G_raw, self.D_raw)
         self.ema.copy_buffers(self.G_raw)
 
     @torch.no_grad()

@@ -2,17 +2,17 @@
 
 import pytest
 import yaml
+from conftest import ROOT
 
 from gan_dist.config import Config, field_docs, help_lines, load_config
 from gan_dist.errors import UserError
-from conftest import ROOT
 
 
 def test_overrides_apply_on_top_of_yaml():
     cfg = load_config(str(ROOT / "configs" / "default.yaml"), ["train.total_kimg=2", "optim.discriminator.lr=4e-4"])
     assert cfg.train.total_kimg == 2.0
     assert cfg.optim.discriminator.lr == 4e-4
-    assert cfg.optim.generator.lr == 5e-4  # from the YAML, untouched
+    assert cfg.optim.generator.lr == 5e-4 and cfg.optim.generator.beta1 == 0.0  # from the YAML
 
 
 @pytest.mark.parametrize("override, message", [
@@ -76,3 +76,12 @@ def test_shipped_configs_load():
     for path in sorted((ROOT / "configs").glob("*.yaml")):
         load_config(str(path), [])
         assert yaml.safe_load(path.read_text())
+
+
+def test_gan_dist_check_validates_registries(capsys):
+    from gan_dist.cli import main
+
+    assert main(["check", str(ROOT / "configs" / "tiny.yaml"), "train.batch_size=8"]) == 0
+    assert "batch_size: 8" in capsys.readouterr().out
+    assert main(["check", str(ROOT / "configs" / "tiny.yaml"), "model.name=dcgn"]) == 2
+    assert "unknown model 'dcgn'; did you mean 'dcgan'?" in capsys.readouterr().err

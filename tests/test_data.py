@@ -6,13 +6,13 @@ import json
 
 import numpy as np
 import pytest
+from conftest import write_idx_mnist
 
 from gan_dist.cli import main as cli_main
 from gan_dist.data.prepare import load_digits_arrays, load_mixture_arrays
 from gan_dist.data.stream import make_loader, open_dataset
 from gan_dist.data.toy import grid25_modes, ring8_modes
 from gan_dist.errors import UserError
-from conftest import write_idx_mnist
 
 
 def test_shards_are_reproducible(tmp_path, capsys):

@@ -33,7 +33,7 @@ def test_conditional_generator_uses_labels():
 
 def test_projection_discriminator_uses_labels():
     _, D = build_models(ModelConfig(name="dcgan", conditional=True, width_mult=0.25), (1, 16, 16), 10)
-    torch.nn.init.normal_(D.embed.weight)
+    torch.nn.init.normal_(D.projection.embed.weight)
     x = torch.randn(2, 1, 16, 16)
     assert not torch.allclose(D(x, torch.tensor([0, 0])), D(x, torch.tensor([3, 3])))
 
@@ -88,7 +88,7 @@ def test_plugin_registration_without_editing_the_package():
         return torch.nn.Linear(cfg.latent_dim, 4), torch.nn.Linear(4, 1)
 
     try:
-        G, D = build_models(ModelConfig(name="test_tiny_linear", latent_dim=3), (4,), 0)
+        G, _ = build_models(ModelConfig(name="test_tiny_linear", latent_dim=3), (4,), 0)
         assert G.in_features == 3
     finally:
         MODELS.pop("test_tiny_linear")

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-import torch.nn as nn
+from torch import nn
 
 from gan_dist.errors import UserError, did_you_mean
 
@@ -27,15 +27,20 @@ def register_model(name: str) -> Callable[[Builder], Builder]:
     return add
 
 
+def get_builder(name: str) -> Builder:
+    _load_builtins()
+    if name not in MODELS:
+        raise UserError(f"config key 'model.name': unknown model '{name}'{did_you_mean(name, MODELS)}")
+    return MODELS[name]
+
+
 def build_models(cfg, shape: tuple[int, ...], num_classes: int) -> tuple[nn.Module, nn.Module]:
     """Build G and D for `cfg.name`; unknown names and unfit data raise UserError."""
-    _load_builtins()
-    if cfg.name not in MODELS:
-        raise UserError(f"config key 'model.name': unknown model '{cfg.name}'{did_you_mean(cfg.name, MODELS)}")
+    builder = get_builder(cfg.name)
     if cfg.conditional and num_classes < 2:
         raise UserError("model.conditional=true needs a labelled dataset (index.json lists no classes); "
                         "set model.conditional=false")
-    return MODELS[cfg.name](cfg, tuple(shape), num_classes if cfg.conditional else 0)
+    return builder(cfg, tuple(shape), num_classes if cfg.conditional else 0)
 
 
 def _load_builtins() -> None:

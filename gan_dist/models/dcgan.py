@@ -8,14 +8,15 @@ a projection term <embed(y), features> in D.
 
 from __future__ import annotations
 
+import itertools
 import math
 
 import torch
-import torch.nn as nn
+from torch import nn
 
 from gan_dist.errors import UserError
 from gan_dist.models import register_model
-from gan_dist.models.layers import d_layer, d_norm_layer, norm_layer
+from gan_dist.models.layers import LatentInput, Projection, d_layer, d_norm_layer, norm_layer
 
 RESOLUTIONS = (16, 32, 64)
 BASE_CHANNELS = 64
@@ -31,20 +32,19 @@ class DCGANGenerator(nn.Module):
     def __init__(self, latent_dim: int, out_channels: int, resolution: int, base: int,
                  g_norm: str, num_classes: int = 0):
         super().__init__()
-        self.embed = nn.Embedding(num_classes, latent_dim) if num_classes else None
+        self.input = LatentInput(latent_dim, num_classes)
         ch = _channels(resolution, base)
-        in_dim = latent_dim * (2 if num_classes else 1)
+        in_dim = self.input.out_features
         layers = [nn.ConvTranspose2d(in_dim, ch[0], 4, 1, 0, bias=g_norm == "none"),
                   norm_layer(g_norm, ch[0], 2), nn.ReLU(True)]
-        for c_in, c_out in zip(ch, ch[1:]):
+        for c_in, c_out in itertools.pairwise(ch):
             layers += [nn.ConvTranspose2d(c_in, c_out, 4, 2, 1, bias=g_norm == "none"),
                        norm_layer(g_norm, c_out, 2), nn.ReLU(True)]
         layers += [nn.ConvTranspose2d(ch[-1], out_channels, 4, 2, 1), nn.Tanh()]
         self.net = nn.Sequential(*layers)
 
     def forward(self, z: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
-        if self.embed is not None:
-            z = torch.cat([z, self.embed(labels)], dim=1)
+        z = self.input(z, labels)
         return self.net(z[:, :, None, None])
 
 
@@ -53,19 +53,16 @@ class DCGANDiscriminator(nn.Module):
         super().__init__()
         ch = list(reversed(_channels(resolution, base)))  # c, 2c, ... at resolution/2 .. 4x4
         layers = [d_layer(nn.Conv2d(in_channels, ch[0], 4, 2, 1), d_norm), nn.LeakyReLU(0.2, True)]
-        for c_in, c_out in zip(ch, ch[1:]):
+        for c_in, c_out in itertools.pairwise(ch):
             layers += [d_layer(nn.Conv2d(c_in, c_out, 4, 2, 1, bias=d_norm != "batch"), d_norm),
                        d_norm_layer(d_norm, c_out, 2), nn.LeakyReLU(0.2, True)]
         self.features = nn.Sequential(*layers)
         self.head = d_layer(nn.Conv2d(ch[-1], 1, 4, 1, 0), d_norm)
-        self.embed = nn.Embedding(num_classes, ch[-1]) if num_classes else None
+        self.projection = Projection(num_classes, ch[-1])
 
     def forward(self, x: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
         h = self.features(x)
-        logits = self.head(h).flatten()
-        if self.embed is not None:
-            logits = logits + (self.embed(labels) * h.sum((2, 3))).sum(1)
-        return logits
+        return self.head(h).flatten() + self.projection(h.sum((2, 3)), labels)
 
 
 def init_dcgan_weights(module: nn.Module) -> None:

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-import torch.nn as nn
+import torch
+from torch import nn
 from torch.nn.utils.parametrizations import spectral_norm
 
 
@@ -22,5 +23,24 @@ def d_norm_layer(d_norm: str, features: int, dims: int) -> nn.Module:
     return norm_layer("batch" if d_norm == "batch" else "none", features, dims)
 
 
-def label_embedding(num_classes: int, dim: int) -> nn.Embedding | None:
-    return nn.Embedding(num_classes, dim) if num_classes else None
+class LatentInput(nn.Module):
+    """G's input: z, with a learned label embedding of the same size appended when conditional."""
+
+    def __init__(self, latent_dim: int, num_classes: int = 0):
+        super().__init__()
+        self.embed = nn.Embedding(num_classes, latent_dim) if num_classes else None
+        self.out_features = latent_dim * (2 if num_classes else 1)
+
+    def forward(self, z: torch.Tensor, labels: torch.Tensor | None) -> torch.Tensor:
+        return z if self.embed is None else torch.cat([z, self.embed(labels)], dim=1)
+
+
+class Projection(nn.Module):
+    """The projection discriminator's class term <embed(y), features> (Miyato & Koyama 2018)."""
+
+    def __init__(self, num_classes: int, features: int):
+        super().__init__()
+        self.embed = nn.Embedding(num_classes, features) if num_classes else None
+
+    def forward(self, features: torch.Tensor, labels: torch.Tensor | None) -> torch.Tensor | float:
+        return 0.0 if self.embed is None else (self.embed(labels) * features).sum(1)

@@ -9,10 +9,10 @@ from __future__ import annotations
 import math
 
 import torch
-import torch.nn as nn
+from torch import nn
 
 from gan_dist.models import register_model
-from gan_dist.models.layers import d_layer, d_norm_layer, norm_layer
+from gan_dist.models.layers import LatentInput, Projection, d_layer, d_norm_layer, norm_layer
 
 G_HIDDEN = (256, 512, 1024)
 D_HIDDEN = (512, 256)
@@ -23,8 +23,8 @@ class MLPGenerator(nn.Module):
                  num_classes: int = 0):
         super().__init__()
         self.shape = shape
-        self.embed = nn.Embedding(num_classes, latent_dim) if num_classes else None
-        layers, width = [], latent_dim * (2 if num_classes else 1)
+        self.input = LatentInput(latent_dim, num_classes)
+        layers, width = [], self.input.out_features
         for out in hidden:
             layers += [nn.Linear(width, out), norm_layer(g_norm, out, 1), nn.LeakyReLU(0.2)]
             width = out
@@ -32,30 +32,26 @@ class MLPGenerator(nn.Module):
         self.net = nn.Sequential(*layers)
 
     def forward(self, z: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
-        if self.embed is not None:
-            z = torch.cat([z, self.embed(labels)], dim=1)
+        z = self.input(z, labels)
         return self.net(z).view(-1, *self.shape)
 
 
 class MLPDiscriminator(nn.Module):
-    def __init__(self, shape: tuple[int, ...], hidden: list[int], d_norm: str, num_classes: int = 0):
+    def __init__(self, shape: tuple[int, ...], hidden: list[int], d_norm: str, num_classes: int = 0,
+                 dropout: float = 0.0):
         super().__init__()
         layers, width = [], math.prod(shape)
         for out in hidden:
             layers += [d_layer(nn.Linear(width, out), d_norm), d_norm_layer(d_norm, out, 1),
-                       nn.LeakyReLU(0.2)]
+                       nn.LeakyReLU(0.2), nn.Dropout(dropout) if dropout else nn.Identity()]
             width = out
         self.features = nn.Sequential(*layers)
         self.head = d_layer(nn.Linear(width, 1), d_norm)
-        # Projection discriminator (Miyato & Koyama): <embed(y), features> added to the logit.
-        self.embed = nn.Embedding(num_classes, width) if num_classes else None
+        self.projection = Projection(num_classes, width)
 
     def forward(self, x: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
         h = self.features(x.flatten(1))
-        logits = self.head(h).squeeze(1)
-        if self.embed is not None:
-            logits = logits + (self.embed(labels) * h).sum(1)
-        return logits
+        return self.head(h).squeeze(1) + self.projection(h, labels)
 
 
 def _scaled(widths: tuple[int, ...], mult: float) -> list[int]:
@@ -65,5 +61,5 @@ def _scaled(widths: tuple[int, ...], mult: float) -> list[int]:
 @register_model("mlp")
 def build_mlp(cfg, shape: tuple[int, ...], num_classes: int):
     G = MLPGenerator(cfg.latent_dim, shape, _scaled(G_HIDDEN, cfg.width_mult), cfg.g_norm, num_classes)
-    D = MLPDiscriminator(shape, _scaled(D_HIDDEN, cfg.width_mult), cfg.d_norm, num_classes)
+    D = MLPDiscriminator(shape, _scaled(D_HIDDEN, cfg.width_mult), cfg.d_norm, num_classes, cfg.d_dropout)
     return G, D

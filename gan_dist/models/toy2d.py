@@ -7,11 +7,11 @@ units, ReLU in G, LeakyReLU in D, a linear output for G (points are not bounded 
 from __future__ import annotations
 
 import torch
-import torch.nn as nn
+from torch import nn
 
 from gan_dist.errors import UserError
 from gan_dist.models import register_model
-from gan_dist.models.layers import norm_layer
+from gan_dist.models.layers import LatentInput, norm_layer
 from gan_dist.models.mlp import MLPDiscriminator
 
 HIDDEN = (400, 400, 400)
@@ -20,8 +20,8 @@ HIDDEN = (400, 400, 400)
 class PointGenerator(nn.Module):
     def __init__(self, latent_dim: int, hidden: list[int], g_norm: str, num_classes: int = 0):
         super().__init__()
-        self.embed = nn.Embedding(num_classes, latent_dim) if num_classes else None
-        layers, width = [], latent_dim * (2 if num_classes else 1)
+        self.input = LatentInput(latent_dim, num_classes)
+        layers, width = [], self.input.out_features
         for out in hidden:
             layers += [nn.Linear(width, out), norm_layer(g_norm, out, 1), nn.ReLU()]
             width = out
@@ -29,8 +29,7 @@ class PointGenerator(nn.Module):
         self.net = nn.Sequential(*layers)
 
     def forward(self, z: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
-        if self.embed is not None:
-            z = torch.cat([z, self.embed(labels)], dim=1)
+        z = self.input(z, labels)
         return self.net(z)
 
 
@@ -41,5 +40,5 @@ def build_mlp2d(cfg, shape: tuple[int, ...], num_classes: int):
                         f"{list(shape)}; use model.name=mlp or dcgan for images")
     hidden = [max(1, round(w * cfg.width_mult)) for w in HIDDEN]
     G = PointGenerator(cfg.latent_dim, hidden, cfg.g_norm, num_classes)
-    D = MLPDiscriminator(shape, hidden, cfg.d_norm, num_classes)
+    D = MLPDiscriminator(shape, hidden, cfg.d_norm, num_classes, cfg.d_dropout)
     return G, D
