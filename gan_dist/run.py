@@ -61,17 +61,12 @@ def open_data(cfg, accelerator, batch_per_device: int) -> tuple[DatasetInfo, tor
                 raise UserError(f"data.path={path} does not exist and data.dataset='{cfg.data.dataset}' is not "
                                 f"built in ({', '.join(BUILTIN_DATASETS)}); prepare it with gan-dist prepare")
             arrays = load_source(cfg.data.dataset, root=cfg.data.root, resolution=cfg.data.resolution)
-            write_shards(arrays, path, shard_size=_default_shard_size(len(arrays.samples)))
+            write_shards(arrays, path)
         info = open_dataset(path)
     loader = make_loader(info, batch_per_device, cfg.train.seed, accelerator.process_index,
                          cfg.data.num_workers, cfg.data.shuffle_buffer, cfg.data.cache_mb,
                          pin_memory=accelerator.device.type == "cuda")
     return info, loader
-
-
-def _default_shard_size(count: int) -> int:
-    # At least 8 shards so that several ranks and workers each start from different shards.
-    return max(64, min(10_000, count // 8))
 
 
 def build_optimizers(cfg, G, D) -> tuple[torch.optim.Optimizer, torch.optim.Optimizer]:

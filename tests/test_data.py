@@ -22,6 +22,16 @@ def test_shards_are_reproducible(tmp_path, capsys):
     assert index_a["shards"] == index_b["shards"]
 
 
+def test_automatic_shards_are_balanced():
+    from gan_dist.data.prepare import auto_shard_size
+
+    for count in (40, 1797, 60_000, 1_000_003):
+        size = auto_shard_size(count)
+        num_shards = -(-count // size)
+        last = count - size * (num_shards - 1)
+        assert num_shards >= 8 and size <= 10_000 and last >= size - num_shards
+
+
 def test_prepare_digits_writes_index_and_checksums(tmp_path, capsys):
     assert cli_main(["prepare", "digits", "--out", str(tmp_path / "d"), "--shard-size", "500"]) == 0
     index = json.loads((tmp_path / "d" / "index.json").read_text())

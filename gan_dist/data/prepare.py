@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import math
 import os
 import shutil
 import tarfile
@@ -21,7 +22,15 @@ import numpy as np
 from gan_dist.errors import UserError
 
 INDEX_FORMAT = "gan_dist.shards/1"
-DEFAULT_SHARD_SIZE = 10_000
+MAX_SHARD_SIZE = 10_000
+
+
+def auto_shard_size(count: int) -> int:
+    """At least 8 shards (so ranks and workers start on different shards), at most 10,000
+    samples each, and all of nearly equal size: shards are resampled uniformly, so a small
+    last shard would have its samples drawn far more often than the others."""
+    num_shards = max(8, math.ceil(count / MAX_SHARD_SIZE))
+    return max(1, math.ceil(count / num_shards))
 
 
 @dataclass
@@ -132,12 +141,12 @@ def _write_shard(path: Path, arrays: Arrays, start: int, stop: int) -> dict:
     return {"name": path.name, "count": stop - start, "sha256": _sha256(path)}
 
 
-def write_shards(arrays: Arrays, out: str | Path, shard_size: int = DEFAULT_SHARD_SIZE,
-                 force: bool = False) -> Path:
-    """Write `arrays` as shards + index.json into `out`, atomically."""
+def write_shards(arrays: Arrays, out: str | Path, shard_size: int = 0, force: bool = False) -> Path:
+    """Write `arrays` as shards + index.json into `out`, atomically (shard_size 0: automatic)."""
     out = Path(out)
-    if shard_size <= 0:
-        raise UserError(f"--shard-size must be > 0, got {shard_size}")
+    if shard_size < 0:
+        raise UserError(f"--shard-size must be > 0 (or 0 for automatic), got {shard_size}")
+    shard_size = shard_size or auto_shard_size(len(arrays.samples))
     if out.exists() and not force:
         raise UserError(f"{out} already exists; pass --force to replace it")
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -189,7 +198,8 @@ def add_arguments(parser) -> None:
     parser.add_argument("--split", default="train", choices=["train", "test"])
     parser.add_argument("--resolution", type=int, default=0, help="resize images to NxN (bicubic)")
     parser.add_argument("--limit", type=int, default=0, help="keep only the first N samples (0 = all)")
-    parser.add_argument("--shard-size", type=int, default=DEFAULT_SHARD_SIZE, help="samples per shard")
+    parser.add_argument("--shard-size", type=int, default=0,
+                        help="samples per shard (default: at least 8 shards, at most 10,000 samples each)")
     parser.add_argument("--download", action="store_true", help="let torchvision download (needs internet)")
     parser.add_argument("--force", action="store_true", help="replace an existing output directory")
 
