@@ -166,8 +166,11 @@ class Config:
 
 
 def field_docs(cls: type) -> dict[str, str]:
-    """The docstring under each field of a dataclass (read from its source)."""
-    tree = ast.parse(inspect.getsource(cls))
+    """The docstring under each field of a dataclass (read from its source; {} without source)."""
+    try:
+        tree = ast.parse(inspect.getsource(cls))
+    except (OSError, TypeError):  # installed without .py files: --help loses the docs, nothing else
+        return {}
     body = tree.body[0].body
     docs = {}
     for node, after in itertools.pairwise(body):
@@ -270,8 +273,11 @@ def validate(cfg: Config) -> None:
     _require(cfg.train.max_steps >= 0, "train.max_steps", "must be >= 0 (0 = no limit)")
     _require(cfg.train.ema_half_life_kimg > 0, "train.ema_half_life_kimg", "must be > 0")
     _require(cfg.loss.r1_interval > 0, "loss.r1_interval", "must be >= 1")
-    _require(cfg.loss.r1_gamma >= 0 and cfg.loss.gp_weight >= 0, "loss.r1_gamma/gp_weight", "must be >= 0")
+    _require(cfg.loss.r1_gamma >= 0, "loss.r1_gamma", "must be >= 0 (0 = off)")
+    _require(cfg.loss.gp_weight >= 0, "loss.gp_weight", "must be >= 0 (0 = off)")
+    _require(cfg.train.ema_rampup >= 0, "train.ema_rampup", "must be >= 0 (0 = off)")
     _require(cfg.log.every_steps > 0, "log.every_steps", "must be >= 1")
+    _require(cfg.log.sample_every_kimg > 0, "log.sample_every_kimg", "must be > 0")
     _require(cfg.log.num_samples > 0, "log.num_samples", "must be >= 1")
     _require(cfg.data.num_workers >= 0, "data.num_workers", "must be >= 0")
     _require(cfg.data.shuffle_buffer >= 1, "data.shuffle_buffer", "must be >= 1")
@@ -282,6 +288,10 @@ def validate(cfg: Config) -> None:
         opt = getattr(cfg.optim, net)
         _require(opt.lr > 0, f"optim.{net}.lr", "must be > 0")
         _require(0 <= opt.beta1 < 1 and 0 <= opt.beta2 < 1, f"optim.{net}.beta1/beta2", "must be in [0, 1)")
+        _require(opt.eps > 0, f"optim.{net}.eps", "must be > 0")
+        _require(opt.weight_decay >= 0, f"optim.{net}.weight_decay", "must be >= 0")
+        _require(opt.grad_clip_norm >= 0, f"optim.{net}.grad_clip_norm", "must be >= 0 (0 = off)")
+        _require(opt.warmup_kimg >= 0, f"optim.{net}.warmup_kimg", "must be >= 0 (0 = off)")
 
 
 def to_yaml(cfg: Config) -> str:

@@ -1,9 +1,9 @@
 """Everything that knows about the launcher, accelerate and DDP lives here.
 
-Three silent failures this module turns into errors or fixes (see docs/distributed.md):
+Three silent failures this module turns into errors or fixes (see docs/training.md):
 - torchrun / `accelerate launch --multi_gpu` on a machine without CUDA starts independent
-  one-process runs unless CPU mode is requested: we request it when WORLD_SIZE > 1 and
-  there is no CUDA, and check afterwards that accelerate sees the launcher's world size;
+  one-process runs unless CPU mode is requested: we request it whenever there is no CUDA,
+  and check afterwards that accelerate sees the launcher's world size;
 - accelerate reads precision and gradient accumulation from its launch config, and divides
   losses by its own accumulation count: our config owns those, so a contradiction exits 2;
 - G's loss must not leave gradients in D: D is frozen whole during the G phase.
@@ -96,13 +96,6 @@ def batch_per_device(batch_size: int, num_processes: int, num_micro_batches: int
     return batch_size // num_processes
 
 
-def rank_seed(seed: int, rank: int, purpose: int) -> int:
-    """Distinct, reproducible seeds per (seed, GLOBAL rank, purpose)."""
-    import numpy as np
-
-    return int(np.random.SeedSequence([seed, rank, purpose]).generate_state(1)[0])
-
-
 @contextmanager
 def frozen(parameters: list[nn.Parameter]) -> Iterator[None]:
     """All trainable parameters of a network stop collecting gradients.
@@ -149,7 +142,17 @@ def grad_norm(accelerator, optimizer, parameters: list[nn.Parameter], max_norm: 
     return torch.nn.utils.get_total_norm(grads)
 
 
-def describe(accelerator) -> dict[str, str]:
-    return {"devices": f"{accelerator.num_processes} x {accelerator.device.type}",
-            "distributed": str(accelerator.distributed_type).split(".")[-1],
-            "precision": accelerator.mixed_precision}
+def distributed_name(accelerator) -> str:
+    """'NO', 'MULTI_CPU', 'MULTI_GPU', ... as accelerate calls the set-up."""
+    return str(accelerator.distributed_type).split(".")[-1]
+
+
+def configure_threads(num_threads: int, num_workers: int) -> None:
+    """Pin torch's CPU threads: the config's number, or else the cores left per process after
+    its loader workers (torch's default takes every core in every process and oversubscribes).
+    An OMP_NUM_THREADS set by the user or the launcher (torchrun sets 1) is respected."""
+    if num_threads:
+        torch.set_num_threads(num_threads)
+    elif "OMP_NUM_THREADS" not in os.environ and not _cuda_available():
+        per_process = (os.cpu_count() or 1) // int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+        torch.set_num_threads(max(1, per_process - num_workers))

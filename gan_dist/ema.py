@@ -4,7 +4,7 @@ The decay is derived from the integer image count, not the step count, so the av
 means the same thing whatever the batch size: a half-life in thousands of images, capped
 early on at a fraction of the images seen so far (ramp-up). Buffers (BatchNorm statistics)
 are copied, not averaged. The average lives in fp32 on every rank and is updated from the
-unwrapped G after each applied G step, so all ranks hold the same G_ema.
+unwrapped G after each G step, so all ranks hold the same G_ema.
 """
 
 from __future__ import annotations

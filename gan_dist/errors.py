@@ -28,9 +28,10 @@ def did_you_mean(word: str, choices: Iterable[str]) -> str:
     return f"; choose one of: {', '.join(choices)}"
 
 
-def _is_reporting_rank() -> bool:
-    # Config errors are the same on every rank: one copy of the message is enough.
-    return os.environ.get("RANK", "0") == "0"
+def _rank_prefix() -> str:
+    # Every rank reports: an error may be one rank's alone (data missing on one node).
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    return f"[rank {os.environ.get('RANK', '?')}/{world_size}] " if world_size > 1 else ""
 
 
 def run_reporting_errors(fn: Callable[[], int | None], debug: bool) -> int:
@@ -40,6 +41,5 @@ def run_reporting_errors(fn: Callable[[], int | None], debug: bool) -> int:
     except UserError as err:
         if debug:
             traceback.print_exc()
-        if _is_reporting_rank() or debug:
-            print(f"gan-dist: error: {err}", file=sys.stderr, flush=True)
+        print(f"gan-dist: error: {_rank_prefix()}{err}", file=sys.stderr, flush=True)
         return EXIT_USER_ERROR

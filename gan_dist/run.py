@@ -12,6 +12,7 @@ from pathlib import Path
 import torch
 
 from gan_dist import config as config_mod
+from gan_dist import dist
 from gan_dist.data.prepare import BUILTIN_DATASETS, load_source, write_shards
 from gan_dist.data.stream import DatasetInfo, make_loader, open_dataset
 from gan_dist.errors import UserError
@@ -43,25 +44,26 @@ def prepare_run_dir(run_dir: Path, cfg, accelerator) -> None:
     accelerator.wait_for_everyone()
 
 
+def builtin_path(cfg) -> Path:
+    """Where a built-in dataset lives when data.path is empty: data/<name>[-<res>px]."""
+    if cfg.data.dataset not in BUILTIN_DATASETS:
+        raise UserError(f"data.path is empty and data.dataset='{cfg.data.dataset}' is not built in "
+                        f"({', '.join(BUILTIN_DATASETS)}); set data.path to your prepared shards")
+    suffix = f"-{cfg.data.resolution}px" if cfg.data.resolution else ""
+    return Path("data") / f"{cfg.data.dataset}{suffix}"
+
+
 def dataset_path(cfg) -> str:
-    if cfg.data.path:
-        return cfg.data.path
-    if cfg.data.dataset:
-        suffix = f"-{cfg.data.resolution}px" if cfg.data.resolution else ""
-        return str(Path("data") / f"{cfg.data.dataset}{suffix}")
-    return ""
+    return cfg.data.path or str(builtin_path(cfg))
 
 
 def open_data(cfg, accelerator, batch_per_device: int) -> tuple[DatasetInfo, torch.utils.data.DataLoader]:
-    """Open the shards (rank 0 prepares a missing built-in dataset first) and this rank's loader."""
+    """Open the shards and this rank's loader. A built-in dataset at its default place is
+    prepared by rank 0 first; an explicit data.path is only ever read, so a typo fails."""
     path = dataset_path(cfg)
     with accelerator.main_process_first():
-        if accelerator.is_main_process and path and not Path(path).exists() and cfg.data.dataset:
-            if cfg.data.dataset not in BUILTIN_DATASETS:
-                raise UserError(f"data.path={path} does not exist and data.dataset='{cfg.data.dataset}' is not "
-                                f"built in ({', '.join(BUILTIN_DATASETS)}); prepare it with gan-dist prepare")
-            arrays = load_source(cfg.data.dataset, root=cfg.data.root, resolution=cfg.data.resolution)
-            write_shards(arrays, path)
+        if accelerator.is_main_process and not cfg.data.path and not Path(path).exists():
+            write_shards(load_source(cfg.data.dataset, root=cfg.data.root, resolution=cfg.data.resolution), path)
         info = open_dataset(path)
     loader = make_loader(info, batch_per_device, cfg.train.seed, accelerator.process_index,
                          cfg.data.num_workers, cfg.data.shuffle_buffer, cfg.data.cache_mb,
@@ -96,7 +98,7 @@ def _version(module: str) -> str | None:
 def write_provenance(run_dir: Path, accelerator) -> None:
     """run.json: what ran, where and with which versions; also marks the directory as a run."""
     record = {"command": sys.argv, "world_size": accelerator.num_processes,
-              "distributed_type": str(accelerator.distributed_type).split(".")[-1],
+              "distributed_type": dist.distributed_name(accelerator),
               "device": accelerator.device.type, "mixed_precision": accelerator.mixed_precision,
               "git_commit": _git_commit(), "python": platform.python_version(),
               "versions": {m: _version(m) for m in ("torch", "accelerate", "webdataset", "gan_dist")}}
@@ -107,7 +109,7 @@ def describe_run(cfg, accelerator, info: DatasetInfo, G, D, batch_per_device: in
     G_raw, D_raw = accelerator.unwrap_model(G), accelerator.unwrap_model(D)
     return {
         "devices": f"{accelerator.num_processes} process(es) on {accelerator.device.type} "
-                   f"({str(accelerator.distributed_type).split('.')[-1]})",
+                   f"({dist.distributed_name(accelerator)})",
         "precision": accelerator.mixed_precision,
         "model": f"{cfg.model.name}: G {count_parameters(G_raw):,} params, D {count_parameters(D_raw):,} params",
         "loss": cfg.loss.name + (f", R1 gamma {cfg.loss.r1_gamma}" if cfg.loss.r1_gamma else "")

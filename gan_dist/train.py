@@ -2,7 +2,7 @@
 the accelerator together, then hands them to the Trainer.
 
     python train.py --config configs/default.yaml train.total_kimg=2 optim.discriminator.lr=4e-4
-    torchrun --nproc_per_node 2 train.py --config configs/tiny.yaml
+    torchrun --nproc_per_node 2 train.py --config configs/tiny.yaml run.name=tiny-torchrun
     accelerate launch --config_file launch/accelerate/cpu-2proc.yaml train.py --config configs/tiny.yaml
     python train.py --debug --config configs/default.yaml
 """
@@ -80,8 +80,7 @@ def train(config_path: str | None, overrides: list[str], debug: bool = False) ->
     if debug:
         apply_debug_mode(cfg)
     import_plugins(cfg.plugins)
-    if cfg.train.num_threads:
-        torch.set_num_threads(cfg.train.num_threads)
+    dist.configure_threads(cfg.train.num_threads, cfg.data.num_workers)
     run_dir = Path(cfg.run.root) / cfg.run.name
     check_run_dir(run_dir, cfg.run.overwrite)
     acc = dist.build_accelerator(cfg.train.mixed_precision, run_dir, cfg.log.tensorboard)

@@ -28,6 +28,7 @@ from gan_dist.config import to_dict as config_to_dict
 from gan_dist.data.stream import DatasetInfo
 from gan_dist.ema import EMA
 from gan_dist.losses import AdversarialLoss, gradient_penalty, interpolate, r1_penalty
+from gan_dist.seeds import derive_seed
 from gan_dist.stats import Stats
 from gan_dist.visual import save_samples
 
@@ -50,14 +51,14 @@ class Networks:
 
 
 @dataclass
-class Counters:
+class Progress:
     step: int = 0
-    d_steps: int = 0
-    num_images: int = 0
+    """G steps (iterations) done."""
+    num_d_steps: int = 0
+    """D steps done; each showed one global batch of real images to D."""
     last_log_images: int = 0
     last_log_time: float = field(default_factory=time.perf_counter)
     data_wait_s: float = 0.0
-    next_sample_images: int = 0
 
 
 class Trainer:
@@ -72,9 +73,9 @@ class Trainer:
         self.total_images = int(cfg.train.total_kimg * 1000)
         rank, device = accelerator.process_index, accelerator.device
         # Noise differs per GLOBAL rank; the fixed grid noise is the same on every rank.
-        self.noise_gen = torch.Generator(device).manual_seed(dist.rank_seed(cfg.train.seed, rank, NOISE_PURPOSE))
-        self.penalty_gen = torch.Generator(device).manual_seed(dist.rank_seed(cfg.train.seed, rank, PENALTY_PURPOSE))
-        fixed_gen = torch.Generator().manual_seed(dist.rank_seed(cfg.train.seed, 0, FIXED_PURPOSE))
+        self.noise_gen = torch.Generator(device).manual_seed(derive_seed(cfg.train.seed, rank, NOISE_PURPOSE))
+        self.penalty_gen = torch.Generator(device).manual_seed(derive_seed(cfg.train.seed, rank, PENALTY_PURPOSE))
+        fixed_gen = torch.Generator().manual_seed(derive_seed(cfg.train.seed, 0, FIXED_PURPOSE))
         self.fixed_z = torch.randn(cfg.log.num_samples, cfg.model.latent_dim, generator=fixed_gen).to(device)
         self.fixed_labels = (torch.arange(cfg.log.num_samples, device=device) % self.num_classes
                              if self.num_classes else None)
@@ -82,65 +83,72 @@ class Trainer:
         self.params = {"G": [p for p in self.G.parameters() if p.requires_grad],
                        "D": [p for p in self.D.parameters() if p.requires_grad]}
         self.stats = Stats()
-        self.n = Counters()
+        self.progress = Progress()
 
     # ----------------------------------------------------------------- the loop
     def fit(self) -> None:
         batches = iter(self.data)
-        self.start_time = self.n.last_log_time = time.perf_counter()
+        self.start_time = self.progress.last_log_time = time.perf_counter()
         self.console.start()
         try:
+            self.sample_grid()  # the untrained G_ema, as step 0
             while not self._done():
+                images_before = self.num_images
                 for _ in range(self.cfg.train.n_critic):
                     self.d_phase(*self._next_real(batches))
                 self.g_phase()
-                self.n.step += 1
-                self.ema.update(self.G_raw, self.n.num_images,
+                self.progress.step += 1
+                self.ema.update(self.G_raw, self.num_images,
                                 self.cfg.train.batch_size * self.cfg.train.n_critic)
-                self._at_intervals()
+                self._at_intervals(images_before)
             self._finish()
         finally:
             self.console.close()
 
+    @property
+    def num_images(self) -> int:
+        """Real images shown to D so far, summed over ranks (the kimg clock)."""
+        return self.progress.num_d_steps * self.cfg.train.batch_size
+
     def _done(self) -> bool:
         max_steps = self.cfg.train.max_steps
-        return self.n.num_images >= self.total_images or (max_steps > 0 and self.n.step >= max_steps)
+        return self.num_images >= self.total_images or (max_steps > 0 and self.progress.step >= max_steps)
 
-    def _at_intervals(self) -> None:
-        self.console.advance(self.n.num_images, self.n.step)
-        if self.n.step % self.cfg.log.every_steps == 0:
+    def _at_intervals(self, images_before: int) -> None:
+        self.console.advance(self.num_images, self.progress.step)
+        if self.progress.step % self.cfg.log.every_steps == 0:
             self.log()
-        if self.n.num_images >= self.n.next_sample_images:
+        interval = int(self.cfg.log.sample_every_kimg * 1000)
+        if self.num_images // interval > images_before // interval:
             self.sample_grid()
 
     def _finish(self) -> None:
-        if self.n.step % self.cfg.log.every_steps:
+        if self.progress.step % self.cfg.log.every_steps:
             self.log()
         self.sample_grid(name="final")  # also syncs buffers across ranks before the snapshot
         model_info = {"model": config_to_dict(self.cfg)["model"], "shape": list(self.info.shape),
                       "num_classes": self.info.num_classes, "plugins": self.cfg.plugins}
-        snapshot = save_snapshot(self.run_dir, self.n.step,
+        snapshot = save_snapshot(self.run_dir, self.progress.step,
                                  {"G": self.G_raw, "D": self.D_raw, "G_ema": self.ema.module}, model_info, self.acc)
         samples = self.run_dir / "samples"
-        self.console.print(f"done: {self.n.step} steps, {self.n.num_images / 1000:.1f} kimg\n"
+        self.console.print(f"done: {self.progress.step} steps, {self.num_images / 1000:.1f} kimg\n"
                            f"  samples: {samples} (final grid: {samples / 'final.png'})\n"
                            f"  metrics: {self.run_dir / 'metrics.jsonl'}\n  weights: {snapshot}")
 
     # ----------------------------------------------------------------- phases
     def d_phase(self, real: torch.Tensor, labels: torch.Tensor | None) -> None:
         cfg = self.cfg.loss
-        r1_due = cfg.r1_gamma > 0 and self.n.d_steps % cfg.r1_interval == 0
-        count = self.cfg.train.num_micro_batches
+        r1_due = cfg.r1_gamma > 0 and self.progress.num_d_steps % cfg.r1_interval == 0
+        num_micro = self.cfg.train.num_micro_batches
         self.opt_D.zero_grad(set_to_none=True)
-        label_chunks = labels.chunk(count) if labels is not None else [None] * count
-        for i, (x, y) in enumerate(zip(real.chunk(count), label_chunks)):
-            with dist.micro_batch_sync(self.acc, self.D, i, count):
+        label_chunks = labels.chunk(num_micro) if labels is not None else [None] * num_micro
+        for i, (x, y) in enumerate(zip(real.chunk(num_micro), label_chunks)):
+            with dist.micro_batch_sync(self.acc, self.D, i, num_micro):
                 loss = self._d_loss(x, y, r1_due)
                 self._check_finite(loss, "D")
-                self.acc.backward(loss / count)
+                self.acc.backward(loss / num_micro)
         self._step(self.opt_D, "D", self.cfg.optim.discriminator)
-        self.n.d_steps += 1
-        self.n.num_images += self.cfg.train.batch_size
+        self.progress.num_d_steps += 1
 
     def _d_loss(self, real: torch.Tensor, labels, r1_due: bool) -> torch.Tensor:
         z, fake_labels = self._noise(len(real))
@@ -166,24 +174,24 @@ class Trainer:
         return loss
 
     def g_phase(self) -> None:
-        count = self.cfg.train.num_micro_batches
+        num_micro = self.cfg.train.num_micro_batches
         self.opt_G.zero_grad(set_to_none=True)
         with dist.frozen(self.params["D"]):
-            for i in range(count):
-                with dist.micro_batch_sync(self.acc, self.G, i, count):
-                    z, fake_labels = self._noise(self.batch_per_device // count)
+            for i in range(num_micro):
+                with dist.micro_batch_sync(self.acc, self.G, i, num_micro):
+                    z, fake_labels = self._noise(self.batch_per_device // num_micro)
                     fake_logits = self.D(self.G(z, fake_labels), fake_labels).float()
                     loss = self.loss.g_loss(fake_logits)
                     self.stats.report("Loss/G", loss)
                     self._check_finite(loss, "G")
-                    self.acc.backward(loss / count)
+                    self.acc.backward(loss / num_micro)
         self._step(self.opt_G, "G", self.cfg.optim.generator)
 
     def _step(self, optimizer, name: str, opt_cfg) -> None:
         grad_norm = dist.grad_norm(self.acc, optimizer, self.params[name], opt_cfg.grad_clip_norm)
         self.stats.report(f"GradNorm/{name}", grad_norm)
         if opt_cfg.warmup_kimg > 0:
-            ramp = min(1.0, (self.n.num_images + self.cfg.train.batch_size) / (opt_cfg.warmup_kimg * 1000))
+            ramp = min(1.0, (self.num_images + self.cfg.train.batch_size) / (opt_cfg.warmup_kimg * 1000))
             for group in optimizer.param_groups:
                 group["lr"] = opt_cfg.lr * ramp
         optimizer.step()
@@ -199,7 +207,7 @@ class Trainer:
     def _next_real(self, batches) -> tuple[torch.Tensor, torch.Tensor | None]:
         start = time.perf_counter()
         samples, labels, _keys = next(batches)
-        self.n.data_wait_s += time.perf_counter() - start
+        self.progress.data_wait_s += time.perf_counter() - start
         x = samples.to(self.acc.device, non_blocking=True)
         # uint8 images travel as bytes and become [-1, 1] floats on the device.
         x = x.float().div_(127.5).sub_(1.0) if x.dtype == torch.uint8 else x.float()
@@ -209,20 +217,22 @@ class Trainer:
     def _check_finite(self, loss: torch.Tensor, phase: str) -> None:
         # A host sync per step: only in --debug, where finding the first bad step matters most.
         if self.debug and not torch.isfinite(loss).item():
-            raise NonFiniteLossError(f"non-finite {phase} loss ({loss.item()}) at step {self.n.step + 1}, "
-                                     f"kimg {self.n.num_images / 1000:.3f}")
+            raise NonFiniteLossError(f"non-finite {phase} loss ({loss.item()}) at step {self.progress.step + 1}, "
+                                     f"kimg {self.num_images / 1000:.3f}")
 
     # ----------------------------------------------------------------- outputs
     def log(self) -> None:
         """Every rank reduces the statistics (one collective); rank 0 records them."""
-        values = self.stats.reduce(self.acc)
         now = time.perf_counter()
-        elapsed = max(now - self.n.last_log_time, 1e-9)
-        record = {"step": self.n.step, "kimg": self.n.num_images / 1000,
+        elapsed = max(now - self.progress.last_log_time, 1e-9)
+        # Reduced with the rest: the mean over ranks of the time each spent waiting for data.
+        self.stats.report("Speed/data_wait_fraction", torch.tensor(min(1.0, self.progress.data_wait_s / elapsed),
+                                                                   device=self.acc.device))
+        values = self.stats.reduce(self.acc)
+        record = {"step": self.progress.step, "kimg": self.num_images / 1000,
                   "time_s": now - self.start_time, **values,
-                  "Speed/img_per_s": (self.n.num_images - self.n.last_log_images) / elapsed,
-                  "Speed/data_wait_fraction": min(1.0, self.n.data_wait_s / elapsed)}
-        self.n.last_log_images, self.n.last_log_time, self.n.data_wait_s = self.n.num_images, now, 0.0
+                  "Speed/img_per_s": (self.num_images - self.progress.last_log_images) / elapsed}
+        self.progress.last_log_images, self.progress.last_log_time, self.progress.data_wait_s = self.num_images, now, 0.0
         self.console.log(record)
 
     def sync_buffers(self) -> None:
@@ -233,11 +243,10 @@ class Trainer:
     @torch.no_grad()
     def sample_grid(self, name: str | None = None) -> None:
         """G_ema on the fixed noise, written by rank 0 (every rank syncs buffers first)."""
-        self.n.next_sample_images = self.n.num_images + int(self.cfg.log.sample_every_kimg * 1000)
         self.sync_buffers()
         if not self.acc.is_main_process:
             return
         samples = self.ema.module(self.fixed_z, self.fixed_labels)
-        path = self.run_dir / "samples" / f"{name or f'step_{self.n.step:08d}'}.png"
+        path = self.run_dir / "samples" / f"{name or f'step_{self.progress.step:08d}'}.png"
         grid = save_samples(samples, path)
-        self.console.image("samples", grid.transpose(2, 0, 1) if grid.ndim == 3 else grid[None], self.n.step)
+        self.console.image("samples", grid.transpose(2, 0, 1) if grid.ndim == 3 else grid[None], self.progress.step)

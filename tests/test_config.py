@@ -85,3 +85,12 @@ def test_gan_dist_check_validates_registries(capsys):
     assert "batch_size: 8" in capsys.readouterr().out
     assert main(["check", str(ROOT / "configs" / "tiny.yaml"), "model.name=dcgn"]) == 2
     assert "unknown model 'dcgn'; did you mean 'dcgan'?" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("override", ["optim.generator.warmup_kimg=-5", "log.sample_every_kimg=0",
+                                      "optim.discriminator.grad_clip_norm=-1", "train.ema_rampup=-0.1",
+                                      "optim.generator.eps=0", "data.cache_mb=-1", "train.num_threads=-2"])
+def test_out_of_range_values_are_refused(override):
+    key = override.split("=")[0]
+    with pytest.raises(UserError, match=f"config key '{key}'"):
+        load_config(None, [override])

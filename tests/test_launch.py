@@ -23,12 +23,13 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _launch(prefix: list[str], digits_dir, out_dir, timeout_s: int = 240) -> subprocess.CompletedProcess:
+def _launch(prefix: list[str], digits_dir, out_dir, *extra: str, timeout_s: int = 240) -> subprocess.CompletedProcess:
     env = {k: v for k, v in os.environ.items() if not k.startswith(("ACCELERATE_", "WORLD_SIZE", "RANK"))}
     env.update(PROBE_DIR=str(out_dir / "probe"), PYTHONPATH=f"{HELPERS}{os.pathsep}{ROOT}",
                OMP_NUM_THREADS="1")
     args = ["--config", str(ROOT / "configs" / "tiny.yaml"), f"data.path={digits_dir}",
-            f"run.root={out_dir / 'runs'}", "plugins=[rank_probe]", "train.max_steps=12", "data.num_workers=1"]
+            f"run.root={out_dir / 'runs'}", "plugins=[rank_probe]", "train.max_steps=12", "data.num_workers=1",
+            *extra]
     return subprocess.run(prefix + [str(ROOT / "train.py"), *args], env=env, cwd=out_dir,
                           capture_output=True, text=True, timeout=timeout_s, check=False)
 
@@ -50,6 +51,12 @@ LAUNCHERS = {
 }
 
 
+def _assert_identical_on_both_ranks(ranks: list[dict]) -> None:
+    for net in ("G", "D"):
+        for name, tensor in ranks[0][net].items():
+            assert torch.equal(tensor, ranks[1][net][name]), f"{net}.{name} differs between ranks"
+
+
 @pytest.mark.parametrize("launcher", sorted(LAUNCHERS))
 def test_two_processes_are_really_distributed(launcher, digits_dir, tmp_path, single_process):
     result = _launch(LAUNCHERS[launcher](_free_port()), digits_dir, tmp_path)
@@ -57,11 +64,29 @@ def test_two_processes_are_really_distributed(launcher, digits_dir, tmp_path, si
     ranks = [torch.load(tmp_path / "probe" / f"rank{r}.pt") for r in (0, 1)]
     assert [r["world_size"] for r in ranks] == [2, 2]
     assert "2 process(es) on cpu (MULTI_CPU)" in result.stdout
-    for net in ("G", "D"):
-        for name, tensor in ranks[0][net].items():
-            assert torch.equal(tensor, ranks[1][net][name]), f"{net}.{name} differs between ranks"
+    _assert_identical_on_both_ranks(ranks)
     assert not torch.equal(ranks[0]["first_noise"], ranks[1]["first_noise"]), "ranks drew the same noise"
     assert not set(ranks[0]["first_keys"]) & set(ranks[1]["first_keys"]), "ranks read the same samples"
     assert len(ranks[0]["first_keys"]) == 16  # batch 32 split over 2 ranks
     differs = any(not torch.equal(t, single_process["G"][k]) for k, t in ranks[0]["G"].items())
     assert differs, "2-process result equals the 1-process result: were the ranks really distributed?"
+
+
+VARIANTS = {
+    # BatchNorm in D called on reals and fakes before one backward, lazy R1 through DDP
+    # (double backward), several D steps per G step, and micro-batches with no_sync.
+    "bn_d+r1+n_critic+micro": ["model.d_norm=batch", "loss.r1_gamma=1", "loss.r1_interval=2",
+                               "train.n_critic=2", "train.num_micro_batches=2"],
+    # Spectral norm's power-iteration buffers, the WGAN gradient penalty, a conditional model.
+    "spectral+gp+conditional": ["model.d_norm=spectral", "loss.name=wasserstein", "loss.gp_weight=10",
+                                "model.conditional=true"],
+}
+
+
+@pytest.mark.parametrize("variant", sorted(VARIANTS))
+def test_two_processes_stay_identical_with_regularisers_and_norms(variant, digits_dir, tmp_path):
+    result = _launch(LAUNCHERS["torchrun"](_free_port()), digits_dir, tmp_path, *VARIANTS[variant])
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    ranks = [torch.load(tmp_path / "probe" / f"rank{r}.pt") for r in (0, 1)]
+    _assert_identical_on_both_ranks(ranks)
+    assert any(name.endswith("running_mean") or "parametrizations" in name for name in ranks[0]["D"])

@@ -145,8 +145,9 @@ def test_debug_raises_at_first_non_finite_loss(train_main, digits_dir):
 
 # ---------------------------------------------------------------- bad input: exit 2, one line
 BAD_INPUTS = [
-    (["data.path=does/not/exist", "data.dataset="], {}, "data.path: 1 of 1 shards are missing, e.g. does/not/exist"),
-    (["data.path=", "data.dataset="], {}, "data.path is empty"),
+    (["data.path=does/not/exist"], {}, "data.path: 1 of 1 shards are missing, e.g. does/not/exist"),
+    (["data.path=", "data.dataset="], {}, "data.path is empty and data.dataset='' is not built in"),
+    (["data.path=", "data.dataset=celeba"], {}, "data.dataset='celeba' is not built in"),
     (["model.name=dcgan"], {}, "model.name=dcgan needs square images of 16, 32, 64 px"),
     (["model.name=mpl"], {}, "unknown model 'mpl'; did you mean 'mlp'?"),
     (["loss.name=hinje"], {}, "unknown loss 'hinje'; did you mean 'hinge'?"),
@@ -187,11 +188,12 @@ def test_launcher_world_size_the_accelerator_does_not_see(train_main, digits_dir
     assert "the launcher started WORLD_SIZE=2 processes but accelerate sees 1" in err
 
 
-@pytest.mark.parametrize("bad", [["data.path=missing", "data.dataset="], ["model.name=dcgan"], ["loss.name=nope"]])
+@pytest.mark.parametrize("bad", [["data.path=missing"], ["model.name=dcgan"], ["loss.name=nope"]])
 def test_bad_input_touches_no_run_directory(train_main, digits_dir, tmp_path, bad):
     code, _, _ = train_main(*tiny_args(digits_dir, *bad))
     assert code == 2
     assert not (tmp_path / "runs").exists()
+    assert not (tmp_path / "missing").exists(), "an explicit data.path must never be prepared"
 
 
 def test_snapshot_reproduces_the_final_grid(train_main, digits_dir, tmp_path):
@@ -200,7 +202,7 @@ def test_snapshot_reproduces_the_final_grid(train_main, digits_dir, tmp_path):
     from PIL import Image
 
     from gan_dist.checkpoint import load_generator
-    from gan_dist.dist import rank_seed
+    from gan_dist.seeds import derive_seed
     from gan_dist.trainer import FIXED_PURPOSE
     from gan_dist.visual import save_samples
 
@@ -208,7 +210,7 @@ def test_snapshot_reproduces_the_final_grid(train_main, digits_dir, tmp_path):
     run = tmp_path / "runs" / "tiny"
     G, info = load_generator(run)
     assert info["shape"] == [1, 8, 8] and not G.training
-    z = torch.randn(16, 16, generator=torch.Generator().manual_seed(rank_seed(0, 0, FIXED_PURPOSE)))
+    z = torch.randn(16, 16, generator=torch.Generator().manual_seed(derive_seed(0, 0, FIXED_PURPOSE)))
     with torch.no_grad():
         redrawn = save_samples(G(z), tmp_path / "redrawn.png")
     assert np.array_equal(redrawn, np.asarray(Image.open(run / "samples" / "final.png").convert("RGB")))

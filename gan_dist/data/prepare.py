@@ -8,12 +8,10 @@ renamed into place at the end, so an interrupted prepare never leaves half a dat
 from __future__ import annotations
 
 import hashlib
-import io
 import json
 import math
 import os
 import shutil
-import tarfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -102,21 +100,6 @@ def load_torchvision_arrays(name: str, root: str, split: str, resolution: int = 
                   f"torchvision {TORCHVISION_SETS[key]} {split}")
 
 
-class _NpyEncoder:
-    """.npy bytes for many arrays of one shape and dtype: NumPy writes the header once."""
-
-    def __init__(self):
-        self.header = b""
-
-    def __call__(self, array: np.ndarray) -> bytes:
-        array = np.ascontiguousarray(array)
-        if not self.header:
-            buf = io.BytesIO()
-            np.save(buf, array, allow_pickle=False)
-            self.header = buf.getvalue()[: -array.nbytes or None]
-        return self.header + array.tobytes()
-
-
 def _sha256(path: Path) -> str:
     digest = hashlib.sha256()
     with open(path, "rb") as f:
@@ -125,19 +108,14 @@ def _sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-def _add_member(tar: tarfile.TarFile, name: str, data: bytes) -> None:
-    # Fixed owner, mode and mtime: the same data always gives the same bytes and sha256.
-    info = tarfile.TarInfo(name)
-    info.size, info.mode, info.mtime = len(data), 0o444, 0
-    tar.addfile(info, io.BytesIO(data))
-
-
 def _write_shard(path: Path, arrays: Arrays, start: int, stop: int) -> dict:
-    encode = _NpyEncoder()
-    with tarfile.open(path, "w", format=tarfile.USTAR_FORMAT) as tar:
+    import webdataset as wds
+
+    # A fixed mtime makes the same data give the same bytes, hence the same sha256.
+    with wds.TarWriter(str(path), mtime=0) as sink:
         for i in range(start, stop):
-            _add_member(tar, f"{i:08d}.npy", encode(arrays.samples[i]))
-            _add_member(tar, f"{i:08d}.cls", str(int(arrays.labels[i])).encode())
+            sink.write({"__key__": f"{i:08d}", "npy": np.ascontiguousarray(arrays.samples[i]),
+                        "cls": int(arrays.labels[i])})
     return {"name": path.name, "count": stop - start, "sha256": _sha256(path)}
 
 
@@ -205,6 +183,7 @@ def add_arguments(parser) -> None:
 
 
 def run(args) -> int:
+    # Checked here too so that a refusal comes before the (possibly slow) loading of the source.
     if Path(args.out).exists() and not args.force:
         raise UserError(f"{args.out} already exists; pass --force to replace it")
     arrays = load_source(args.source, args.name, args.root, args.split, args.resolution, args.download)

@@ -19,6 +19,7 @@ import numpy as np
 import torch
 
 from gan_dist.errors import UserError
+from gan_dist.seeds import derive_seed
 
 
 @dataclass
@@ -32,11 +33,6 @@ class DatasetInfo:
     @property
     def num_classes(self) -> int:
         return len(self.classes)
-
-
-def stream_seed(*parts: int) -> int:
-    """A 63-bit seed that mixes all parts (NumPy's SeedSequence hashing)."""
-    return int(np.random.SeedSequence([int(p) for p in parts]).generate_state(2, np.uint64)[0] >> 1)
 
 
 def _decode(sample: dict) -> tuple[np.ndarray, int, str]:
@@ -96,7 +92,7 @@ class _WorkerSeed:
     def __call__(self) -> int:
         info = torch.utils.data.get_worker_info()
         worker = info.id if info is not None else 0
-        return stream_seed(self.seed, self.rank, worker, self.purpose)
+        return derive_seed(self.seed, self.rank, worker, self.purpose)
 
 
 class _SeededShuffle:
@@ -166,7 +162,7 @@ def make_loader(info: DatasetInfo, batch_per_device: int, seed: int, rank: int,
         _SeededShuffle(shuffle_buffer, _WorkerSeed(seed, rank, purpose=1)),
         wds.batched(batch_per_device, collation_fn=_collate, partial=False),
     )
-    generator = torch.Generator().manual_seed(stream_seed(seed, rank, 2))
+    generator = torch.Generator().manual_seed(derive_seed(seed, rank, 2))
     return torch.utils.data.DataLoader(
         pipeline, batch_size=None, collate_fn=_as_is, num_workers=num_workers, generator=generator,
         persistent_workers=num_workers > 0, pin_memory=pin_memory,

@@ -1,7 +1,7 @@
 """The 2-D Gaussian mixtures of the PacGAN protocol (ring of 8, grid of 25).
 
-The mode layouts and standard deviations are the published ones, so the `modes2d` metric
-can be compared with PacGAN's Table 1.
+The mode layouts and standard deviations are the published ones, so that mode-coverage
+results can be compared with PacGAN's Table 1.
 """
 
 from __future__ import annotations

@@ -16,7 +16,14 @@ from torch import nn
 
 from gan_dist.errors import UserError
 from gan_dist.models import register_model
-from gan_dist.models.layers import LatentInput, Projection, d_layer, d_norm_layer, norm_layer
+from gan_dist.models.layers import (
+    LatentInput,
+    Projection,
+    d_layer,
+    d_norm_layer,
+    norm_layer,
+    scaled_width,
+)
 
 RESOLUTIONS = (16, 32, 64)
 BASE_CHANNELS = 64
@@ -81,7 +88,7 @@ def build_dcgan(cfg, shape: tuple[int, ...], num_classes: int):
         raise UserError(f"model.name=dcgan needs square images of {', '.join(map(str, RESOLUTIONS))} px, "
                         f"but the data has samples of shape {list(shape)}; prepare the data with "
                         "--resolution 32 (or 16/64), or set model.name=mlp")
-    base = max(1, round(BASE_CHANNELS * cfg.width_mult))
+    base = scaled_width(BASE_CHANNELS, cfg.width_mult)
     G = DCGANGenerator(cfg.latent_dim, shape[0], shape[1], base, cfg.g_norm, num_classes)
     D = DCGANDiscriminator(shape[0], shape[1], base, cfg.d_norm, num_classes)
     G.apply(init_dcgan_weights)

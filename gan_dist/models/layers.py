@@ -7,6 +7,11 @@ from torch import nn
 from torch.nn.utils.parametrizations import spectral_norm
 
 
+def scaled_width(width: int, mult: float) -> int:
+    """A hidden width times model.width_mult, at least 1."""
+    return max(1, round(width * mult))
+
+
 def norm_layer(kind: str, features: int, dims: int) -> nn.Module:
     """BatchNorm over `features` (1-d for MLPs, 2-d for convs), or nothing."""
     if kind == "batch":

@@ -12,7 +12,14 @@ import torch
 from torch import nn
 
 from gan_dist.models import register_model
-from gan_dist.models.layers import LatentInput, Projection, d_layer, d_norm_layer, norm_layer
+from gan_dist.models.layers import (
+    LatentInput,
+    Projection,
+    d_layer,
+    d_norm_layer,
+    norm_layer,
+    scaled_width,
+)
 
 G_HIDDEN = (256, 512, 1024)
 D_HIDDEN = (512, 256)
@@ -54,12 +61,10 @@ class MLPDiscriminator(nn.Module):
         return self.head(h).squeeze(1) + self.projection(h, labels)
 
 
-def _scaled(widths: tuple[int, ...], mult: float) -> list[int]:
-    return [max(1, round(w * mult)) for w in widths]
-
-
 @register_model("mlp")
 def build_mlp(cfg, shape: tuple[int, ...], num_classes: int):
-    G = MLPGenerator(cfg.latent_dim, shape, _scaled(G_HIDDEN, cfg.width_mult), cfg.g_norm, num_classes)
-    D = MLPDiscriminator(shape, _scaled(D_HIDDEN, cfg.width_mult), cfg.d_norm, num_classes, cfg.d_dropout)
+    g_hidden = [scaled_width(w, cfg.width_mult) for w in G_HIDDEN]
+    d_hidden = [scaled_width(w, cfg.width_mult) for w in D_HIDDEN]
+    G = MLPGenerator(cfg.latent_dim, shape, g_hidden, cfg.g_norm, num_classes)
+    D = MLPDiscriminator(shape, d_hidden, cfg.d_norm, num_classes, cfg.d_dropout)
     return G, D

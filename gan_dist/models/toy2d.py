@@ -11,7 +11,7 @@ from torch import nn
 
 from gan_dist.errors import UserError
 from gan_dist.models import register_model
-from gan_dist.models.layers import LatentInput, norm_layer
+from gan_dist.models.layers import LatentInput, norm_layer, scaled_width
 from gan_dist.models.mlp import MLPDiscriminator
 
 HIDDEN = (400, 400, 400)
@@ -38,7 +38,7 @@ def build_mlp2d(cfg, shape: tuple[int, ...], num_classes: int):
     if tuple(shape) != (2,):
         raise UserError(f"model.name=mlp2d generates 2-D points but the data has samples of shape "
                         f"{list(shape)}; use model.name=mlp or dcgan for images")
-    hidden = [max(1, round(w * cfg.width_mult)) for w in HIDDEN]
+    hidden = [scaled_width(w, cfg.width_mult) for w in HIDDEN]
     G = PointGenerator(cfg.latent_dim, hidden, cfg.g_norm, num_classes)
     D = MLPDiscriminator(shape, hidden, cfg.d_norm, num_classes, cfg.d_dropout)
     return G, D
