@@ -51,7 +51,8 @@ def within_class_distance(X: np.ndarray, labels: np.ndarray) -> float:
     return float(np.mean(means))
 
 
-def generate(run: str, num: int, seed: int) -> np.ndarray:
+def generate(run: str, num: int, seed: int) -> tuple[np.ndarray, np.ndarray | None]:
+    """256 samples of the run's G_ema as the classifier's inputs, and the requested labels (conditional G)."""
     G, info = load_generator(run)
     if len(info["shape"]) != 3 or info["shape"][0] != 1:
         sys.exit(f"{run} was trained on samples of shape {info['shape']}, not on the digits")
@@ -63,7 +64,7 @@ def generate(run: str, num: int, seed: int) -> np.ndarray:
         samples = torch.nn.functional.interpolate(G(z, labels), size=(8, 8), mode="area").reshape(num, 64)
     # The same quantisation as the stored data: [-1, 1] -> 0..255 -> the digits' 0..16 scale / 16.
     pixels = ((samples + 1) * 127.5).round().clamp(0, 255) / 255.0
-    return pixels.numpy()
+    return pixels.numpy(), None if labels is None else labels.numpy()
 
 
 def main() -> int:
@@ -77,7 +78,7 @@ def main() -> int:
     X_fit, X_held, y_fit, _ = train_test_split(X, y, test_size=0.3, random_state=0)
     real_conf, real_shares = figures(classifier(X_fit, y_fit), X_held)
     clf = classifier(X, y)
-    samples = generate(args.run, args.num, args.seed)
+    samples, requested = generate(args.run, args.num, args.seed)
     gan_conf, gan_shares = figures(clf, samples)
     diversity = within_class_distance(samples, clf.predict(samples)) / within_class_distance(X, y)
     print(f"| samples | confident (p >= {CONFIDENCE}) | smallest class | largest class |")
@@ -86,6 +87,10 @@ def main() -> int:
     print(f"| G_ema of {args.run} ({args.num}) | {gan_conf:.1%} | {gan_shares.min():.1%} | {gan_shares.max():.1%} |")
     print("class shares of the samples: " + " ".join(f"{c}:{s:.1%}" for c, s in enumerate(gan_shares)))
     print(f"diversity within classes: {diversity:.2f} of the real digits' (>= {MIN_DIVERSITY} expected)")
+    if requested is not None:
+        # A conditional G sets the class shares itself; what matters is that it draws the class asked for.
+        accuracy = float((clf.predict(samples) == requested).mean())
+        print(f"conditional G: {accuracy:.1%} of samples are classified as the class they were drawn for")
     ok = gan_conf >= 0.9 and gan_shares.min() >= MIN_SHARE and gan_shares.max() <= MAX_SHARE
     print("recognisable digits: " + ("yes" if ok else "NO") + f" (needs >= 90% confident, every class "
           f"{MIN_SHARE:.0%}-{MAX_SHARE:.0%})")

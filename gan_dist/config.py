@@ -65,6 +65,8 @@ class ModelConfig:
     """Normalisation in D's hidden layers."""
     d_dropout: float = 0.0
     """Dropout after each hidden layer of the MLP discriminators (mlp, mlp2d), as in the original GAN."""
+    d_minibatch_std: int = 0
+    """Group size of a minibatch-std feature before the MLP discriminators' last layer (0 = off)."""
     conditional: bool = False
     """Class-conditional G (label embedding) and projection D; needs a labelled dataset."""
 
@@ -97,6 +99,8 @@ class OptimizerConfig:
     """Clip the global gradient norm to this value before each step; 0 turns it off."""
     warmup_kimg: float = 0.0
     """Ramp the learning rate linearly from 0 over this many thousand images; 0 turns it off."""
+    rampdown_kimg: float = 0.0
+    """Ramp the learning rate linearly down to 0 over the last this many thousand images of train.total_kimg; 0 turns it off."""
 
 
 @dataclass
@@ -265,6 +269,7 @@ def validate(cfg: Config) -> None:
     _require(cfg.model.latent_dim > 0, "model.latent_dim", f"must be > 0, got {cfg.model.latent_dim}")
     _require(cfg.model.width_mult > 0, "model.width_mult", "must be > 0")
     _require(0 <= cfg.model.d_dropout < 1, "model.d_dropout", "must be in [0, 1)")
+    _require(cfg.model.d_minibatch_std >= 0, "model.d_minibatch_std", "must be >= 0 (0 = off)")
     _require(cfg.train.batch_size > 0, "train.batch_size", "must be > 0")
     _require(cfg.train.num_micro_batches > 0, "train.num_micro_batches", "must be >= 1")
     _require(cfg.train.n_critic > 0, "train.n_critic", "must be >= 1")
@@ -292,6 +297,7 @@ def validate(cfg: Config) -> None:
         _require(opt.weight_decay >= 0, f"optim.{net}.weight_decay", "must be >= 0")
         _require(opt.grad_clip_norm >= 0, f"optim.{net}.grad_clip_norm", "must be >= 0 (0 = off)")
         _require(opt.warmup_kimg >= 0, f"optim.{net}.warmup_kimg", "must be >= 0 (0 = off)")
+        _require(opt.rampdown_kimg >= 0, f"optim.{net}.rampdown_kimg", "must be >= 0 (0 = off)")
 
 
 def to_yaml(cfg: Config) -> str:

@@ -35,6 +35,19 @@ from gan_dist.visual import save_samples
 NOISE_PURPOSE, PENALTY_PURPOSE, FIXED_PURPOSE = 10, 11, 12
 
 
+def lr_factor(num_images: int, total_images: int, batch_size: int, warmup_kimg: float,
+              rampdown_kimg: float) -> float:
+    """Learning-rate multiplier for the step that shows images num_images..num_images+batch:
+    linear up over the first warmup_kimg, linear down to 0 over the last rampdown_kimg."""
+    after = num_images + batch_size
+    factor = 1.0
+    if warmup_kimg > 0:
+        factor = min(factor, after / (warmup_kimg * 1000))
+    if rampdown_kimg > 0:
+        factor = min(factor, max(0.0, total_images - num_images) / (rampdown_kimg * 1000))
+    return factor
+
+
 class NonFiniteLossError(FloatingPointError):
     """Raised in --debug mode at the first NaN/Inf loss, naming the phase and step."""
 
@@ -190,10 +203,10 @@ class Trainer:
     def _step(self, optimizer, name: str, opt_cfg) -> None:
         grad_norm = dist.grad_norm(self.acc, optimizer, self.params[name], opt_cfg.grad_clip_norm)
         self.stats.report(f"GradNorm/{name}", grad_norm)
-        if opt_cfg.warmup_kimg > 0:
-            ramp = min(1.0, (self.num_images + self.cfg.train.batch_size) / (opt_cfg.warmup_kimg * 1000))
+        if opt_cfg.warmup_kimg > 0 or opt_cfg.rampdown_kimg > 0:
             for group in optimizer.param_groups:
-                group["lr"] = opt_cfg.lr * ramp
+                group["lr"] = opt_cfg.lr * lr_factor(self.num_images, self.total_images, self.cfg.train.batch_size,
+                                                     opt_cfg.warmup_kimg, opt_cfg.rampdown_kimg)
         optimizer.step()
 
     # ----------------------------------------------------------------- inputs

@@ -51,3 +51,15 @@ def test_stats_mean_over_interval_and_reset():
     stats.report("Loss/G", torch.tensor([4.0]))
     assert stats.reduce(OneProcess()) == {"Loss/D": 3.0, "Loss/G": 4.0}
     assert stats.reduce(OneProcess()) == {}
+
+
+def test_lr_factor_warms_up_and_ramps_down():
+    from gan_dist.trainer import lr_factor
+
+    # 100 images per step, 1 kimg warm-up, 2 kimg ramp-down at the end of 10 kimg.
+    assert lr_factor(0, 10_000, 100, 1.0, 2.0) == pytest.approx(0.1)
+    assert lr_factor(900, 10_000, 100, 1.0, 2.0) == pytest.approx(1.0)
+    assert lr_factor(5_000, 10_000, 100, 1.0, 2.0) == pytest.approx(1.0)
+    assert lr_factor(9_000, 10_000, 100, 1.0, 2.0) == pytest.approx(0.5)
+    assert lr_factor(10_000, 10_000, 100, 1.0, 2.0) == 0.0
+    assert lr_factor(123, 10_000, 100, 0.0, 0.0) == 1.0

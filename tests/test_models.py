@@ -92,3 +92,16 @@ def test_plugin_registration_without_editing_the_package():
         assert G.in_features == 3
     finally:
         MODELS.pop("test_tiny_linear")
+
+
+def test_minibatch_std_sees_a_lack_of_variety():
+    from gan_dist.models.layers import MinibatchStd
+
+    layer = MinibatchStd(group_size=4)
+    same = layer(torch.ones(8, 5))
+    varied = layer(torch.randn(8, 5, generator=torch.Generator().manual_seed(0)))
+    assert same.shape == (8, 6) and torch.allclose(same[:, :5], torch.ones(8, 5))
+    assert same[:, 5].max() < 1e-3 and varied[:, 5].min() > 0.3
+    assert torch.equal(varied[0::2, 5], varied[0, 5].expand(4))  # samples 0, 2, 4, 6 form one group
+    _, D = build_models(ModelConfig(name="mlp", d_minibatch_std=4), (1, 8, 8), 0)
+    assert D(torch.randn(6, 1, 8, 8)).shape == (6,)  # 6 is not a multiple of 4: groups of 3

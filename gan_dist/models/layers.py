@@ -49,3 +49,23 @@ class Projection(nn.Module):
 
     def forward(self, features: torch.Tensor, labels: torch.Tensor | None) -> torch.Tensor | float:
         return 0.0 if self.embed is None else (self.embed(labels) * features).sum(1)
+
+
+class MinibatchStd(nn.Module):
+    """Append one feature: the mean over features of the std over a group of samples
+    (StyleGAN's minibatch standard deviation), so D can see a lack of variety and G is
+    pushed away from collapse. Groups are formed within each process's micro-batch."""
+
+    def __init__(self, group_size: int):
+        super().__init__()
+        self.group_size = group_size
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        n = h.shape[0]
+        group = min(self.group_size, n)
+        while n % group:
+            group -= 1
+        grouped = h.reshape(group, n // group, *h.shape[1:])
+        std = (grouped.var(dim=0, unbiased=False) + 1e-8).sqrt().flatten(1).mean(1)  # [n // group]
+        extra = std.repeat(group).reshape(n, *([1] * (h.dim() - 1))).expand(n, 1, *h.shape[2:])
+        return torch.cat([h, extra], dim=1)

@@ -14,6 +14,7 @@ from torch import nn
 from gan_dist.models import register_model
 from gan_dist.models.layers import (
     LatentInput,
+    MinibatchStd,
     Projection,
     d_layer,
     d_norm_layer,
@@ -45,7 +46,7 @@ class MLPGenerator(nn.Module):
 
 class MLPDiscriminator(nn.Module):
     def __init__(self, shape: tuple[int, ...], hidden: list[int], d_norm: str, num_classes: int = 0,
-                 dropout: float = 0.0):
+                 dropout: float = 0.0, minibatch_std: int = 0):
         super().__init__()
         layers, width = [], math.prod(shape)
         for out in hidden:
@@ -53,12 +54,13 @@ class MLPDiscriminator(nn.Module):
                        nn.LeakyReLU(0.2), nn.Dropout(dropout) if dropout else nn.Identity()]
             width = out
         self.features = nn.Sequential(*layers)
-        self.head = d_layer(nn.Linear(width, 1), d_norm)
+        self.batch_std = MinibatchStd(minibatch_std) if minibatch_std else nn.Identity()
+        self.head = d_layer(nn.Linear(width + (1 if minibatch_std else 0), 1), d_norm)
         self.projection = Projection(num_classes, width)
 
     def forward(self, x: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
         h = self.features(x.flatten(1))
-        return self.head(h).squeeze(1) + self.projection(h, labels)
+        return self.head(self.batch_std(h)).squeeze(1) + self.projection(h, labels)
 
 
 @register_model("mlp")
@@ -66,5 +68,5 @@ def build_mlp(cfg, shape: tuple[int, ...], num_classes: int):
     g_hidden = [scaled_width(w, cfg.width_mult) for w in G_HIDDEN]
     d_hidden = [scaled_width(w, cfg.width_mult) for w in D_HIDDEN]
     G = MLPGenerator(cfg.latent_dim, shape, g_hidden, cfg.g_norm, num_classes)
-    D = MLPDiscriminator(shape, d_hidden, cfg.d_norm, num_classes, cfg.d_dropout)
+    D = MLPDiscriminator(shape, d_hidden, cfg.d_norm, num_classes, cfg.d_dropout, cfg.d_minibatch_std)
     return G, D

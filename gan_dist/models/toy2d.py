@@ -40,5 +40,5 @@ def build_mlp2d(cfg, shape: tuple[int, ...], num_classes: int):
                         f"{list(shape)}; use model.name=mlp or dcgan for images")
     hidden = [scaled_width(w, cfg.width_mult) for w in HIDDEN]
     G = PointGenerator(cfg.latent_dim, hidden, cfg.g_norm, num_classes)
-    D = MLPDiscriminator(shape, hidden, cfg.d_norm, num_classes, cfg.d_dropout)
+    D = MLPDiscriminator(shape, hidden, cfg.d_norm, num_classes, cfg.d_dropout, cfg.d_minibatch_std)
     return G, D
