@@ -131,7 +131,7 @@ class Trainer:
         self.console.advance(self.num_images, self.progress.step)
         if self.progress.step % self.cfg.log.every_steps == 0:
             self.log()
-        interval = int(self.cfg.log.sample_every_kimg * 1000)
+        interval = max(1, int(self.cfg.log.sample_every_kimg * 1000))
         if self.num_images // interval > images_before // interval:
             self.sample_grid()
 
