@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+import yaml
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import ConfigKeyError, OmegaConfBaseException
 
@@ -249,7 +250,7 @@ def load_config(path: str | None, overrides: list[str]) -> Config:
             raise UserError(f"config file '{path}' does not exist; pass --config with a YAML file from configs/")
         try:
             values = OmegaConf.to_container(OmegaConf.load(file))
-        except Exception as err:  # yaml syntax errors come in many classes
+        except (yaml.YAMLError, UnicodeDecodeError) as err:
             raise UserError(f"config file '{path}' is not valid YAML: {str(err).splitlines()[0]}") from err
         merged = _merge(merged, _fix_yaml_values(Config, values or {}), f"config file {path}")
     values = _fix_yaml_values(Config, _parse_overrides(overrides))

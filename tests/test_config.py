@@ -94,3 +94,10 @@ def test_out_of_range_values_are_refused(override):
     key = override.split("=")[0]
     with pytest.raises(UserError, match=f"config key '{key}'"):
         load_config(None, [override])
+
+
+def test_invalid_yaml_is_a_user_error(tmp_path):
+    path = tmp_path / "broken.yaml"
+    path.write_text("train: [unclosed\n")
+    with pytest.raises(UserError, match="broken.yaml' is not valid YAML"):
+        load_config(str(path), [])

@@ -54,7 +54,7 @@ def open_dataset(path: str) -> DatasetInfo:
     import webdataset as wds
 
     if not path:
-        raise UserError("data.path is empty and data.dataset names no built-in dataset; set data.path=DIR")
+        raise UserError("no dataset path given; set data.path=DIR (a directory with index.json or a shard pattern)")
     local = Path(path)
     if local.is_dir():
         index_file = local / "index.json"
