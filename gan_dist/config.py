@@ -50,6 +50,12 @@ class DataConfig:
     """Samples held in each worker's shuffle buffer, seeded from train.seed, rank and worker."""
     cache_mb: float = 256.0
     """Keep decoded shards in each worker's memory up to this size, so small datasets are read once; 0 turns it off."""
+    on_error: Literal["skip", "raise"] = "skip"
+    """A sample that cannot be read (corrupt, wrong shape, no label in a conditional run): skip and count it, or stop."""
+    hflip: bool = False
+    """Mirror real images left-right with probability 1/2 (only for data that is symmetric)."""
+    diffaugment: str = ""
+    """Differentiable augmentation before D for reals and fakes: a comma list of color, translation, cutout."""
 
 
 @dataclass
@@ -289,6 +295,9 @@ def validate(cfg: Config) -> None:
     _require(cfg.data.shuffle_buffer >= 1, "data.shuffle_buffer", "must be >= 1")
     _require(cfg.data.resolution >= 0, "data.resolution", "must be >= 0 (0 = native size)")
     _require(cfg.data.cache_mb >= 0, "data.cache_mb", "must be >= 0 (0 = off)")
+    from gan_dist.augment import parse_policy
+
+    parse_policy(cfg.data.diffaugment)
     _require(bool(cfg.run.name) and "/" not in cfg.run.name, "run.name", "must be a plain name")
     for net in ("generator", "discriminator"):
         opt = getattr(cfg.optim, net)

@@ -47,6 +47,11 @@ class Console:
         if self.enabled:
             self.rich.print(message)
 
+    def warn(self, message: str) -> None:
+        """Loud on the console, and kept in the log when stdout is a file (SLURM)."""
+        if self.enabled:
+            self.rich.print(f"[bold red]WARNING[/bold red] {message}", highlight=False)
+
     def start(self) -> None:
         if not (self.enabled and self.tty):
             return

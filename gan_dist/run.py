@@ -13,7 +13,8 @@ import torch
 
 from gan_dist import config as config_mod
 from gan_dist import dist
-from gan_dist.data.prepare import BUILTIN_DATASETS, load_source, write_shards
+from gan_dist.data.prepare import BUILTIN_DATASETS, write_shards
+from gan_dist.data.sources import open_source
 from gan_dist.data.stream import DatasetInfo, make_loader, open_dataset
 from gan_dist.errors import UserError
 from gan_dist.models import count_parameters
@@ -63,11 +64,15 @@ def open_data(cfg, accelerator, batch_per_device: int) -> tuple[DatasetInfo, tor
     path = dataset_path(cfg)
     with accelerator.main_process_first():
         if accelerator.is_main_process and not cfg.data.path and not Path(path).exists():
-            write_shards(load_source(cfg.data.dataset, root=cfg.data.root, resolution=cfg.data.resolution), path)
+            write_shards(open_source(cfg.data.dataset, root=cfg.data.root, resolution=cfg.data.resolution), path)
         info = open_dataset(path)
+    if cfg.model.conditional and not info.num_classes:
+        raise UserError(f"model.conditional=true needs labelled data, but {path} lists no classes; "
+                        "set model.conditional=false or prepare the data with its labels")
     loader = make_loader(info, batch_per_device, cfg.train.seed, accelerator.process_index,
                          cfg.data.num_workers, cfg.data.shuffle_buffer, cfg.data.cache_mb,
-                         pin_memory=accelerator.device.type == "cuda")
+                         pin_memory=accelerator.device.type == "cuda", world_size=accelerator.num_processes,
+                         conditional=cfg.model.conditional)
     return info, loader
 
 

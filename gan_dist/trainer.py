@@ -23,9 +23,11 @@ from pathlib import Path
 import torch
 
 from gan_dist import dist
+from gan_dist.augment import Augment
 from gan_dist.checkpoint import save_snapshot
 from gan_dist.config import to_dict as config_to_dict
-from gan_dist.data.stream import DatasetInfo
+from gan_dist.data.stream import Batch, DatasetInfo
+from gan_dist.errors import UserError
 from gan_dist.ema import EMA
 from gan_dist.losses import AdversarialLoss, gradient_penalty, interpolate, r1_penalty
 from gan_dist.seeds import derive_seed
@@ -72,6 +74,10 @@ class Progress:
     last_log_images: int = 0
     last_log_time: float = field(default_factory=time.perf_counter)
     data_wait_s: float = 0.0
+    bad_samples: int = 0
+    """Samples skipped as unreadable since the last log line (this rank)."""
+    good_samples: int = 0
+    bad_example: str = ""
 
 
 class Trainer:
@@ -95,6 +101,7 @@ class Trainer:
         self.G_raw, self.D_raw = accelerator.unwrap_model(self.G), accelerator.unwrap_model(self.D)
         self.params = {"G": [p for p in self.G.parameters() if p.requires_grad],
                        "D": [p for p in self.D.parameters() if p.requires_grad]}
+        self.augment = Augment(cfg.data.hflip, cfg.data.diffaugment, cfg.train.seed, rank, device)
         self.stats = Stats()
         self.progress = Progress()
 
@@ -169,7 +176,8 @@ class Trainer:
             fake = self.G(z, fake_labels)
         if r1_due:
             real = real.detach().requires_grad_(True)
-        real_logits, fake_logits = self.D(real, labels).float(), self.D(fake, fake_labels).float()
+        real_logits = self.D(self.augment.before_d(real), labels).float()
+        fake_logits = self.D(self.augment.before_d(fake), fake_labels).float()
         loss = self.loss.d_loss(real_logits, fake_logits)
         self.stats.report("Loss/D/adversarial", loss)
         self.stats.report("Logits/real", real_logits.mean())
@@ -193,7 +201,7 @@ class Trainer:
             for i in range(num_micro):
                 with dist.micro_batch_sync(self.acc, self.G, i, num_micro):
                     z, fake_labels = self._noise(self.batch_per_device // num_micro)
-                    fake_logits = self.D(self.G(z, fake_labels), fake_labels).float()
+                    fake_logits = self.D(self.augment.before_d(self.G(z, fake_labels)), fake_labels).float()
                     loss = self.loss.g_loss(fake_logits)
                     self.stats.report("Loss/G", loss)
                     self._check_finite(loss, "G")
@@ -219,13 +227,26 @@ class Trainer:
 
     def _next_real(self, batches) -> tuple[torch.Tensor, torch.Tensor | None]:
         start = time.perf_counter()
-        samples, labels, _keys = next(batches)
+        batch = next(batches)
         self.progress.data_wait_s += time.perf_counter() - start
-        x = samples.to(self.acc.device, non_blocking=True)
+        self._account_bad(batch)
+        x = batch.samples.to(self.acc.device, non_blocking=True)
         # uint8 images travel as bytes and become [-1, 1] floats on the device.
         x = x.float().div_(127.5).sub_(1.0) if x.dtype == torch.uint8 else x.float()
-        y = labels.to(self.acc.device, non_blocking=True) if self.num_classes else None
-        return x, y
+        y = batch.labels.to(self.acc.device, non_blocking=True) if self.num_classes else None
+        return self.augment.flip_real(x), y
+
+    def _account_bad(self, batch: Batch) -> None:
+        if batch.fatal:
+            raise UserError(f"data: {batch.fatal}; check the shards (gan-dist prepare --verify DIR)")
+        self.progress.good_samples += len(batch.keys)
+        if not batch.bad_count:
+            return
+        if self.cfg.data.on_error == "raise":
+            raise UserError(f"bad sample in the data: {batch.bad_messages[0]}; re-prepare or remove it, "
+                            "or set data.on_error=skip to skip such samples")
+        self.progress.bad_samples += batch.bad_count
+        self.progress.bad_example = self.progress.bad_example or batch.bad_messages[0]
 
     def _check_finite(self, loss: torch.Tensor, phase: str) -> None:
         # A host sync per step: only in --debug, where finding the first bad step matters most.
@@ -241,12 +262,32 @@ class Trainer:
         # Reduced with the rest: the mean over ranks of the time each spent waiting for data.
         self.stats.report("Speed/data_wait_fraction", torch.tensor(min(1.0, self.progress.data_wait_s / elapsed),
                                                                    device=self.acc.device))
+        self._report_bad()
         values = self.stats.reduce(self.acc)
+        # Means over ranks of per-rank counts; the log wants the total.
+        values["Data/bad_samples"] = round(values["Data/bad_samples"] * self.acc.num_processes)
+        self._warn_bad(values)
         record = {"step": self.progress.step, "kimg": self.num_images / 1000,
                   "time_s": now - self.start_time, **values,
                   "Speed/img_per_s": (self.num_images - self.progress.last_log_images) / elapsed}
         self.progress.last_log_images, self.progress.last_log_time, self.progress.data_wait_s = self.num_images, now, 0.0
         self.console.log(record)
+
+    def _report_bad(self) -> None:
+        progress = self.progress
+        seen = progress.bad_samples + progress.good_samples
+        device = self.acc.device
+        self.stats.report("Data/bad_samples", torch.tensor(float(progress.bad_samples), device=device))
+        self.stats.report("Data/bad_fraction", torch.tensor(progress.bad_samples / max(1, seen), device=device))
+        progress.bad_samples = progress.good_samples = 0
+
+    def _warn_bad(self, values: dict) -> None:
+        if values["Data/bad_fraction"] > 0.01:
+            self.console.warn(f"{values['Data/bad_fraction']:.1%} of the samples read since the last log line "
+                              f"were unreadable and skipped ({values['Data/bad_samples']} in all), e.g. "
+                              f"{self.progress.bad_example or 'on another rank'}; check the shards with "
+                              "gan-dist prepare --verify DIR")
+        self.progress.bad_example = ""
 
     def sync_buffers(self) -> None:
         """Every rank: make buffers identical (rank 0's) before anything reads them."""

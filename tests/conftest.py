@@ -21,9 +21,10 @@ LAUNCH_ENV = ("WORLD_SIZE", "RANK", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
 @pytest.fixture(scope="session")
 def digits_dir(tmp_path_factory) -> Path:
     """The 8x8 digits as shards, prepared once for the session."""
-    from gan_dist.data.prepare import load_digits_arrays, write_shards
+    from gan_dist.data.prepare import write_shards
+    from gan_dist.data.sources import digits
 
-    return write_shards(load_digits_arrays(), tmp_path_factory.mktemp("data") / "digits", shard_size=256)
+    return write_shards(digits(), tmp_path_factory.mktemp("data") / "digits", shard_size=256)
 
 
 @pytest.fixture(autouse=True)

@@ -9,7 +9,7 @@ import pytest
 from conftest import write_idx_mnist
 
 from gan_dist.cli import main as cli_main
-from gan_dist.data.prepare import load_digits_arrays, load_mixture_arrays
+from gan_dist.data.sources import digits, mixture
 from gan_dist.data.stream import make_loader, open_dataset
 from gan_dist.data.toy import grid25_modes, ring8_modes
 from gan_dist.errors import UserError
@@ -52,14 +52,14 @@ def test_prepare_refuses_to_overwrite_without_force(tmp_path, capsys):
 
 
 def test_digits_pixels_span_uint8():
-    arrays = load_digits_arrays()
+    arrays = digits()
     assert arrays.samples.dtype == np.uint8 and arrays.samples.max() == 255 and arrays.samples.min() == 0
     assert len(arrays.samples) == 1797
 
 
 @pytest.mark.parametrize("name, modes, std", [("ring8", ring8_modes(), 0.01), ("grid25", grid25_modes(), 0.05)])
 def test_mixtures_follow_the_pacgan_protocol(tmp_path, name, modes, std):
-    arrays = load_mixture_arrays(name)
+    arrays = mixture(name)
     assert arrays.samples.shape == (100_000, 2) and arrays.samples.dtype == np.float32
     assert np.bincount(arrays.labels).min() > 100_000 / len(modes) * 0.9
     offsets = arrays.samples - modes[arrays.labels]
@@ -70,7 +70,7 @@ def test_mixtures_follow_the_pacgan_protocol(tmp_path, name, modes, std):
     info = open_dataset(str(tmp_path / name))
     assert info.count == 3000 and info.shape == (2,) and info.dtype == "float32"
     assert len(info.classes) == len(modes)
-    points, labels, _ = next(iter(make_loader(info, 256, 0, 0, 0, 100)))
+    points, labels = next(iter(make_loader(info, 256, 0, 0, 0, 100, conditional=True)))[:2]
     assert np.abs(points.numpy() - modes[labels.numpy()]).max() < 6 * std
 
 
@@ -94,7 +94,7 @@ def test_prepare_mnist_without_files_says_where_to_put_them(tmp_path, capsys):
 
 
 def _keys(loader, num_batches):
-    return [k for _, _, keys in itertools.islice(iter(loader), num_batches) for k in keys]
+    return [k for batch in itertools.islice(iter(loader), num_batches) for k in batch.keys]
 
 
 def test_stream_is_deterministic_and_rank_dependent(digits_dir):
@@ -124,8 +124,8 @@ def test_cached_shards_are_decoded_once(digits_dir, monkeypatch):
     from gan_dist.data import stream
 
     calls = []
-    real_decode = stream._decode
-    monkeypatch.setattr(stream, "_decode", lambda sample: calls.append(1) or real_decode(sample))
+    real_decode = stream.decode
+    monkeypatch.setattr(stream, "decode", lambda *args: calls.append(1) or real_decode(*args))
     info = open_dataset(str(digits_dir))
     keys = _keys(make_loader(info, 100, 0, 0, 0, 10, cache_mb=16), 60)  # 6,000 samples, >3 passes
     assert len(keys) == 6000 and len(calls) == info.count
@@ -137,7 +137,7 @@ def test_cached_shards_are_decoded_once(digits_dir, monkeypatch):
 def test_stream_is_endless_and_batches_are_uint8(digits_dir):
     info = open_dataset(str(digits_dir))
     batches = list(itertools.islice(iter(make_loader(info, 100, 0, 0, 0, 10)), 30))  # 3000 > 1797 samples
-    images, labels, keys = batches[-1]
+    images, labels, keys = batches[-1][:3]
     assert images.dtype.is_floating_point is False and images.shape == (100, 1, 8, 8)
     assert labels.shape == (100,) and len(keys) == 100
 

@@ -1,8 +1,9 @@
-"""`gan-dist prepare`: turn a dataset into webdataset tar shards plus index.json.
+"""`gan-dist prepare`: write a dataset as webdataset tar shards plus index.json; verify them.
 
-Each sample is `<key>.npy` (uint8 CHW image, or float32 point for the 2-D mixtures) and
-`<key>.cls` (integer label). The shards are written into a temporary directory that is
-renamed into place at the end, so an interrupted prepare never leaves half a dataset.
+Shards are written by `--workers` processes, one shard per job, into a temporary directory
+that is renamed into place at the end: an interrupted prepare never leaves half a dataset.
+Sample keys are the source index (`00000042`), so the same source always gives the same
+bytes (tar mtime is fixed) and the same sha256 in index.json.
 """
 
 from __future__ import annotations
@@ -10,97 +11,29 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import multiprocessing
 import os
 import shutil
-from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
-
+from gan_dist.data import samples as samples_mod
+from gan_dist.data.sources import TORCHVISION_SETS, ArraySource, SizeMismatch, open_source
 from gan_dist.errors import UserError
 
-INDEX_FORMAT = "gan_dist.shards/1"
+INDEX_FORMAT = "gan_dist.shards/2"
 MAX_SHARD_SIZE = 10_000
+BUILTIN_DATASETS = ("digits", "ring8", "grid25", *TORCHVISION_SETS)
 
 
 def auto_shard_size(count: int) -> int:
     """At least 8 shards (so ranks and workers start on different shards), at most 10,000
-    samples each, and all of nearly equal size: shards are resampled uniformly, so a small
-    last shard would have its samples drawn far more often than the others."""
+    samples each, and all of nearly equal size (shards are drawn whole, so a small last
+    shard would skew how often its samples are seen)."""
     num_shards = max(8, math.ceil(count / MAX_SHARD_SIZE))
     return max(1, math.ceil(count / num_shards))
 
 
-@dataclass
-class Arrays:
-    """A whole small dataset in memory: samples [N, ...], labels [N], class names."""
-
-    samples: np.ndarray
-    labels: np.ndarray
-    classes: list[str]
-    source: str
-
-
-def _resize_uint8(images: np.ndarray, resolution: int) -> np.ndarray:
-    """Resize [N, C, H, W] uint8 images with PIL's bicubic filter (the usual choice for FID)."""
-    from PIL import Image
-
-    out = np.empty((len(images), images.shape[1], resolution, resolution), dtype=np.uint8)
-    for i, img in enumerate(images):
-        for c, channel in enumerate(img):
-            pil = Image.fromarray(channel).resize((resolution, resolution), Image.BICUBIC)
-            out[i, c] = np.asarray(pil)
-    return out
-
-
-def load_digits_arrays(resolution: int = 0) -> Arrays:
-    """scikit-learn's bundled 8x8 digits (1,797 images, values 0..16) as uint8 0..255."""
-    from sklearn.datasets import load_digits
-
-    bunch = load_digits()
-    images = np.rint(bunch.images * (255.0 / 16.0)).astype(np.uint8)[:, None]
-    if resolution:
-        images = _resize_uint8(images, resolution)
-    classes = [str(c) for c in bunch.target_names]
-    return Arrays(images, bunch.target.astype(np.int64), classes, "sklearn digits")
-
-
-def load_mixture_arrays(name: str) -> Arrays:
-    from gan_dist.data.toy import sample_mixture
-
-    points, labels = sample_mixture(name)
-    classes = [f"mode{i}" for i in range(int(labels.max()) + 1)]
-    return Arrays(points, labels, classes, f"{name} Gaussian mixture (PacGAN protocol)")
-
-
-TORCHVISION_SETS = {"mnist": "MNIST", "fashionmnist": "FashionMNIST"}
-
-
-def load_torchvision_arrays(name: str, root: str, split: str, resolution: int = 0,
-                            download: bool = False) -> Arrays:
-    """MNIST/FashionMNIST from torchvision's files under ROOT/<Name>/raw."""
-    key = name.lower()
-    if key not in TORCHVISION_SETS:
-        raise UserError(f"unknown torchvision dataset '{name}'; choose one of: MNIST, FashionMNIST")
-    if not root:
-        raise UserError(f"{name} needs the directory with torchvision's files: pass --root DIR "
-                        f"(or set data.root=DIR) so that DIR/{TORCHVISION_SETS[key]}/raw holds them")
-    import torchvision
-
-    cls = getattr(torchvision.datasets, TORCHVISION_SETS[key])
-    try:
-        ds = cls(root, train=(split == "train"), download=download)
-    except RuntimeError as err:
-        raise UserError(f"{TORCHVISION_SETS[key]} files not found under {root}/{TORCHVISION_SETS[key]}/raw "
-                        f"({str(err).splitlines()[0]}); copy the raw files there or allow --download") from err
-    images = ds.data.numpy().astype(np.uint8)[:, None]
-    if resolution:
-        images = _resize_uint8(images, resolution)
-    return Arrays(images, ds.targets.numpy().astype(np.int64), list(ds.classes),
-                  f"torchvision {TORCHVISION_SETS[key]} {split}")
-
-
-def _sha256(path: Path) -> str:
+def sha256_of(path: Path) -> str:
     digest = hashlib.sha256()
     with open(path, "rb") as f:
         for block in iter(lambda: f.read(1 << 20), b""):
@@ -108,36 +41,105 @@ def _sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-def _write_shard(path: Path, arrays: Arrays, start: int, stop: int) -> dict:
+# The source being written, set before the worker pool forks so that large in-memory
+# arrays are shared with the workers instead of pickled into every job.
+_SOURCE = None
+
+
+def _write_shard(job: tuple[Path, int, int, str]) -> dict:
     import webdataset as wds
 
-    # A fixed mtime makes the same data give the same bytes, hence the same sha256.
-    with wds.TarWriter(str(path), mtime=0) as sink:
+    path, start, stop, fmt = job
+    skipped, mismatched, count = [], [], 0
+    with wds.TarWriter(str(path), mtime=0, encoder=False) as sink:
         for i in range(start, stop):
-            sink.write({"__key__": f"{i:08d}", "npy": np.ascontiguousarray(arrays.samples[i]),
-                        "cls": int(arrays.labels[i])})
-    return {"name": path.name, "count": stop - start, "sha256": _sha256(path)}
+            try:
+                array, label = _SOURCE.load(i)
+            except SizeMismatch as err:
+                mismatched.append(f"{_SOURCE.name_of(i)}: {err}")
+                continue
+            except samples_mod.BadSample as err:
+                skipped.append({"file": _SOURCE.name_of(i), "reason": str(err)})
+                continue
+            sink.write(samples_mod.encode(f"{i:08d}", array, label, fmt))
+            count += 1
+    return {"name": path.name, "count": count, "sha256": sha256_of(path),
+            "skipped": skipped, "mismatched": mismatched, "seen": stop - start}
 
 
-def write_shards(arrays: Arrays, out: str | Path, shard_size: int = 0, force: bool = False) -> Path:
-    """Write `arrays` as shards + index.json into `out`, atomically (shard_size 0: automatic)."""
+def _run_jobs(jobs: list, workers: int, total: int) -> list[dict]:
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    columns = (TextColumn("prepare"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())
+    with Progress(*columns, transient=True) as progress:
+        task = progress.add_task("samples", total=total)
+        if workers <= 1:
+            results = []
+            for job in jobs:
+                results.append(_write_shard(job))
+                progress.advance(task, results[-1]["seen"])
+            return results
+        # fork shares _SOURCE; results come back in any order and are sorted by shard name.
+        with multiprocessing.get_context("fork").Pool(workers) as pool:
+            results = []
+            for result in pool.imap_unordered(_write_shard, jobs):
+                results.append(result)
+                progress.advance(task, result["seen"])
+    return sorted(results, key=lambda r: r["name"])
+
+
+def write_shards(source, out: str | Path, shard_size: int = 0, force: bool = False,
+                 fmt: str = "npy", workers: int = 1) -> Path:
+    """Write `source` as shards + index.json into `out`, atomically (shard_size 0: automatic)."""
+    global _SOURCE
     out = Path(out)
     if shard_size < 0:
         raise UserError(f"--shard-size must be > 0 (or 0 for automatic), got {shard_size}")
-    shard_size = shard_size or auto_shard_size(len(arrays.samples))
+    if fmt not in samples_mod.FORMATS:
+        raise UserError(f"--format must be one of {', '.join(samples_mod.FORMATS)}, got {fmt}")
+    if fmt != "npy" and (source.dtype != "uint8" or len(source.shape) != 3 or source.shape[0] not in (1, 3)):
+        raise UserError(f"--format {fmt} stores 1- or 3-channel uint8 images; this source has {source.dtype} "
+                        f"samples of shape {list(source.shape)}: use --format npy")
     if out.exists() and not force:
         raise UserError(f"{out} already exists; pass --force to replace it")
+    count = len(source)
+    shard_size = shard_size or auto_shard_size(count)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
-    count = len(arrays.samples)
-    shards = [_write_shard(tmp / f"shard-{n:06d}.tar", arrays, start, min(start + shard_size, count))
-              for n, start in enumerate(range(0, count, shard_size))]
-    index = {"format": INDEX_FORMAT, "source": arrays.source, "count": count,
-             "shape": list(arrays.samples.shape[1:]), "dtype": str(arrays.samples.dtype),
-             "classes": arrays.classes, "shards": shards}
-    (tmp / "index.json").write_text(json.dumps(index, indent=1))
+    try:
+        jobs = [(tmp / f"shard-{n:06d}.tar", start, min(start + shard_size, count), fmt)
+                for n, start in enumerate(range(0, count, shard_size))]
+        _SOURCE = source
+        results = _run_jobs(jobs, workers, count)
+        index = _index(source, results, fmt)
+        (tmp / "index.json").write_text(json.dumps(index, indent=1))
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    finally:
+        _SOURCE = None
+    _replace(tmp, out)
+    return out
+
+
+def _index(source, results: list[dict], fmt: str) -> dict:
+    mismatched = [m for r in results for m in r["mismatched"]]
+    if mismatched:
+        raise UserError(f"{len(mismatched)} images differ in size from the first one (e.g. {mismatched[0]}); "
+                        "pass --resolution N to resize and centre-crop them all")
+    total = sum(r["count"] for r in results)
+    if total == 0:
+        raise UserError("no readable samples in the source; nothing written")
+    return {"format": INDEX_FORMAT, "source": source.description, "count": total,
+            "shape": list(source.shape), "dtype": source.dtype, "sample_format": fmt,
+            "classes": source.classes,
+            "skipped": [s for r in results for s in r["skipped"]],
+            "shards": [{k: r[k] for k in ("name", "count", "sha256")} for r in results if r["count"]]}
+
+
+def _replace(tmp: Path, out: Path) -> None:
     if out.exists():
         old = out.parent / f".{out.name}.old-{os.getpid()}"
         out.rename(old)
@@ -145,50 +147,74 @@ def write_shards(arrays: Arrays, out: str | Path, shard_size: int = 0, force: bo
         shutil.rmtree(old)
     else:
         tmp.rename(out)
-    return out
 
 
-def load_source(source: str, name: str = "", root: str = "", split: str = "train",
-                resolution: int = 0, download: bool = False) -> Arrays:
-    """The arrays of a built-in source by its name."""
-    if source == "digits":
-        return load_digits_arrays(resolution)
-    if source in ("ring8", "grid25"):
-        if resolution:
-            raise UserError(f"--resolution does not apply to the 2-D points of {source}")
-        return load_mixture_arrays(source)
-    if source == "torchvision":
-        return load_torchvision_arrays(name, root, split, resolution, download)
-    if source in TORCHVISION_SETS:
-        return load_torchvision_arrays(source, root, split, resolution, download)
-    raise UserError(f"unknown dataset source '{source}'; choose one of: digits, ring8, grid25, "
-                    "torchvision MNIST|FashionMNIST")
-
-
-BUILTIN_DATASETS = ("digits", "ring8", "grid25", *TORCHVISION_SETS)
+def verify(directory: str) -> list[str]:
+    """Problems found re-checking every shard of a prepared directory against index.json."""
+    index_file = Path(directory) / "index.json"
+    if not index_file.is_file():
+        raise UserError(f"--verify {directory}: no index.json there; is it a gan-dist prepare output?")
+    index = json.loads(index_file.read_text())
+    problems = []
+    for shard in index.get("shards", []):
+        path = Path(directory) / shard["name"]
+        if not path.is_file():
+            problems.append(f"{shard['name']}: missing")
+        elif sha256_of(path) != shard["sha256"]:
+            problems.append(f"{shard['name']}: sha256 differs from index.json (corrupt or replaced)")
+    return problems
 
 
 def add_arguments(parser) -> None:
-    parser.add_argument("source", help="digits | ring8 | grid25 | torchvision")
-    parser.add_argument("name", nargs="?", default="", help="for torchvision: MNIST or FashionMNIST")
-    parser.add_argument("--out", required=True, help="output directory (shards + index.json)")
-    parser.add_argument("--root", default="", help="torchvision: directory holding <Name>/raw/")
+    parser.add_argument("source", nargs="?", default="",
+                        help="digits | ring8 | grid25 | torchvision NAME | imagefolder PATH")
+    parser.add_argument("name", nargs="?", default="",
+                        help="torchvision: MNIST, FashionMNIST or CIFAR10; imagefolder: the folder")
+    parser.add_argument("--out", default="", help="output directory (shards + index.json)")
+    parser.add_argument("--verify", default="", metavar="DIR", help="re-check the sha256 of every shard in DIR")
+    parser.add_argument("--root", default="", help="torchvision: directory holding (or receiving) its files")
     parser.add_argument("--split", default="train", choices=["train", "test"])
-    parser.add_argument("--resolution", type=int, default=0, help="resize images to NxN (bicubic)")
+    parser.add_argument("--no-download", dest="download", action="store_false",
+                        help="torchvision: never download, only read files under --root")
+    parser.add_argument("--resolution", type=int, default=0, help="resize (shorter side) and centre-crop to NxN")
+    parser.add_argument("--channels", type=int, default=3, help="imagefolder: 3 (RGB) or 1 (greyscale)")
+    parser.add_argument("--format", default="npy", choices=samples_mod.FORMATS,
+                        help="npy: raw uint8 (fastest to read); png: lossless, smaller; jpg: lossy, smallest")
     parser.add_argument("--limit", type=int, default=0, help="keep only the first N samples (0 = all)")
     parser.add_argument("--shard-size", type=int, default=0,
                         help="samples per shard (default: at least 8 shards, at most 10,000 samples each)")
-    parser.add_argument("--download", action="store_true", help="let torchvision download (needs internet)")
+    parser.add_argument("--workers", type=int, default=1, help="processes encoding shards in parallel")
     parser.add_argument("--force", action="store_true", help="replace an existing output directory")
 
 
 def run(args) -> int:
-    # Checked here too so that a refusal comes before the (possibly slow) loading of the source.
+    if args.verify:
+        problems = verify(args.verify)
+        if problems:
+            raise UserError(f"--verify {args.verify}: {len(problems)} bad shards: " + "; ".join(problems)
+                            + "; re-run gan-dist prepare with --force")
+        print(f"{args.verify}: every shard matches its sha256 in index.json")
+        return 0
+    if not args.source or not args.out:
+        raise UserError("gan-dist prepare needs a source and --out DIR, e.g. gan-dist prepare digits --out data/digits")
+    # Checked before loading the (possibly slow) source.
     if Path(args.out).exists() and not args.force:
         raise UserError(f"{args.out} already exists; pass --force to replace it")
-    arrays = load_source(args.source, args.name, args.root, args.split, args.resolution, args.download)
+    if args.workers < 1:
+        raise UserError(f"--workers must be >= 1, got {args.workers}")
+    source = open_source(args.source, args.name, args.root, args.split, args.resolution, args.download,
+                         args.channels)
     if args.limit > 0:
-        arrays = Arrays(arrays.samples[: args.limit], arrays.labels[: args.limit], arrays.classes, arrays.source)
-    out = write_shards(arrays, args.out, args.shard_size, args.force)
-    print(f"wrote {len(arrays.samples)} samples of shape {list(arrays.samples.shape[1:])} to {out}")
+        if not isinstance(source, ArraySource):
+            source.files = source.files[: args.limit]
+        else:
+            source = source.head(args.limit)
+    out = write_shards(source, args.out, args.shard_size, args.force, args.format, args.workers)
+    index = json.loads((out / "index.json").read_text())
+    print(f"wrote {index['count']} samples of shape {index['shape']} ({args.format}) in "
+          f"{len(index['shards'])} shards to {out}")
+    for item in index["skipped"][:20]:
+        print(f"  skipped {item['file']}: {item['reason']}")
+    if len(index["skipped"]) > 20:
+        print(f"  ... and {len(index['skipped']) - 20} more (all listed in {out}/index.json)")
     return 0

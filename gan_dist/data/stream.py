@@ -1,25 +1,40 @@
 """Shards -> batches: an endless, deterministic webdataset stream per process.
 
-Every process draws shards with replacement (`ResampledShards`), so each rank has an
-endless stream and all ranks take the same number of batches: DDP never waits on a rank
-that ran out of data. Everything random is seeded from (train.seed, GLOBAL rank, worker);
+Epoch e permutes the shard list with a seed of (train.seed, e) that every rank shares,
+then deals the shards out over the *slots* rank * num_workers + worker: shards are split
+by GLOBAL rank, then by worker, and no sample is read twice within an epoch. When there
+are fewer shards than slots, every slot reads all shards and keeps every slots-th sample
+instead, so no worker is ever left without data. The stream runs through epoch after
+epoch without end: all ranks take the same number of steps and DDP never waits on a rank
+that ran out. Everything random is a function of (seed, global rank, worker, epoch);
 webdataset's own shuffle would otherwise seed itself from the pid and the clock.
-Batches stay uint8 here; the trainer normalises them on the device. The loader is never
-passed through `accelerator.prepare`, which would split or broadcast it a second time.
+
+Decoding runs in the workers; batches stay uint8 (normalisation and augmentation happen on
+the device). A sample that cannot be decoded becomes a counted, named `bad` entry of the
+next batch, never a tensor; the trainer skips or raises according to data.on_error. The
+loader is never passed through `accelerator.prepare`, which would split it a second time.
 """
 
 from __future__ import annotations
 
-import io
+import itertools
 import json
+import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import torch
 
+from gan_dist.data.samples import BadSample, decode
 from gan_dist.errors import UserError
 from gan_dist.seeds import derive_seed
+
+REMOTE = ("pipe:", "http:", "https:", "gs:", "s3:")
+SHARD_ORDER, SAMPLE_ORDER, LOADER = 0, 1, 2  # seed purposes
+MAX_BAD_IN_A_ROW = 1000
+MAX_MESSAGES = 3
 
 
 @dataclass
@@ -29,142 +44,250 @@ class DatasetInfo:
     dtype: str
     count: int = 0
     classes: list[str] = field(default_factory=list)
+    shard_counts: list[int] | None = None
 
     @property
     def num_classes(self) -> int:
         return len(self.classes)
 
 
-def _decode(sample: dict) -> tuple[np.ndarray, int, str]:
-    array = np.load(io.BytesIO(sample["npy"]), allow_pickle=False)
-    label = int(sample["cls"]) if "cls" in sample else -1
-    return array, label, sample["__key__"]
+class Batch(NamedTuple):
+    samples: torch.Tensor | None
+    labels: torch.Tensor | None
+    keys: list[str]
+    bad_count: int = 0
+    bad_messages: list[str] = []
+    fatal: str = ""
 
 
-def _read_first_sample(url: str) -> np.ndarray:
-    import webdataset as wds
+class _Bad(NamedTuple):
+    message: str
 
-    for sample in wds.DataPipeline(wds.SimpleShardList([url]), wds.tarfile_to_samples()):
-        return _decode(sample)[0]
-    raise UserError(f"shard {url} holds no samples; re-run gan-dist prepare")
+
+# ------------------------------------------------------------------ opening
+def _read_index(location: str) -> dict:
+    try:
+        if location.startswith(("http:", "https:")):
+            with urllib.request.urlopen(location, timeout=60) as response:
+                return json.loads(response.read())
+        return json.loads(Path(location).read_text())
+    except (OSError, ValueError) as err:
+        raise UserError(f"data.path: cannot read {location} ({type(err).__name__}: {err})") from err
+
+
+def _from_index(location: str, base: str) -> DatasetInfo:
+    index = _read_index(location)
+    shards = index.get("shards", [])
+    if not shards or index.get("count", 0) == 0:
+        raise UserError(f"data.path: {location} lists no samples; re-run gan-dist prepare")
+    urls = [f"{base}/{shard['name']}" for shard in shards]
+    _check_local(urls)
+    return DatasetInfo(urls, tuple(index["shape"]), index["dtype"], index["count"], index.get("classes", []),
+                       [shard["count"] for shard in shards])
 
 
 def open_dataset(path: str) -> DatasetInfo:
-    """A dataset directory (index.json) or a shard pattern, checked to exist and be non-empty."""
+    """A dataset directory or index.json (local or http), or a shard pattern; checked before training."""
     import webdataset as wds
 
     if not path:
         raise UserError("no dataset path given; set data.path=DIR (a directory with index.json or a shard pattern)")
+    if path.startswith(("http:", "https:")) and (path.endswith("/") or path.endswith("index.json")):
+        location = path if path.endswith("index.json") else path + "index.json"
+        return _from_index(location, location.rsplit("/", 1)[0])
     local = Path(path)
-    if local.is_dir():
-        index_file = local / "index.json"
+    if local.is_dir() or local.name == "index.json":
+        index_file = local / "index.json" if local.is_dir() else local
         if not index_file.is_file():
             raise UserError(f"data.path={path} has no index.json; prepare it with gan-dist prepare")
-        index = json.loads(index_file.read_text())
-        urls = [str(local / shard["name"]) for shard in index.get("shards", [])]
-        if not urls or index.get("count", 0) == 0:
-            raise UserError(f"data.path={path} lists no samples; re-run gan-dist prepare")
-        _check_local(urls)
-        return DatasetInfo(urls, tuple(index["shape"]), index["dtype"], index["count"], index["classes"])
+        return _from_index(str(index_file), str(index_file.parent))
     urls = wds.shardlists.expand_urls(path)
     _check_local(urls)
-    first = _read_first_sample(urls[0])
+    first = _first_sample(urls[0])
     return DatasetInfo(urls, tuple(first.shape), str(first.dtype))
 
 
+def _first_sample(url: str) -> np.ndarray:
+    for record in _read_shard(url, None, None, 0):
+        if not isinstance(record, _Bad):
+            return record[0]
+    raise UserError(f"data.path: shard {url} holds no readable sample; re-run gan-dist prepare")
+
+
 def _check_local(urls: list[str]) -> None:
-    remote = ("pipe:", "http:", "https:", "gs:")
-    missing = [u for u in urls if not u.startswith(remote) and not Path(u).is_file()]
+    missing = [u for u in urls if not u.startswith(REMOTE) and not Path(u).is_file()]
     if missing:
         raise UserError(f"data.path: {len(missing)} of {len(urls)} shards are missing, "
                         f"e.g. {missing[0]}; check data.path or re-run gan-dist prepare")
-    empty = [u for u in urls if not u.startswith(remote) and Path(u).stat().st_size == 0]
+    empty = [u for u in urls if not u.startswith(REMOTE) and Path(u).stat().st_size == 0]
     if empty:
         raise UserError(f"data.path: shard {empty[0]} is empty; re-run gan-dist prepare")
 
 
-class _WorkerSeed:
-    """Seed for the current DataLoader worker, from (seed, global rank, worker, purpose)."""
+# ------------------------------------------------------------------ reading
+def _read_shard(url: str, shape, dtype, num_classes: int):
+    """Decoded (array, label, key) tuples of one shard, with a `_Bad` for each unusable sample.
 
-    def __init__(self, seed: int, rank: int, purpose: int):
-        self.seed, self.rank, self.purpose = seed, rank, purpose
-
-    def __call__(self) -> int:
-        info = torch.utils.data.get_worker_info()
-        worker = info.id if info is not None else 0
-        return derive_seed(self.seed, self.rank, worker, self.purpose)
-
-
-class _SeededShuffle:
-    """webdataset's buffer shuffle, seeded inside each worker when iteration starts."""
-
-    def __init__(self, bufsize: int, seed_fn: _WorkerSeed):
-        self.bufsize, self.seed_fn = bufsize, seed_fn
-
-    def __call__(self, src):
-        import webdataset as wds
-
-        if self.bufsize <= 1:
-            return src
-        return wds.shuffle(self.bufsize, initial=self.bufsize, seed=self.seed_fn())(src)
-
-
-class _CachedShardSamples:
-    """Decoded samples per shard URL; shards that fit in `max_bytes` are read from disk only once.
-
-    The stream is the same with or without the cache (a cached shard replays its samples in
-    file order), so the cache only saves the tar parsing and decoding of small datasets.
+    A shard that breaks off (truncated tar, failed download or command) ends with one
+    `_Bad` naming the shard and the last good key; the stream then goes on to the next shard.
     """
+    import webdataset as wds
 
-    def __init__(self, max_bytes: int):
-        self.max_bytes = max_bytes
+    last_key = "(none)"
+    try:
+        for raw in wds.tarfile_samples(iter([{"url": url}])):
+            key = raw.get("__key__", "?")
+            try:
+                record = decode(raw, shape, dtype, num_classes)
+            except BadSample as err:
+                yield _Bad(f"{url} key {key}: {err}")
+                continue
+            last_key = key
+            yield record
+    except Exception as err:  # tarfile, gopen and subprocess errors all mean the shard is unreadable
+        reason = str(err).splitlines()[0] if str(err) else ""
+        yield _Bad(f"{url}: unreadable after key {last_key} ({type(err).__name__}: {reason})")
+
+
+@dataclass
+class StreamSpec:
+    """Everything a worker needs to produce its part of the stream (picklable)."""
+
+    urls: list[str]
+    shape: tuple[int, ...]
+    dtype: str
+    num_classes: int  # > 0 only in conditional runs: labels are then required
+    batch: int
+    seed: int
+    rank: int
+    world_size: int
+    shuffle_buffer: int
+    cache_bytes: int = 0
+    epochs: int = 0  # 0: endless
+
+
+def epoch_assignment(num_shards: int, seed: int, epoch: int, slot: int, num_slots: int) -> tuple[list[int], bool]:
+    """(shard indices to read, whether to keep only every num_slots-th sample) for one slot."""
+    order = np.random.default_rng(derive_seed(seed, epoch, SHARD_ORDER)).permutation(num_shards)
+    if num_shards >= num_slots:
+        return [int(i) for i in order[slot::num_slots]], False
+    return [int(i) for i in order], True
+
+
+class ShardStream(torch.utils.data.IterableDataset):
+    def __init__(self, spec: StreamSpec):
+        super().__init__()
+        self.spec = spec
         self.cache: dict[str, list] = {}
-        self.used_bytes = 0
+        self.cache_used = 0
 
-    def __call__(self, shards):
+    def __iter__(self):
+        info = torch.utils.data.get_worker_info()
+        worker, num_workers = (info.id, info.num_workers) if info is not None else (0, 1)
+        spec = self.spec
+        slot, num_slots = spec.rank * num_workers + worker, spec.world_size * num_workers
+        epochs = itertools.count() if spec.epochs == 0 else range(spec.epochs)
+        records = itertools.chain.from_iterable(self._epoch(e, worker, slot, num_slots) for e in epochs)
+        return _batches(records, spec.batch)
+
+    def _epoch(self, epoch: int, worker: int, slot: int, num_slots: int):
         import webdataset as wds
 
-        for shard in shards:
-            url = shard["url"]
-            if url in self.cache:
-                yield from self.cache[url]
-                continue
-            samples = []
-            for sample in wds.tarfile_samples(iter([shard])):
-                decoded = _decode(sample)
-                samples.append(decoded)
-                yield decoded
-            size = sum(s[0].nbytes + 64 for s in samples)
-            if self.used_bytes + size <= self.max_bytes:
-                self.cache[url] = samples
-                self.used_bytes += size
+        spec = self.spec
+        shard_ids, by_sample = epoch_assignment(len(spec.urls), spec.seed, epoch, slot, num_slots)
+        records = itertools.chain.from_iterable(self._shard(spec.urls[i]) for i in shard_ids)
+        if by_sample:
+            records = itertools.islice(records, slot, None, num_slots)
+        if spec.shuffle_buffer > 1:
+            seed = derive_seed(spec.seed, spec.rank, worker, epoch, SAMPLE_ORDER)
+            records = wds.shuffle(spec.shuffle_buffer, initial=spec.shuffle_buffer, seed=seed)(records)
+        return records
+
+    def _shard(self, url: str):
+        """A shard's records, replayed from memory when it fits in the cache (same order either way)."""
+        if url in self.cache:
+            yield from self.cache[url]
+            return
+        records = []
+        for record in _read_shard(url, self.spec.shape, self.spec.dtype, self.spec.num_classes):
+            records.append(record)
+            yield record
+        size = sum(r[0].nbytes + 64 if not isinstance(r, _Bad) else 64 for r in records)
+        if self.cache_used + size <= self.spec.cache_bytes:
+            self.cache[url] = records
+            self.cache_used += size
 
 
-def _collate(samples: list) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
-    arrays, labels, keys = zip(*samples)
-    return torch.from_numpy(np.stack(arrays)), torch.tensor(labels, dtype=torch.int64), list(keys)
+def _batches(records, batch_size: int):
+    """Full batches of good samples; bad ones are counted into the next batch (the rest dropped at the end)."""
+    items, bad_count, messages, bad_in_a_row = [], 0, [], 0
+    for record in records:
+        if isinstance(record, _Bad):
+            bad_count, bad_in_a_row = bad_count + 1, bad_in_a_row + 1
+            if len(messages) < MAX_MESSAGES:
+                messages.append(record.message)
+            if bad_in_a_row >= MAX_BAD_IN_A_ROW:
+                yield Batch(None, None, [], bad_count, messages,
+                            fatal=f"{bad_in_a_row} bad samples in a row and no good one, e.g. {messages[0]}")
+                return
+            continue
+        bad_in_a_row = 0
+        items.append(record)
+        if len(items) == batch_size:
+            arrays, labels, keys = zip(*items)
+            yield Batch(torch.from_numpy(np.stack(arrays)), torch.tensor(labels, dtype=torch.int64), list(keys),
+                        bad_count, messages)
+            items, bad_count, messages = [], 0, []
 
 
 def _as_is(batch):
-    # Batches are collated in the workers; the default would walk every key string again.
+    # Batches are collated in the workers; the default collate would walk them again.
     return batch
 
 
-def make_loader(info: DatasetInfo, batch_per_device: int, seed: int, rank: int,
-                num_workers: int, shuffle_buffer: int, cache_mb: float = 0, pin_memory: bool = False):
-    """An endless DataLoader of (samples, labels, keys) batches for this rank."""
-    import webdataset as wds
-
-    pipeline = wds.DataPipeline(
-        wds.ResampledShards(info.urls, deterministic=True, seed=seed,
-                            worker_seed=_WorkerSeed(seed, rank, purpose=0)),
-        _CachedShardSamples(int(cache_mb * 2**20)),
-        _SeededShuffle(shuffle_buffer, _WorkerSeed(seed, rank, purpose=1)),
-        wds.batched(batch_per_device, collation_fn=_collate, partial=False),
-    )
-    generator = torch.Generator().manual_seed(derive_seed(seed, rank, 2))
-    return torch.utils.data.DataLoader(
-        pipeline, batch_size=None, collate_fn=_as_is, num_workers=num_workers, generator=generator,
-        persistent_workers=num_workers > 0, pin_memory=pin_memory,
+def make_loader(info: DatasetInfo, batch_per_device: int, seed: int, rank: int, num_workers: int,
+                shuffle_buffer: int, cache_mb: float = 0, pin_memory: bool = False, world_size: int = 1,
+                conditional: bool = False, epochs: int = 0):
+    """This rank's DataLoader of `Batch`es: endless (epochs=0), or a finite pass of `epochs`."""
+    spec = StreamSpec(info.urls, info.shape, info.dtype, info.num_classes if conditional else 0,
+                      batch_per_device, seed, rank, world_size, shuffle_buffer, int(cache_mb * 2**20), epochs)
+    loader = torch.utils.data.DataLoader(
+        ShardStream(spec), batch_size=None, collate_fn=_as_is, num_workers=num_workers,
+        generator=torch.Generator().manual_seed(derive_seed(seed, rank, LOADER)),
+        persistent_workers=num_workers > 0 and epochs == 0, pin_memory=pin_memory,
         prefetch_factor=4 if num_workers > 0 else None,
     )
+    return loader if epochs == 0 else FinitePass(loader, finite_batches(info, spec, num_workers))
+
+
+def finite_batches(info: DatasetInfo, spec: StreamSpec, num_workers: int) -> int:
+    """Batches every rank yields in a finite pass: the smallest rank's count (known from index.json)."""
+    if info.shard_counts is None:
+        raise UserError("a finite pass over the data needs its index.json (give data.path as the dataset directory)")
+    slots_per_rank = max(1, num_workers)
+    num_slots = spec.world_size * slots_per_rank
+    per_rank = []
+    for rank in range(spec.world_size):
+        total = 0
+        for slot in range(rank * slots_per_rank, (rank + 1) * slots_per_rank):
+            samples = 0
+            for epoch in range(spec.epochs):
+                shard_ids, by_sample = epoch_assignment(len(info.urls), spec.seed, epoch, slot, num_slots)
+                in_shards = sum(info.shard_counts[i] for i in shard_ids)
+                samples += len(range(slot, in_shards, num_slots)) if by_sample else in_shards
+            total += samples // spec.batch
+        per_rank.append(total)
+    return min(per_rank)
+
+
+class FinitePass:
+    """A finite pass cut to the same number of batches on every rank, so no rank waits on another."""
+
+    def __init__(self, loader, num_batches: int):
+        self.loader, self.num_batches = loader, num_batches
+
+    def __len__(self) -> int:
+        return self.num_batches
+
+    def __iter__(self):
+        return itertools.islice(iter(self.loader), self.num_batches)
