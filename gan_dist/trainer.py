@@ -27,8 +27,8 @@ from gan_dist.augment import Augment
 from gan_dist.checkpoint import save_snapshot
 from gan_dist.config import to_dict as config_to_dict
 from gan_dist.data.stream import Batch, DatasetInfo
-from gan_dist.errors import UserError
 from gan_dist.ema import EMA
+from gan_dist.errors import UserError
 from gan_dist.losses import AdversarialLoss, gradient_penalty, interpolate, r1_penalty
 from gan_dist.seeds import derive_seed
 from gan_dist.stats import Stats

@@ -162,7 +162,7 @@ class ImageFolder:
             try:
                 with Image.open(path) as pil:
                     return (self.channels, pil.size[1], pil.size[0])
-            except Exception:  # unreadable files are reported when the shard is written
+            except Exception:  # noqa: BLE001, S112 - unreadable files are reported when the shard is written
                 continue
         raise UserError(f"imagefolder: no file under {self.root} is an image PIL can read")
 

@@ -56,7 +56,7 @@ class Batch(NamedTuple):
     labels: torch.Tensor | None
     keys: list[str]
     bad_count: int = 0
-    bad_messages: list[str] = []
+    bad_messages: tuple[str, ...] = ()
     fatal: str = ""
 
 
@@ -92,7 +92,7 @@ def open_dataset(path: str) -> DatasetInfo:
 
     if not path:
         raise UserError("no dataset path given; set data.path=DIR (a directory with index.json or a shard pattern)")
-    if path.startswith(("http:", "https:")) and (path.endswith("/") or path.endswith("index.json")):
+    if path.startswith(("http:", "https:")) and path.endswith(("/", "index.json")):
         location = path if path.endswith("index.json") else path + "index.json"
         return _from_index(location, location.rsplit("/", 1)[0])
     local = Path(path)
@@ -144,7 +144,7 @@ def _read_shard(url: str, shape, dtype, num_classes: int):
                 continue
             last_key = key
             yield record
-    except Exception as err:  # tarfile, gopen and subprocess errors all mean the shard is unreadable
+    except Exception as err:  # noqa: BLE001 - tarfile, gopen and subprocess errors all mean an unreadable shard
         reason = str(err).splitlines()[0] if str(err) else ""
         yield _Bad(f"{url}: unreadable after key {last_key} ({type(err).__name__}: {reason})")
 
@@ -227,7 +227,7 @@ def _batches(records, batch_size: int):
             if len(messages) < MAX_MESSAGES:
                 messages.append(record.message)
             if bad_in_a_row >= MAX_BAD_IN_A_ROW:
-                yield Batch(None, None, [], bad_count, messages,
+                yield Batch(None, None, [], bad_count, tuple(messages),
                             fatal=f"{bad_in_a_row} bad samples in a row and no good one, e.g. {messages[0]}")
                 return
             continue
@@ -236,7 +236,7 @@ def _batches(records, batch_size: int):
         if len(items) == batch_size:
             arrays, labels, keys = zip(*items)
             yield Batch(torch.from_numpy(np.stack(arrays)), torch.tensor(labels, dtype=torch.int64), list(keys),
-                        bad_count, messages)
+                        bad_count, tuple(messages))
             items, bad_count, messages = [], 0, []
 
 
