@@ -85,12 +85,23 @@ def test_prepare_mnist_from_torchvision_files(tmp_path, capsys):
     assert test_info.count == 12 and test_info.shape == (1, 32, 32)
 
 
-def test_prepare_mnist_without_files_says_where_to_put_them(tmp_path, capsys):
-    code = cli_main(["prepare", "torchvision", "MNIST", "--root", str(tmp_path), "--out", str(tmp_path / "m")])
+@pytest.mark.parametrize("name, where", [("MNIST", "MNIST/raw"), ("CIFAR10", "cifar-10-batches-py")])
+def test_prepare_torchvision_without_files_says_where_to_put_them(tmp_path, capsys, name, where):
+    code = cli_main(["prepare", "torchvision", name, "--root", str(tmp_path), "--out", str(tmp_path / "m"),
+                     "--no-download"])
     assert code == 2
     err = capsys.readouterr().err
-    assert "MNIST files not found under" in err and "Traceback" not in err
+    assert f"{name} files not found under {tmp_path}/{where}" in err and "Traceback" not in err
     assert not (tmp_path / "m").exists()
+
+
+def test_prepare_torchvision_arguments_are_checked(tmp_path, capsys):
+    assert cli_main(["prepare", "torchvision", "CIFAR100", "--root", str(tmp_path), "--out", str(tmp_path / "m")]) == 2
+    assert "choose one of: MNIST, FashionMNIST, CIFAR10" in capsys.readouterr().err
+    assert cli_main(["prepare", "torchvision", "CIFAR10", "--out", str(tmp_path / "m")]) == 2
+    assert "needs the directory with torchvision's files: pass --root DIR" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        cli_main(["prepare", "torchvision", "CIFAR10", "--root", str(tmp_path), "--split", "val", "--out", "x"])
 
 
 def _keys(loader, num_batches):

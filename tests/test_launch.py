@@ -90,3 +90,24 @@ def test_two_processes_stay_identical_with_regularisers_and_norms(variant, digit
     ranks = [torch.load(tmp_path / "probe" / f"rank{r}.pt") for r in (0, 1)]
     _assert_identical_on_both_ranks(ranks)
     assert any(name.endswith("running_mean") or "parametrizations" in name for name in ranks[0]["D"])
+
+
+def test_two_ranks_with_two_workers_split_the_stream(digits_dir, tmp_path):
+    """One launch: disjoint keys within an epoch, equal batch counts, repeatable per seed."""
+    import json
+
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("ACCELERATE_", "WORLD_SIZE", "RANK"))}
+    env.update(PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
+    launch = LAUNCHERS["torchrun"](_free_port())
+    result = subprocess.run([*launch, str(HELPERS / "stream_probe.py"), str(digits_dir), str(tmp_path / "out")],
+                            env=env, capture_output=True, text=True, timeout=240, check=False)
+    assert result.returncode == 0, result.stderr
+    ranks = [json.loads((tmp_path / "out" / f"rank{r}.json").read_text()) for r in (0, 1)]
+    assert ranks[0]["world_size"] == 2
+    first = [r["first"] for r in ranks]
+    assert not set(first[0]["keys"]) & set(first[1]["keys"])
+    assert first[0]["batches"] == first[1]["batches"] > 0
+    assert first[0]["min_batches"] == first[0]["max_batches"] == first[0]["batches"]
+    for r in ranks:
+        assert r["again"]["keys"] == r["first"]["keys"]
+        assert r["other_seed"]["keys"] != r["first"]["keys"]

@@ -43,6 +43,7 @@ def test_resolved_config_includes_overrides(train_main, digits_dir, tmp_path):
     ["model.conditional=true", "loss.name=least_squares"],
     ["train.mixed_precision=bf16", "loss.r1_gamma=0.1", "loss.r1_interval=1"],
     ["log.tensorboard=true"],
+    ["data.hflip=true", "data.diffaugment=color,translation,cutout", "loss.r1_gamma=1", "data.num_workers=2"],
 ])
 def test_variants_train_with_finite_losses(train_main, digits_dir, tmp_path, extra):
     code, _, err = train_main(*tiny_args(digits_dir, "train.max_steps=6", "log.every_steps=3", *extra))

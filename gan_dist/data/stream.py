@@ -62,6 +62,7 @@ class Batch(NamedTuple):
 
 class _Bad(NamedTuple):
     message: str
+    count: int = 1
 
 
 # ------------------------------------------------------------------ opening
@@ -125,18 +126,21 @@ def _check_local(urls: list[str]) -> None:
 
 
 # ------------------------------------------------------------------ reading
-def _read_shard(url: str, shape, dtype, num_classes: int):
+def _read_shard(url: str, shape, dtype, num_classes: int, expected: int = 0):
     """Decoded (array, label, key) tuples of one shard, with a `_Bad` for each unusable sample.
 
-    A shard that breaks off (truncated tar, failed download or command) ends with one
-    `_Bad` naming the shard and the last good key; the stream then goes on to the next shard.
+    A shard that breaks off (failed download or command) ends with one `_Bad` naming the
+    shard and the last good key; the stream then goes on to the next shard. Python's tarfile
+    reads a truncated tar as a short one without complaint, so a shard that yields fewer
+    samples than index.json lists (`expected`) counts the missing ones as bad.
     """
     import webdataset as wds
 
-    last_key = "(none)"
+    last_key, seen = "(none)", 0
     try:
         for raw in wds.tarfile_samples(iter([{"url": url}])):
             key = raw.get("__key__", "?")
+            seen += 1
             try:
                 record = decode(raw, shape, dtype, num_classes)
             except BadSample as err:
@@ -146,7 +150,11 @@ def _read_shard(url: str, shape, dtype, num_classes: int):
             yield record
     except Exception as err:  # noqa: BLE001 - tarfile, gopen and subprocess errors all mean an unreadable shard
         reason = str(err).splitlines()[0] if str(err) else ""
-        yield _Bad(f"{url}: unreadable after key {last_key} ({type(err).__name__}: {reason})")
+        yield _Bad(f"{url}: unreadable after key {last_key} ({type(err).__name__}: {reason})",
+                   max(1, expected - seen))
+        return
+    if seen < expected:
+        yield _Bad(f"{url}: truncated, {seen} of its {expected} samples after key {last_key}", expected - seen)
 
 
 @dataclass
@@ -164,6 +172,7 @@ class StreamSpec:
     shuffle_buffer: int
     cache_bytes: int = 0
     epochs: int = 0  # 0: endless
+    shard_counts: list[int] | None = None  # from index.json: lets a truncated shard be noticed
 
 
 def epoch_assignment(num_shards: int, seed: int, epoch: int, slot: int, num_slots: int) -> tuple[list[int], bool]:
@@ -195,7 +204,7 @@ class ShardStream(torch.utils.data.IterableDataset):
 
         spec = self.spec
         shard_ids, by_sample = epoch_assignment(len(spec.urls), spec.seed, epoch, slot, num_slots)
-        records = itertools.chain.from_iterable(self._shard(spec.urls[i]) for i in shard_ids)
+        records = itertools.chain.from_iterable(self._shard(i) for i in shard_ids)
         if by_sample:
             records = itertools.islice(records, slot, None, num_slots)
         if spec.shuffle_buffer > 1:
@@ -203,17 +212,20 @@ class ShardStream(torch.utils.data.IterableDataset):
             records = wds.shuffle(spec.shuffle_buffer, initial=spec.shuffle_buffer, seed=seed)(records)
         return records
 
-    def _shard(self, url: str):
+    def _shard(self, index: int):
         """A shard's records, replayed from memory when it fits in the cache (same order either way)."""
+        spec = self.spec
+        url = spec.urls[index]
         if url in self.cache:
             yield from self.cache[url]
             return
         records = []
-        for record in _read_shard(url, self.spec.shape, self.spec.dtype, self.spec.num_classes):
+        expected = spec.shard_counts[index] if spec.shard_counts else 0
+        for record in _read_shard(url, spec.shape, spec.dtype, spec.num_classes, expected):
             records.append(record)
             yield record
         size = sum(r[0].nbytes + 64 if not isinstance(r, _Bad) else 64 for r in records)
-        if self.cache_used + size <= self.spec.cache_bytes:
+        if self.cache_used + size <= spec.cache_bytes:
             self.cache[url] = records
             self.cache_used += size
 
@@ -223,7 +235,7 @@ def _batches(records, batch_size: int):
     items, bad_count, messages, bad_in_a_row = [], 0, [], 0
     for record in records:
         if isinstance(record, _Bad):
-            bad_count, bad_in_a_row = bad_count + 1, bad_in_a_row + 1
+            bad_count, bad_in_a_row = bad_count + record.count, bad_in_a_row + record.count
             if len(messages) < MAX_MESSAGES:
                 messages.append(record.message)
             if bad_in_a_row >= MAX_BAD_IN_A_ROW:
@@ -238,6 +250,8 @@ def _batches(records, batch_size: int):
             yield Batch(torch.from_numpy(np.stack(arrays)), torch.tensor(labels, dtype=torch.int64), list(keys),
                         bad_count, tuple(messages))
             items, bad_count, messages = [], 0, []
+    if bad_count:  # a finite pass that ends on bad samples still reports them
+        yield Batch(None, None, [], bad_count, tuple(messages))
 
 
 def _as_is(batch):
@@ -250,7 +264,8 @@ def make_loader(info: DatasetInfo, batch_per_device: int, seed: int, rank: int, 
                 conditional: bool = False, epochs: int = 0):
     """This rank's DataLoader of `Batch`es: endless (epochs=0), or a finite pass of `epochs`."""
     spec = StreamSpec(info.urls, info.shape, info.dtype, info.num_classes if conditional else 0,
-                      batch_per_device, seed, rank, world_size, shuffle_buffer, int(cache_mb * 2**20), epochs)
+                      batch_per_device, seed, rank, world_size, shuffle_buffer, int(cache_mb * 2**20), epochs,
+                      info.shard_counts)
     loader = torch.utils.data.DataLoader(
         ShardStream(spec), batch_size=None, collate_fn=_as_is, num_workers=num_workers,
         generator=torch.Generator().manual_seed(derive_seed(seed, rank, LOADER)),
@@ -290,4 +305,9 @@ class FinitePass:
         return self.num_batches
 
     def __iter__(self):
-        return itertools.islice(iter(self.loader), self.num_batches)
+        full = 0
+        for batch in self.loader:
+            if batch.keys and full == self.num_batches:
+                return
+            full += bool(batch.keys)
+            yield batch  # batches of bad samples only are passed on, not counted

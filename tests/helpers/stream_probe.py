@@ -1,0 +1,39 @@
+"""Run under torchrun (2 processes, gloo): each rank reads finite passes of the shard stream.
+
+Writes OUT/rank<R>.json with the keys and batch counts of three passes (seed 0, seed 0
+again with fresh worker processes, seed 1), each read with 2 DataLoader workers. The
+batch counts are also all-reduced (min and max), as DDP would meet them.
+
+    torchrun --nproc_per_node 2 stream_probe.py DATASET_DIR OUT_DIR
+"""
+
+import json
+import sys
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from gan_dist.data.stream import make_loader, open_dataset
+
+
+def main() -> None:
+    data_dir, out_dir = sys.argv[1], Path(sys.argv[2])
+    dist.init_process_group("gloo")
+    rank, world_size = dist.get_rank(), dist.get_world_size()
+    info = open_dataset(data_dir)
+    result = {"world_size": world_size}
+    for name, seed in (("first", 0), ("again", 0), ("other_seed", 1)):
+        loader = make_loader(info, 16, seed, rank, num_workers=2, shuffle_buffer=50, world_size=world_size, epochs=1)
+        batches = [b for b in loader if b.keys]
+        counts = torch.tensor([len(batches), -len(batches)])
+        dist.all_reduce(counts, op=dist.ReduceOp.MIN)
+        result[name] = {"keys": [k for b in batches for k in b.keys], "batches": len(batches),
+                        "min_batches": int(counts[0]), "max_batches": int(-counts[1])}
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / f"rank{rank}.json").write_text(json.dumps(result))
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,154 @@
+"""The shard stream: splits by rank and worker, remote URLs, and bad data under skip/raise."""
+
+import io
+import json
+import socket
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+from conftest import tiny_args
+
+from gan_dist.data.prepare import write_shards
+from gan_dist.data.sources import ArraySource, digits
+from gan_dist.data.stream import make_loader, open_dataset
+
+
+def _finite_keys(info, rank, world_size, num_workers, seed=0, batch=16):
+    loader = make_loader(info, batch, seed, rank, num_workers, shuffle_buffer=50, world_size=world_size, epochs=1)
+    batches = [b for b in loader if b.keys]
+    return [k for b in batches for k in b.keys], len(batches)
+
+
+@pytest.mark.parametrize("num_workers, shard_size", [(2, 100), (2, 1000), (0, 256)])
+def test_ranks_and_workers_read_disjoint_samples_in_equal_batches(tmp_path, num_workers, shard_size):
+    """18 shards (more than slots) split whole; 2 shards (fewer than 4 slots) split by sample."""
+    path = write_shards(digits(), tmp_path / "d", shard_size=shard_size)
+    info = open_dataset(str(path))
+    (keys0, batches0), (keys1, batches1) = (_finite_keys(info, r, 2, num_workers) for r in (0, 1))
+    assert batches0 == batches1 > 0
+    assert not set(keys0) & set(keys1)
+    assert len(set(keys0)) == len(keys0) and len(set(keys1)) == len(keys1)
+    # Dropped: partial batches, and what the rank with more shards has beyond the other's count.
+    assert len(keys0) == len(keys1) == batches0 * 16 and len(keys0) + len(keys1) > 0.8 * info.count
+
+
+def test_each_epoch_deals_the_shards_anew(digits_dir):
+    from gan_dist.data.stream import epoch_assignment
+
+    info = open_dataset(str(digits_dir))  # 8 shards of 256 samples
+    dealt = [epoch_assignment(8, 0, epoch, 0, 2)[0] for epoch in range(4)]
+    assert len({tuple(sorted(d)) for d in dealt}) > 1 and all(len(d) == 4 for d in dealt)
+    keys = [k for b in make_loader(info, 16, 0, 0, 0, 1, world_size=2, epochs=1) for k in b.keys]
+    assert {int(k) // 256 for k in keys} <= set(dealt[0])  # the rank with more samples stops early
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture
+def http_root(digits_dir):
+    port = _free_port()
+    server = subprocess.Popen([sys.executable, "-m", "http.server", str(port), "--bind", "127.0.0.1",
+                               "--directory", str(digits_dir)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        for _ in range(100):
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=0.1).close()
+                break
+            except OSError:
+                time.sleep(0.05)
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.terminate()
+        server.wait()
+
+
+def test_http_and_pipe_give_the_local_stream(digits_dir, http_root):
+    local = _finite_keys(open_dataset(str(digits_dir)), 0, 1, 0)
+    over_http = open_dataset(f"{http_root}/")
+    assert over_http.urls[0].startswith("http://") and over_http.count == 1797
+    assert _finite_keys(over_http, 0, 1, 0) == local
+    pattern = f"{http_root}/shard-{{000000..000007}}.tar"
+    assert open_dataset(pattern).shape == (1, 8, 8)
+    piped = open_dataset(f"pipe:cat {digits_dir}/shard-000000.tar")
+    assert piped.shape == (1, 8, 8) and piped.dtype == "uint8"
+
+
+def _npy(array) -> bytes:
+    buffer = io.BytesIO()
+    np.save(buffer, array)
+    return buffer.getvalue()
+
+
+BAD_CASES = {
+    "corrupt image": lambda key: {"__key__": key, "npy": b"\x93NUMPY garbage", "cls": b"3"},
+    "wrong shape": lambda key: {"__key__": key, "npy": _npy(np.zeros((1, 9, 8), np.uint8)), "cls": b"3"},
+    "missing label": lambda key: {"__key__": key, "npy": _npy(np.zeros((1, 8, 8), np.uint8))},
+}
+BAD_MESSAGES = {"corrupt image": "corrupt .npy", "wrong shape": "shape [1, 9, 8] instead of the dataset's [1, 8, 8]",
+                "missing label": "no label (.cls) in a class-conditional run", "truncated tar": "truncated"}
+
+
+def _bad_dataset(tmp_path, case: str):
+    """The digits in 8 shards, with one bad sample (or a truncated shard) in shard 3."""
+    import webdataset as wds
+
+    path = write_shards(digits(), tmp_path / case.replace(" ", "_"))
+    shard = path / "shard-000003.tar"
+    if case == "truncated tar":
+        data = shard.read_bytes()
+        shard.write_bytes(data[: len(data) // 2])
+        return path
+    with wds.TarWriter(str(shard), encoder=False) as sink:
+        sink.write(BAD_CASES[case]("bad00001"))
+    index = json.loads((path / "index.json").read_text())
+    index["shards"][3]["count"] = 1
+    (path / "index.json").write_text(json.dumps(index))
+    return path
+
+
+@pytest.mark.parametrize("case", list(BAD_MESSAGES))
+def test_bad_data_is_skipped_and_counted_or_raised_with_its_name(train_main, tmp_path, case):
+    path = _bad_dataset(tmp_path, case)
+    args = [*tiny_args(path, "model.conditional=true", "train.total_kimg=3", "log.every_steps=1000")]
+    code, _, err = train_main(*args, "run.name=skip")
+    assert code == 0, err
+    records = [json.loads(line) for line in (tmp_path / "runs" / "skip" / "metrics.jsonl").read_text().splitlines()]
+    assert sum(r["Data/bad_samples"] for r in records) >= 1
+    code, _, err = train_main(*args, "run.name=raise", "data.on_error=raise")
+    assert code == 2
+    assert "shard-000003.tar" in err and BAD_MESSAGES[case] in err and "data.on_error=skip" in err
+    assert "Traceback" not in err
+
+
+def test_unconditional_runs_ignore_missing_labels(train_main, tmp_path):
+    path = _bad_dataset(tmp_path, "missing label")
+    code, _, err = train_main(*tiny_args(path, "data.on_error=raise", "train.total_kimg=3"))
+    assert code == 0, err
+
+
+def test_many_bad_samples_warn_loudly(train_main, tmp_path):
+    images = digits()
+    broken = ArraySource(images.samples.copy(), images.labels, images.classes, "half broken")
+    path = write_shards(broken, tmp_path / "d")
+    for shard in ("shard-000001.tar", "shard-000005.tar"):
+        (path / shard).write_bytes((path / shard).read_bytes()[:2000])
+    code, out, err = train_main(*tiny_args(path, "train.total_kimg=2"))
+    assert code == 0, err
+    assert "WARNING" in out and "were unreadable and skipped" in out
+
+
+def test_nothing_but_bad_samples_stops_instead_of_hanging(tmp_path):
+    from gan_dist.data import stream
+
+    path = _bad_dataset(tmp_path, "corrupt image")
+    info = open_dataset(str(path))
+    info.urls, info.shard_counts = [info.urls[3]], [1]
+    batch = next(iter(make_loader(info, 8, 0, 0, 0, 1)))
+    assert batch.fatal and f"{stream.MAX_BAD_IN_A_ROW} bad samples in a row" in batch.fatal
