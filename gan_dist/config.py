@@ -50,6 +50,8 @@ class DataConfig:
     """Samples held in each worker's shuffle buffer, seeded from train.seed, rank and worker."""
     cache_mb: float = 256.0
     """Keep decoded shards in each worker's memory up to this size, so small datasets are read once; 0 turns it off."""
+    num_classes: int = 0
+    """Classes of a conditional run on a shard pattern without index.json (with an index, it is read from there)."""
     on_error: Literal["skip", "raise"] = "skip"
     """A sample that cannot be read (corrupt, wrong shape, no label in a conditional run): skip and count it, or stop."""
     hflip: bool = False
@@ -76,6 +78,8 @@ class ModelConfig:
     """Group size of a minibatch-std feature before the MLP discriminators' last layer (0 = off)."""
     conditional: bool = False
     """Class-conditional G (label embedding) and projection D; needs a labelled dataset."""
+    sync_bn: bool = False
+    """Convert BatchNorm layers to SyncBatchNorm (statistics over the global batch); GPU only."""
 
 
 @dataclass
@@ -142,6 +146,14 @@ class TrainConfig:
     """Half-life of G_ema in thousands of images."""
     ema_rampup: float = 0.05
     """Cap the EMA half-life at this fraction of the images seen so far (early speed-up); 0 turns it off."""
+    max_skipped_in_row: int = 20
+    """Abort when this many optimizer steps in a row had non-finite gradients (fp16 scaler skips do not count)."""
+
+
+@dataclass
+class DistConfig:
+    timeout_s: float = 1800.0
+    """A training step taking longer dumps every rank's Python stacks and exits; collectives time out a little later."""
 
 
 @dataclass
@@ -170,6 +182,8 @@ class Config:
     """One Adam per network (two time-scale update rule)."""
     train: TrainConfig = field(default_factory=TrainConfig)
     """Length, batch, precision and seeds."""
+    dist: DistConfig = field(default_factory=DistConfig)
+    """Multi-process behaviour: timeouts."""
     log: LogConfig = field(default_factory=LogConfig)
     """Console, metrics and samples."""
     plugins: list[str] = field(default_factory=list)
@@ -288,6 +302,8 @@ def validate(cfg: Config) -> None:
     _require(cfg.loss.r1_gamma >= 0, "loss.r1_gamma", "must be >= 0 (0 = off)")
     _require(cfg.loss.gp_weight >= 0, "loss.gp_weight", "must be >= 0 (0 = off)")
     _require(cfg.train.ema_rampup >= 0, "train.ema_rampup", "must be >= 0 (0 = off)")
+    _require(cfg.train.max_skipped_in_row >= 1, "train.max_skipped_in_row", "must be >= 1")
+    _require(cfg.dist.timeout_s > 0, "dist.timeout_s", "must be > 0 seconds")
     _require(cfg.log.every_steps > 0, "log.every_steps", "must be >= 1")
     _require(cfg.log.sample_every_kimg > 0, "log.sample_every_kimg", "must be > 0")
     _require(cfg.log.num_samples > 0, "log.num_samples", "must be >= 1")
@@ -295,6 +311,7 @@ def validate(cfg: Config) -> None:
     _require(cfg.data.shuffle_buffer >= 1, "data.shuffle_buffer", "must be >= 1")
     _require(cfg.data.resolution >= 0, "data.resolution", "must be >= 0 (0 = native size)")
     _require(cfg.data.cache_mb >= 0, "data.cache_mb", "must be >= 0 (0 = off)")
+    _require(cfg.data.num_classes >= 0, "data.num_classes", "must be >= 0")
     from gan_dist.augment import parse_policy
 
     parse_policy(cfg.data.diffaugment)

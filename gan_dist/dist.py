@@ -12,7 +12,10 @@ Three silent failures this module turns into errors or fixes (see docs/training.
 from __future__ import annotations
 
 import datetime
+import io
+import itertools
 import os
+import sys
 from collections.abc import Iterator
 from contextlib import contextmanager, nullcontext
 
@@ -156,3 +159,57 @@ def configure_threads(num_threads: int, num_workers: int) -> None:
     elif "OMP_NUM_THREADS" not in os.environ and not _cuda_available():
         per_process = (os.cpu_count() or 1) // int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
         torch.set_num_threads(max(1, per_process - num_workers))
+
+
+class RankMismatchError(RuntimeError):
+    """Ranks hold different weights: a bug (ours or a plugin's), never a user error."""
+
+
+def _fingerprint(tensor: torch.Tensor) -> torch.Tensor:
+    """Two int64 sums over the raw bits (plain and position-weighted): any change of any bit,
+    or two swapped values, changes them. Exact integer arithmetic, so no tolerance is needed."""
+    flat = tensor.detach().contiguous().reshape(-1)
+    word = torch.int32 if flat.numel() * flat.element_size() % 4 == 0 else torch.uint8
+    bits = flat.view(torch.uint8).view(word).to(torch.int64)
+    weights = torch.arange(1, bits.numel() + 1, device=bits.device, dtype=torch.int64)
+    return torch.stack([bits.sum(), (bits * weights).sum()])
+
+
+def check_rank_consistency(accelerator, modules: dict[str, nn.Module]) -> None:
+    """Every rank: raise naming the first parameter or buffer that is not bit-identical on all ranks.
+
+    One all-gather of two integers per tensor; call it after `sync_buffers`.
+    """
+    if accelerator.num_processes == 1:
+        return
+    names, prints = [], []
+    for module_name, module in modules.items():
+        for name, tensor in itertools.chain(module.named_parameters(), module.named_buffers()):
+            names.append(f"{module_name}.{name}")
+            prints.append(_fingerprint(tensor))
+    gathered = accelerator.gather(torch.stack(prints).unsqueeze(0)).view(accelerator.num_processes, len(names), 2)
+    differs = (gathered != gathered[:1]).any(dim=2).any(dim=0)
+    if bool(differs.any()):
+        first = names[int(differs.nonzero()[0])]
+        ranks = [r for r in range(accelerator.num_processes) if bool((gathered[r] != gathered[0]).any())]
+        raise RankMismatchError(f"{first} differs between rank 0 and rank(s) {ranks}: the ranks no longer train "
+                                "the same networks (a rank-dependent update, or buffers changed after the sync)")
+
+
+def convert_sync_batchnorm(G: nn.Module, D: nn.Module) -> tuple[nn.Module, nn.Module]:
+    """model.sync_bn: BatchNorm statistics over the global batch (NCCL only, so GPU only)."""
+    if not _cuda_available():
+        raise UserError("model.sync_bn=true needs GPUs (SyncBatchNorm runs on NCCL only); "
+                        "set model.sync_bn=false on CPU")
+    convert = nn.SyncBatchNorm.convert_sync_batchnorm
+    return convert(G), convert(D)
+
+
+def stack_dump_file():
+    """Where faulthandler writes stacks: stderr, or the process's own fd 2 when stderr is
+    replaced by an object without a file descriptor (pytest's capture, notebooks)."""
+    try:
+        sys.stderr.fileno()
+        return sys.stderr
+    except (AttributeError, io.UnsupportedOperation, ValueError):
+        return sys.__stderr__

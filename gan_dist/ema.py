@@ -28,7 +28,9 @@ class EMA:
         # AveragedModel deep-copies G; its first update copies G's weights exactly.
         self.averaged = AveragedModel(G, use_buffers=False)
         self.averaged.requires_grad_(False).eval()
-        self.averaged.module.float()
+        # fp32 even when G trains under half precision; a float64 G (tests) stays float64.
+        if next(G.parameters()).dtype in (torch.float16, torch.bfloat16):
+            self.averaged.module.float()
 
     @property
     def module(self) -> nn.Module:

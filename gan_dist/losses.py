@@ -66,10 +66,15 @@ def input_gradients(outputs: torch.Tensor, inputs: torch.Tensor, scaler=None) ->
     return grad
 
 
+def at_least_fp32(t: torch.Tensor) -> torch.Tensor:
+    """Half-precision outputs are promoted for the loss; float64 (the equivalence tests) is kept."""
+    return t if t.dtype == torch.float64 else t.float()
+
+
 def r1_penalty(real_logits: torch.Tensor, real: torch.Tensor, scaler=None) -> torch.Tensor:
     """Mean over samples of |grad_x D(x)|^2 at real x (Mescheder et al. 2018); weight gamma/2 outside."""
     grad = input_gradients(real_logits, real, scaler)
-    return grad.float().square().flatten(1).sum(1).mean()
+    return at_least_fp32(grad).square().flatten(1).sum(1).mean()
 
 
 def interpolate(real: torch.Tensor, fake: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
@@ -82,4 +87,4 @@ def interpolate(real: torch.Tensor, fake: torch.Tensor, generator: torch.Generat
 def gradient_penalty(mixed_logits: torch.Tensor, mixed: torch.Tensor, scaler=None) -> torch.Tensor:
     """Mean of (|grad_x D(x)| - 1)^2 at interpolates x (Gulrajani et al. 2017); weight outside."""
     grad = input_gradients(mixed_logits, mixed, scaler)
-    return (grad.float().flatten(1).norm(dim=1) - 1).square().mean()
+    return (at_least_fp32(grad).flatten(1).norm(dim=1) - 1).square().mean()

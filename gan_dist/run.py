@@ -66,9 +66,12 @@ def open_data(cfg, accelerator, batch_per_device: int) -> tuple[DatasetInfo, tor
         if accelerator.is_main_process and not cfg.data.path and not Path(path).exists():
             write_shards(open_source(cfg.data.dataset, root=cfg.data.root, resolution=cfg.data.resolution), path)
         info = open_dataset(path)
+    if not info.classes and cfg.data.num_classes:
+        info.classes = [str(c) for c in range(cfg.data.num_classes)]
     if cfg.model.conditional and not info.num_classes:
-        raise UserError(f"model.conditional=true needs labelled data, but {path} lists no classes; "
-                        "set model.conditional=false or prepare the data with its labels")
+        raise UserError(f"model.conditional=true needs the number of classes, but {path} has no index.json "
+                        "listing them: point data.path at the dataset's index.json (also works over http and "
+                        "pipe:), or set data.num_classes=N, or set model.conditional=false")
     loader = make_loader(info, batch_per_device, cfg.train.seed, accelerator.process_index,
                          cfg.data.num_workers, cfg.data.shuffle_buffer, cfg.data.cache_mb,
                          pin_memory=accelerator.device.type == "cuda", world_size=accelerator.num_processes,

@@ -10,7 +10,9 @@ the accelerator together, then hands them to the Trainer.
 from __future__ import annotations
 
 import argparse
+import faulthandler
 import importlib
+import signal
 from pathlib import Path
 
 import torch
@@ -83,12 +85,18 @@ def train(config_path: str | None, overrides: list[str], debug: bool = False) ->
     dist.configure_threads(cfg.train.num_threads, cfg.data.num_workers)
     run_dir = Path(cfg.run.root) / cfg.run.name
     check_run_dir(run_dir, cfg.run.overwrite)
-    acc = dist.build_accelerator(cfg.train.mixed_precision, run_dir, cfg.log.tensorboard)
+    # `kill -USR1 PID` prints where a rank is.
+    faulthandler.register(signal.SIGUSR1, file=dist.stack_dump_file(), all_threads=True)
+    # The step watchdog (dist.timeout_s) fires first, so a hang shows every rank's stacks.
+    acc = dist.build_accelerator(cfg.train.mixed_precision, run_dir, cfg.log.tensorboard,
+                                 timeout_s=cfg.dist.timeout_s * 1.1 + 60)
     per_device = dist.batch_per_device(cfg.train.batch_size, acc.num_processes, cfg.train.num_micro_batches)
     info, loader = open_data(cfg, acc, per_device)
     loss = get_loss(cfg.loss.name)
     torch.manual_seed(cfg.train.seed)  # identical initial weights on every rank
     G, D = build_models(cfg.model, info.shape, info.num_classes)
+    if cfg.model.sync_bn:
+        G, D = dist.convert_sync_batchnorm(G, D)
     # Only now, with config, data and models known to be good, is the run directory touched.
     prepare_run_dir(run_dir, cfg, acc)
     G, D, opt_G, opt_D = acc.prepare(G, D, *build_optimizers(cfg, G, D))

@@ -16,6 +16,7 @@ Choices worth knowing (docs/training.md):
 
 from __future__ import annotations
 
+import faulthandler
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,7 +30,13 @@ from gan_dist.config import to_dict as config_to_dict
 from gan_dist.data.stream import Batch, DatasetInfo
 from gan_dist.ema import EMA
 from gan_dist.errors import UserError
-from gan_dist.losses import AdversarialLoss, gradient_penalty, interpolate, r1_penalty
+from gan_dist.losses import (
+    AdversarialLoss,
+    at_least_fp32,
+    gradient_penalty,
+    interpolate,
+    r1_penalty,
+)
 from gan_dist.seeds import derive_seed
 from gan_dist.stats import Stats
 from gan_dist.visual import save_samples
@@ -54,6 +61,10 @@ class NonFiniteLossError(FloatingPointError):
     """Raised in --debug mode at the first NaN/Inf loss, naming the phase and step."""
 
 
+class TrainingDivergedError(UserError):
+    """Too many optimizer steps in a row skipped for non-finite gradients."""
+
+
 @dataclass
 class Networks:
     """G and D as prepared by accelerate, their optimizers, and G's moving average."""
@@ -74,10 +85,15 @@ class Progress:
     last_log_images: int = 0
     last_log_time: float = field(default_factory=time.perf_counter)
     data_wait_s: float = 0.0
-    bad_samples: int = 0
+    num_bad_samples: int = 0
     """Samples skipped as unreadable since the last log line (this rank)."""
-    good_samples: int = 0
+    num_good_samples: int = 0
     bad_example: str = ""
+    skipped: dict = field(default_factory=lambda: {"G": 0, "D": 0})
+    """Optimizer steps skipped for non-finite (synchronised) gradients, per network."""
+    fp16_overflows: dict = field(default_factory=lambda: {"G": 0, "D": 0})
+    """Steps the fp16 grad scaler skipped while calibrating its scale (never fatal)."""
+    skipped_in_row: int = 0
 
 
 class Trainer:
@@ -99,6 +115,7 @@ class Trainer:
         self.fixed_labels = (torch.arange(cfg.log.num_samples, device=device) % self.num_classes
                              if self.num_classes else None)
         self.G_raw, self.D_raw = accelerator.unwrap_model(self.G), accelerator.unwrap_model(self.D)
+        self.dtype = next(self.G_raw.parameters()).dtype  # float32, or float64 in the equivalence tests
         self.params = {"G": [p for p in self.G.parameters() if p.requires_grad],
                        "D": [p for p in self.D.parameters() if p.requires_grad]}
         self.augment = Augment(cfg.data.hflip, cfg.data.diffaugment, cfg.train.seed, rank, device)
@@ -113,6 +130,9 @@ class Trainer:
         try:
             self.sample_grid()  # the untrained G_ema, as step 0
             while not self._done():
+                # A step that hangs (a stuck collective, a dead data worker) dumps every thread's
+                # stack and exits, on every rank, before the collectives' own timeout.
+                faulthandler.dump_traceback_later(self.cfg.dist.timeout_s, exit=True, file=dist.stack_dump_file())
                 images_before = self.num_images
                 for _ in range(self.cfg.train.n_critic):
                     self.d_phase(*self._next_real(batches))
@@ -123,6 +143,7 @@ class Trainer:
                 self._at_intervals(images_before)
             self._finish()
         finally:
+            faulthandler.cancel_dump_traceback_later()
             self.console.close()
 
     @property
@@ -176,8 +197,8 @@ class Trainer:
             fake = self.G(z, fake_labels)
         if r1_due:
             real = real.detach().requires_grad_(True)
-        real_logits = self.D(self.augment.before_d(real), labels).float()
-        fake_logits = self.D(self.augment.before_d(fake), fake_labels).float()
+        real_logits = at_least_fp32(self.D(self.augment.before_d(real), labels))
+        fake_logits = at_least_fp32(self.D(self.augment.before_d(fake), fake_labels))
         loss = self.loss.d_loss(real_logits, fake_logits)
         self.stats.report("Loss/D/adversarial", loss)
         self.stats.report("Logits/real", real_logits.mean())
@@ -188,7 +209,7 @@ class Trainer:
             loss = loss + r1 * (self.cfg.loss.r1_gamma / 2 * self.cfg.loss.r1_interval)
         if self.cfg.loss.gp_weight > 0:
             mixed = interpolate(real, fake, self.penalty_gen)
-            gp = gradient_penalty(self.D(mixed, labels).float(), mixed, self.acc.scaler)
+            gp = gradient_penalty(at_least_fp32(self.D(mixed, labels)), mixed, self.acc.scaler)
             self.stats.report("Loss/D/gp", gp)
             loss = loss + self.cfg.loss.gp_weight * gp
         self.stats.report("Loss/D", loss)
@@ -201,7 +222,7 @@ class Trainer:
             for i in range(num_micro):
                 with dist.micro_batch_sync(self.acc, self.G, i, num_micro):
                     z, fake_labels = self._noise(self.batch_per_device // num_micro)
-                    fake_logits = self.D(self.augment.before_d(self.G(z, fake_labels)), fake_labels).float()
+                    fake_logits = at_least_fp32(self.D(self.augment.before_d(self.G(z, fake_labels)), fake_labels))
                     loss = self.loss.g_loss(fake_logits)
                     self.stats.report("Loss/G", loss)
                     self._check_finite(loss, "G")
@@ -211,11 +232,36 @@ class Trainer:
     def _step(self, optimizer, name: str, opt_cfg) -> None:
         grad_norm = dist.grad_norm(self.acc, optimizer, self.params[name], opt_cfg.grad_clip_norm)
         self.stats.report(f"GradNorm/{name}", grad_norm)
+        if self.acc.scaler is None and not self._gradients_finite(grad_norm, name):
+            return
         if opt_cfg.warmup_kimg > 0 or opt_cfg.rampdown_kimg > 0:
             for group in optimizer.param_groups:
                 group["lr"] = opt_cfg.lr * lr_factor(self.num_images, self.total_images, self.cfg.train.batch_size,
                                                      opt_cfg.warmup_kimg, opt_cfg.rampdown_kimg)
         optimizer.step()
+        # Under fp16 the scaler skips steps with inf/NaN gradients itself, and lowers its scale.
+        if self.acc.scaler is not None and optimizer.step_was_skipped:
+            self.progress.fp16_overflows[name] += 1
+
+    def _gradients_finite(self, grad_norm: torch.Tensor, name: str) -> bool:
+        """Skip the step when the gradient norm is not finite.
+
+        The gradients were all-reduced by DDP, so grad_norm is the same on every rank and every
+        rank takes the same decision without another collective. Reading it costs one host
+        sync per optimizer step (the fp16 scaler makes the same sync).
+        """
+        if bool(torch.isfinite(grad_norm)):
+            self.progress.skipped_in_row = 0
+            return True
+        self.progress.skipped[name] += 1
+        self.progress.skipped_in_row += 1
+        limit = self.cfg.train.max_skipped_in_row
+        if self.progress.skipped_in_row >= limit:
+            raise TrainingDivergedError(
+                f"{limit} optimizer steps in a row had non-finite gradients (last: {name} at step "
+                f"{self.progress.step + 1}); training has diverged. Lower the learning rates, add "
+                "loss.r1_gamma or optim.*.grad_clip_norm, or raise train.max_skipped_in_row")
+        return False
 
     # ----------------------------------------------------------------- inputs
     def _noise(self, count: int) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -232,21 +278,30 @@ class Trainer:
         self._account_bad(batch)
         x = batch.samples.to(self.acc.device, non_blocking=True)
         # uint8 images travel as bytes and become [-1, 1] floats on the device.
-        x = x.float().div_(127.5).sub_(1.0) if x.dtype == torch.uint8 else x.float()
+        x = x.to(self.dtype).div_(127.5).sub_(1.0) if x.dtype == torch.uint8 else x.to(self.dtype)
         y = batch.labels.to(self.acc.device, non_blocking=True) if self.num_classes else None
         return self.augment.flip_real(x), y
 
     def _account_bad(self, batch: Batch) -> None:
+        """Count skipped samples, or stop: on every rank at once under data.on_error=raise."""
+        stop = ""
         if batch.fatal:
-            raise UserError(f"data: {batch.fatal}; check the shards (gan-dist prepare --verify DIR)")
-        self.progress.good_samples += len(batch.keys)
-        if not batch.bad_count:
-            return
-        if self.cfg.data.on_error == "raise":
-            raise UserError(f"bad sample in the data: {batch.bad_messages[0]}; re-prepare or remove it, "
-                            "or set data.on_error=skip to skip such samples")
-        self.progress.bad_samples += batch.bad_count
-        self.progress.bad_example = self.progress.bad_example or batch.bad_messages[0]
+            stop = f"data: {batch.fatal}; check the shards (gan-dist prepare --verify DIR)"
+        elif batch.bad_count and self.cfg.data.on_error == "raise":
+            stop = (f"bad sample in the data: {batch.bad_messages[0]}; re-prepare or remove it, "
+                    "or set data.on_error=skip to skip such samples")
+        if self.cfg.data.on_error == "raise" and self.acc.num_processes > 1:
+            # One tiny all-reduce per step, only in this mode: a rank that stops alone would
+            # leave the others waiting in DDP's next all-reduce until the timeout.
+            flag = torch.tensor([1.0 if stop else 0.0], device=self.acc.device)
+            if bool(self.acc.reduce(flag, reduction="sum") > 0):
+                raise UserError(stop or "another rank met a bad sample and stopped the run (its message is above)")
+        elif stop:
+            raise UserError(stop)
+        self.progress.num_good_samples += len(batch.keys)
+        if batch.bad_count:
+            self.progress.num_bad_samples += batch.bad_count
+            self.progress.bad_example = self.progress.bad_example or batch.bad_messages[0]
 
     def _check_finite(self, loss: torch.Tensor, phase: str) -> None:
         # A host sync per step: only in --debug, where finding the first bad step matters most.
@@ -267,19 +322,23 @@ class Trainer:
         # Means over ranks of per-rank counts; the log wants the total.
         values["Data/bad_samples"] = round(values["Data/bad_samples"] * self.acc.num_processes)
         self._warn_bad(values)
+        # Skip counters are the same on every rank (decided on synchronised gradients).
+        skips = {f"Skipped/{k}": v for k, v in self.progress.skipped.items()}
+        if self.acc.scaler is not None:
+            skips.update({f"Skipped/{k}_fp16_overflow": v for k, v in self.progress.fp16_overflows.items()})
         record = {"step": self.progress.step, "kimg": self.num_images / 1000,
-                  "time_s": now - self.start_time, **values,
+                  "time_s": now - self.start_time, **values, **skips,
                   "Speed/img_per_s": (self.num_images - self.progress.last_log_images) / elapsed}
         self.progress.last_log_images, self.progress.last_log_time, self.progress.data_wait_s = self.num_images, now, 0.0
         self.console.log(record)
 
     def _report_bad(self) -> None:
         progress = self.progress
-        seen = progress.bad_samples + progress.good_samples
+        seen = progress.num_bad_samples + progress.num_good_samples
         device = self.acc.device
-        self.stats.report("Data/bad_samples", torch.tensor(float(progress.bad_samples), device=device))
-        self.stats.report("Data/bad_fraction", torch.tensor(progress.bad_samples / max(1, seen), device=device))
-        progress.bad_samples = progress.good_samples = 0
+        self.stats.report("Data/bad_samples", torch.tensor(float(progress.num_bad_samples), device=device))
+        self.stats.report("Data/bad_fraction", torch.tensor(progress.num_bad_samples / max(1, seen), device=device))
+        progress.num_bad_samples = progress.num_good_samples = 0
 
     def _warn_bad(self, values: dict) -> None:
         if values["Data/bad_fraction"] > 0.01:
@@ -296,8 +355,10 @@ class Trainer:
 
     @torch.no_grad()
     def sample_grid(self, name: str | None = None) -> None:
-        """G_ema on the fixed noise, written by rank 0 (every rank syncs buffers first)."""
+        """G_ema on the fixed noise, written by rank 0 (every rank syncs buffers and checks
+        that all ranks hold bit-identical networks first)."""
         self.sync_buffers()
+        dist.check_rank_consistency(self.acc, {"G": self.G_raw, "D": self.D_raw, "G_ema": self.ema.module})
         if not self.acc.is_main_process:
             return
         samples = self.ema.module(self.fixed_z, self.fixed_labels)

@@ -23,13 +23,14 @@ def test_shards_are_reproducible(tmp_path, capsys):
 
 
 def test_automatic_shards_are_balanced():
-    from gan_dist.data.prepare import auto_shard_size
+    from gan_dist.data.prepare import shard_bounds
 
-    for count in (40, 1797, 60_000, 1_000_003):
-        size = auto_shard_size(count)
-        num_shards = -(-count // size)
-        last = count - size * (num_shards - 1)
-        assert num_shards >= 8 and size <= 10_000 and last >= size - num_shards
+    for count in (5, 26, 40, 1797, 60_000, 1_000_003):
+        bounds = shard_bounds(count)
+        sizes = [stop - start for start, stop in bounds]
+        assert bounds[0][0] == 0 and bounds[-1][1] == count and all(a[1] == b[0] for a, b in itertools.pairwise(bounds))
+        assert len(bounds) >= min(8, count) and max(sizes) <= 10_000 and max(sizes) - min(sizes) <= 1
+    assert shard_bounds(10, 4) == [(0, 4), (4, 8), (8, 10)]
 
 
 def test_prepare_digits_writes_index_and_checksums(tmp_path, capsys):

@@ -26,22 +26,23 @@ def _image_folder(root, sizes=((12, 10),) * 6, classes=("cat", "dog")):
 def _read_all(path, conditional=True):
     info = open_dataset(str(path))
     batches = list(make_loader(info, 1, seed=0, rank=0, num_workers=0, shuffle_buffer=1,
-                               conditional=conditional, epochs=1))
+                               conditional=conditional, num_epochs=1))
     return {b.keys[0]: (b.samples[0].numpy(), int(b.labels[0])) for b in batches if b.keys}, info
 
 
 def test_imagefolder_labels_from_subfolders_and_skips_unreadable(tmp_path, capsys):
     root = _image_folder(tmp_path / "imgs")
     (root / "dog" / "notes.txt").write_text("not an image")
+    Image.new("RGB", (12, 10)).save(root / "loose.png")
     (root / "cat" / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n" + b"\x00" * 20)
     assert cli_main(["prepare", "imagefolder", str(root), "--out", str(tmp_path / "out")]) == 0
     out = capsys.readouterr().out
     assert "skipped dog/notes.txt" in out and "skipped cat/broken.png" in out
     index = json.loads((tmp_path / "out" / "index.json").read_text())
     assert index["count"] == 6 and index["shape"] == [3, 10, 12] and index["classes"] == ["cat", "dog"]
-    assert sorted(s["file"] for s in index["skipped"]) == ["cat/broken.png", "dog/notes.txt"]
+    assert sorted(s["file"] for s in index["skipped"]) == ["cat/broken.png", "dog/notes.txt", "loose.png"]
     samples, _ = _read_all(tmp_path / "out")
-    files = sorted(p for p in root.rglob("*") if p.is_file())
+    files = sorted(p for p in root.rglob("*") if p.is_file() and p.parent != root)
     for key, (array, label) in samples.items():
         path = files[int(key)]
         assert label == ["cat", "dog"].index(path.relative_to(root).parts[0])
@@ -116,3 +117,27 @@ def test_prepare_without_source_or_out_says_how(tmp_path, capsys):
     assert "needs a source and --out DIR" in capsys.readouterr().err
     assert cli_main(["prepare", "imagefolder", "--out", str(tmp_path / "o")]) == 2
     assert "imagefolder needs the folder" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["digits", "--resolution", "-3"], "--resolution must be >= 0, got -3"),
+    (["digits", "--limit", "-1"], "--limit must be >= 0, got -1"),
+    (["digits", "--workers", "0"], "--workers must be >= 1, got 0"),
+    (["digits", "--channels", "1"], "--channels applies to imagefolder only"),
+])
+def test_bad_prepare_arguments_exit_2(tmp_path, capsys, argv, message):
+    assert cli_main(["prepare", *argv, "--out", str(tmp_path / "o")]) == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err
+
+
+def test_verify_rejects_a_foreign_index(tmp_path, capsys):
+    (tmp_path / "index.json").write_text('{"shards": [{"name": 1}]}')
+    assert cli_main(["prepare", "--verify", str(tmp_path)]) == 2
+    assert "is not a gan-dist prepare index" in capsys.readouterr().err
+
+
+def test_stale_temporary_directories_are_cleared(tmp_path, capsys):
+    (tmp_path / ".d.tmp-999999").mkdir()
+    assert cli_main(["prepare", "digits", "--out", str(tmp_path / "d")]) == 0
+    assert [p.name for p in tmp_path.iterdir()] == ["d"]

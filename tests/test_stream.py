@@ -1,6 +1,7 @@
 """The shard stream: splits by rank and worker, remote URLs, and bad data under skip/raise."""
 
 import io
+import itertools
 import json
 import socket
 import subprocess
@@ -14,10 +15,11 @@ from conftest import tiny_args
 from gan_dist.data.prepare import write_shards
 from gan_dist.data.sources import ArraySource, digits
 from gan_dist.data.stream import make_loader, open_dataset
+from gan_dist.errors import UserError
 
 
 def _finite_keys(info, rank, world_size, num_workers, seed=0, batch=16):
-    loader = make_loader(info, batch, seed, rank, num_workers, shuffle_buffer=50, world_size=world_size, epochs=1)
+    loader = make_loader(info, batch, seed, rank, num_workers, shuffle_buffer=50, world_size=world_size, num_epochs=1)
     batches = [b for b in loader if b.keys]
     return [k for b in batches for k in b.keys], len(batches)
 
@@ -41,7 +43,7 @@ def test_each_epoch_deals_the_shards_anew(digits_dir):
     info = open_dataset(str(digits_dir))  # 8 shards of 256 samples
     dealt = [epoch_assignment(8, 0, epoch, 0, 2)[0] for epoch in range(4)]
     assert len({tuple(sorted(d)) for d in dealt}) > 1 and all(len(d) == 4 for d in dealt)
-    keys = [k for b in make_loader(info, 16, 0, 0, 0, 1, world_size=2, epochs=1) for k in b.keys]
+    keys = [k for b in make_loader(info, 16, 0, 0, 0, 1, world_size=2, num_epochs=1) for k in b.keys]
     assert {int(k) // 256 for k in keys} <= set(dealt[0])  # the rank with more samples stops early
 
 
@@ -69,15 +71,43 @@ def http_root(digits_dir):
         server.wait()
 
 
+def _endless_keys(info, num_batches=20):
+    return [k for b in itertools.islice(iter(make_loader(info, 16, 0, 0, 0, 50)), num_batches) for k in b.keys]
+
+
 def test_http_and_pipe_give_the_local_stream(digits_dir, http_root):
-    local = _finite_keys(open_dataset(str(digits_dir)), 0, 1, 0)
+    local = open_dataset(str(digits_dir))
     over_http = open_dataset(f"{http_root}/")
-    assert over_http.urls[0].startswith("http://") and over_http.count == 1797
-    assert _finite_keys(over_http, 0, 1, 0) == local
-    pattern = f"{http_root}/shard-{{000000..000007}}.tar"
-    assert open_dataset(pattern).shape == (1, 8, 8)
-    piped = open_dataset(f"pipe:cat {digits_dir}/shard-000000.tar")
-    assert piped.shape == (1, 8, 8) and piped.dtype == "uint8"
+    assert "curl" in over_http.urls[0] and f"{http_root}/shard-000000.tar" in over_http.urls[0]
+    assert over_http.count == 1797 and over_http.shard_counts == local.shard_counts
+    assert _finite_keys(over_http, 0, 1, 0) == _finite_keys(local, 0, 1, 0)
+    piped_index = open_dataset(f"pipe:cat {digits_dir}/index.json")
+    assert piped_index.urls[1] == f"pipe:cat {digits_dir}/shard-000001.tar"
+    assert _finite_keys(piped_index, 0, 1, 0) == _finite_keys(local, 0, 1, 0)
+    # Patterns carry no index: the endless stream is compared instead.
+    local_pattern = open_dataset(str(digits_dir / "shard-{000000..000007}.tar"))
+    http_pattern = open_dataset(f"{http_root}/shard-{{000000..000007}}.tar")
+    pipe_pattern = open_dataset(f"pipe:cat {digits_dir}/shard-{{000000..000007}}.tar")
+    assert _endless_keys(http_pattern) == _endless_keys(pipe_pattern) == _endless_keys(local_pattern)
+
+
+def test_remote_mistakes_name_the_fix(tmp_path):
+    with pytest.raises(UserError, match="use data.path='pipe:aws s3 cp URL -'"):
+        open_dataset("s3://bucket/shard-000000.tar")
+    with pytest.raises(UserError, match="no readable sample in the first shard .*unreadable"):
+        open_dataset(f"pipe:cat {tmp_path}/missing-{{000000..000001}}.tar")
+
+
+def test_a_shard_that_cannot_be_read_is_counted_and_read_again(digits_dir, tmp_path):
+    """A failing command is a bad shard (not a hang), and is not cached: the next epoch retries it."""
+    flaky, marker = tmp_path / "flaky.sh", tmp_path / "failed-once"
+    flaky.write_text(f"if [ -e {marker} ]; then cat \"$1\"; else touch {marker}; exit 1; fi\n")
+    info = open_dataset(str(digits_dir))
+    info.urls[0] = f"pipe:sh {flaky} {info.urls[0]}"
+    batches = list(itertools.islice(iter(make_loader(info, 16, 0, 0, 0, 1, cache_mb=64)), 300))
+    bad = [m for b in batches for m in b.bad_messages]
+    assert sum(b.bad_count for b in batches) == 256 and len(bad) == 1 and "unreadable after key" in bad[0]
+    assert any(int(k) < 256 for b in batches for k in b.keys)  # shard 0, read again after failing
 
 
 def _npy(array) -> bytes:

@@ -2,6 +2,7 @@
 
 import json
 import math
+import os
 
 import pytest
 import torch
@@ -158,6 +159,10 @@ BAD_INPUTS = [
     (["train.totl_kimg=3"], {}, "did you mean 'train.total_kimg'?"),
     (["plugins=[no_such_module]"], {}, "cannot import 'no_such_module'"),
     (["train.mixed_precision=fp16"], {}, "fp16 needs a GPU"),
+    (["model.sync_bn=true"], {}, "model.sync_bn=true needs GPUs"),
+    (["dist.timeout_s=0"], {}, "config key 'dist.timeout_s' must be > 0"),
+    (["model.conditional=true", f"data.path={ROOT}/tests/no-index-{{0..1}}.tar"], {},
+     "data.path: 2 of 2 shards are missing"),
     ([], {"ACCELERATE_GRADIENT_ACCUMULATION_STEPS": "4"}, "ACCELERATE_GRADIENT_ACCUMULATION_STEPS=4"),
     ([], {"ACCELERATE_MIXED_PRECISION": "fp16"}, "asks for mixed_precision=fp16 but train.mixed_precision=no"),
     ([], {"ACCELERATE_USE_DEEPSPEED": "true"}, "gan_dist's config owns this (train.backend)"),
@@ -215,3 +220,46 @@ def test_snapshot_reproduces_the_final_grid(train_main, digits_dir, tmp_path):
     with torch.no_grad():
         redrawn = save_samples(G(z), tmp_path / "redrawn.png")
     assert np.array_equal(redrawn, np.asarray(Image.open(run / "samples" / "final.png").convert("RGB")))
+
+
+def test_bf16_logits_are_bf16_and_losses_stay_finite(train_main, digits_dir, tmp_path):
+    import bf16_probe
+
+    bf16_probe.D_OUTPUT_DTYPES.clear()
+    code, _, err = train_main(*tiny_args(digits_dir, "plugins=[bf16_probe]", "model.name=bf16_probe_mlp",
+                                         "train.mixed_precision=bf16", "train.max_steps=50", "train.total_kimg=2",
+                                         "log.every_steps=10"))
+    assert code == 0, err
+    assert len(bf16_probe.D_OUTPUT_DTYPES) == 150 and set(bf16_probe.D_OUTPUT_DTYPES) == {torch.bfloat16}
+    records = [json.loads(line) for line in (tmp_path / "runs" / "tiny" / "metrics.jsonl").read_text().splitlines()]
+    assert len(records) == 5
+    assert all(math.isfinite(r["Loss/D"]) and math.isfinite(r["Loss/G"]) for r in records)
+    assert records[-1]["Skipped/D"] == records[-1]["Skipped/G"] == 0
+
+
+def test_too_many_non_finite_steps_in_a_row_abort(train_main, digits_dir, tmp_path):
+    code, _, err = train_main(*tiny_args(digits_dir, "plugins=[nan_plugin]", "model.name=nan_mlp",
+                                         "train.max_skipped_in_row=4", "train.max_steps=30"))
+    assert code == 2
+    assert "4 optimizer steps in a row had non-finite gradients" in err and "Traceback" not in err
+
+
+def test_non_finite_steps_are_skipped_and_counted(train_main, digits_dir, tmp_path):
+    code, _, err = train_main(*tiny_args(digits_dir, "plugins=[nan_plugin]", "model.name=nan_mlp",
+                                         "train.max_skipped_in_row=1000", "train.max_steps=10", "log.every_steps=10"))
+    assert code == 0, err
+    record = json.loads((tmp_path / "runs" / "tiny" / "metrics.jsonl").read_text().splitlines()[-1])
+    # D returns NaN from its 7th call: step 3's D phase (calls 7-8) and G phase (call 9) onwards.
+    assert record["Skipped/D"] == 8 and record["Skipped/G"] == 8
+
+
+def test_a_hung_step_dumps_the_stacks_and_exits(digits_dir, tmp_path):
+    import subprocess
+    import sys
+
+    env = {**os.environ, "PYTHONPATH": str(ROOT / "tests" / "helpers")}
+    result = subprocess.run([sys.executable, str(ROOT / "train.py"), *tiny_args(digits_dir, "plugins=[hang_plugin]",
+                             "dist.timeout_s=3", f"run.root={tmp_path}")], env=env, capture_output=True, text=True,
+                            timeout=120, check=False)
+    assert result.returncode != 0
+    assert "Timeout (0:00:03)!" in result.stderr and "stuck_next_real" in result.stderr

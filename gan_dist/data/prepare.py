@@ -9,6 +9,7 @@ bytes (tar mtime is fixed) and the same sha256 in index.json.
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import math
 import multiprocessing
@@ -25,12 +26,15 @@ MAX_SHARD_SIZE = 10_000
 BUILTIN_DATASETS = ("digits", "ring8", "grid25", *TORCHVISION_SETS)
 
 
-def auto_shard_size(count: int) -> int:
-    """At least 8 shards (so ranks and workers start on different shards), at most 10,000
-    samples each, and all of nearly equal size (shards are drawn whole, so a small last
-    shard would skew how often its samples are seen)."""
-    num_shards = max(8, math.ceil(count / MAX_SHARD_SIZE))
-    return max(1, math.ceil(count / num_shards))
+def shard_bounds(count: int, shard_size: int = 0) -> list[tuple[int, int]]:
+    """(start, stop) of each shard. Automatic (shard_size 0): at least 8 shards (one per sample
+    below 8) so that ranks and workers get shards of their own, at most 10,000 samples each,
+    sizes differing by at most one (each rank's share of an epoch is whole shards)."""
+    if shard_size:
+        return [(start, min(start + shard_size, count)) for start in range(0, count, shard_size)]
+    num_shards = min(count, max(8, math.ceil(count / MAX_SHARD_SIZE)))
+    edges = [n * count // num_shards for n in range(num_shards + 1)]
+    return list(itertools.pairwise(edges))
 
 
 def sha256_of(path: Path) -> str:
@@ -50,21 +54,20 @@ def _write_shard(job: tuple[Path, int, int, str]) -> dict:
     import webdataset as wds
 
     path, start, stop, fmt = job
-    skipped, mismatched, count = [], [], 0
+    skipped, count = [], 0
     with wds.TarWriter(str(path), mtime=0, encoder=False) as sink:
         for i in range(start, stop):
             try:
                 array, label = _SOURCE.load(i)
-            except SizeMismatch as err:
-                mismatched.append(f"{_SOURCE.name_of(i)}: {err}")
-                continue
+            except SizeMismatch as err:  # stops the whole prepare: a mixed-size folder needs --resolution
+                raise SizeMismatch(f"{_SOURCE.name_of(i)}: {err}") from None
             except samples_mod.BadSample as err:
                 skipped.append({"file": _SOURCE.name_of(i), "reason": str(err)})
                 continue
             sink.write(samples_mod.encode(f"{i:08d}", array, label, fmt))
             count += 1
-    return {"name": path.name, "count": count, "sha256": sha256_of(path),
-            "skipped": skipped, "mismatched": mismatched, "seen": stop - start}
+    return {"name": path.name, "count": count, "sha256": sha256_of(path), "skipped": skipped,
+            "seen": stop - start}
 
 
 def _run_jobs(jobs: list, workers: int, total: int) -> list[dict]:
@@ -77,20 +80,22 @@ def _run_jobs(jobs: list, workers: int, total: int) -> list[dict]:
     )
 
     columns = (TextColumn("prepare"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())
-    with Progress(*columns, transient=True) as progress:
-        task = progress.add_task("samples", total=total)
-        if workers <= 1:
+    # fork shares _SOURCE with the workers; the pool is forked before rich starts its
+    # refresh thread. Results come back in any order and are sorted by shard name.
+    pool = multiprocessing.get_context("fork").Pool(workers) if workers > 1 else None
+    try:
+        with Progress(*columns, transient=True) as progress:
+            task = progress.add_task("samples", total=total)
             results = []
-            for job in jobs:
-                results.append(_write_shard(job))
-                progress.advance(task, results[-1]["seen"])
-            return results
-        # fork shares _SOURCE; results come back in any order and are sorted by shard name.
-        with multiprocessing.get_context("fork").Pool(workers) as pool:
-            results = []
-            for result in pool.imap_unordered(_write_shard, jobs):
+            for result in pool.imap_unordered(_write_shard, jobs) if pool else map(_write_shard, jobs):
                 results.append(result)
                 progress.advance(task, result["seen"])
+    except SizeMismatch as err:
+        raise UserError(f"images differ in size from the first one ({err}); pass --resolution N to resize "
+                        "and centre-crop them all") from None
+    finally:
+        if pool:
+            pool.terminate()
     return sorted(results, key=lambda r: r["name"])
 
 
@@ -109,14 +114,15 @@ def write_shards(source, out: str | Path, shard_size: int = 0, force: bool = Fal
     if out.exists() and not force:
         raise UserError(f"{out} already exists; pass --force to replace it")
     count = len(source)
-    shard_size = shard_size or auto_shard_size(count)
     out.parent.mkdir(parents=True, exist_ok=True)
+    # Left by a prepare that was killed (a concurrent prepare into the same --out is a mistake anyway).
+    for stale in out.parent.glob(f".{out.name}.tmp-*"):
+        shutil.rmtree(stale, ignore_errors=True)
     tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
     try:
-        jobs = [(tmp / f"shard-{n:06d}.tar", start, min(start + shard_size, count), fmt)
-                for n, start in enumerate(range(0, count, shard_size))]
+        jobs = [(tmp / f"shard-{n:06d}.tar", start, stop, fmt)
+                for n, (start, stop) in enumerate(shard_bounds(count, shard_size))]
         _SOURCE = source
         results = _run_jobs(jobs, workers, count)
         index = _index(source, results, fmt)
@@ -131,17 +137,13 @@ def write_shards(source, out: str | Path, shard_size: int = 0, force: bool = Fal
 
 
 def _index(source, results: list[dict], fmt: str) -> dict:
-    mismatched = [m for r in results for m in r["mismatched"]]
-    if mismatched:
-        raise UserError(f"{len(mismatched)} images differ in size from the first one (e.g. {mismatched[0]}); "
-                        "pass --resolution N to resize and centre-crop them all")
     total = sum(r["count"] for r in results)
     if total == 0:
         raise UserError("no readable samples in the source; nothing written")
     return {"format": INDEX_FORMAT, "source": source.description, "count": total,
             "shape": list(source.shape), "dtype": source.dtype, "sample_format": fmt,
             "classes": source.classes,
-            "skipped": [s for r in results for s in r["skipped"]],
+            "skipped": [*getattr(source, "ignored", []), *(s for r in results for s in r["skipped"])],
             "shards": [{k: r[k] for k in ("name", "count", "sha256")} for r in results if r["count"]]}
 
 
@@ -160,14 +162,19 @@ def verify(directory: str) -> list[str]:
     index_file = Path(directory) / "index.json"
     if not index_file.is_file():
         raise UserError(f"--verify {directory}: no index.json there; is it a gan-dist prepare output?")
-    index = json.loads(index_file.read_text())
+    try:
+        index = json.loads(index_file.read_text())
+        shards = [(shard["name"], shard["sha256"]) for shard in index["shards"]]
+    except (ValueError, KeyError, TypeError) as err:
+        raise UserError(f"--verify {directory}: index.json is not a gan-dist prepare index ({err}); "
+                        "re-run gan-dist prepare") from err
     problems = []
-    for shard in index.get("shards", []):
-        path = Path(directory) / shard["name"]
+    for name, sha256 in shards:
+        path = Path(directory) / name
         if not path.is_file():
-            problems.append(f"{shard['name']}: missing")
-        elif sha256_of(path) != shard["sha256"]:
-            problems.append(f"{shard['name']}: sha256 differs from index.json (corrupt or replaced)")
+            problems.append(f"{name}: missing")
+        elif sha256_of(path) != sha256:
+            problems.append(f"{name}: sha256 differs from index.json (corrupt or replaced)")
     return problems
 
 
@@ -183,7 +190,7 @@ def add_arguments(parser) -> None:
     parser.add_argument("--no-download", dest="download", action="store_false",
                         help="torchvision: never download, only read files under --root")
     parser.add_argument("--resolution", type=int, default=0, help="resize (shorter side) and centre-crop to NxN")
-    parser.add_argument("--channels", type=int, default=3, help="imagefolder: 3 (RGB) or 1 (greyscale)")
+    parser.add_argument("--channels", type=int, default=None, help="imagefolder: 3 (RGB, default) or 1 (greyscale)")
     parser.add_argument("--format", default="npy", choices=samples_mod.FORMATS,
                         help="npy: raw uint8 (fastest to read); png: lossless, smaller; jpg: lossy, smallest")
     parser.add_argument("--limit", type=int, default=0, help="keep only the first N samples (0 = all)")
@@ -206,10 +213,14 @@ def run(args) -> int:
     # Checked before loading the (possibly slow) source.
     if Path(args.out).exists() and not args.force:
         raise UserError(f"{args.out} already exists; pass --force to replace it")
-    if args.workers < 1:
-        raise UserError(f"--workers must be >= 1, got {args.workers}")
+    for flag, value in (("--workers", args.workers - 1), ("--resolution", args.resolution), ("--limit", args.limit),
+                        ("--shard-size", args.shard_size)):
+        if value < 0:
+            raise UserError(f"{flag} must be >= {1 if flag == '--workers' else 0}, got {getattr(args, flag[2:].replace('-', '_'))}")
+    if args.channels is not None and args.source != "imagefolder":
+        raise UserError("--channels applies to imagefolder only (torchvision sets keep their own channels)")
     source = open_source(args.source, args.name, args.root, args.split, args.resolution, args.download,
-                         args.channels)
+                         args.channels or 3)
     if args.limit > 0:
         if not isinstance(source, ArraySource):
             source.files = source.files[: args.limit]

@@ -147,8 +147,11 @@ class ImageFolder:
             raise UserError(f"imagefolder: {root} holds no files")
         in_subfolders = [p for p in self.files if len(p.relative_to(self.root).parts) > 1]
         self.classes = sorted({p.relative_to(self.root).parts[0] for p in in_subfolders})
-        if self.classes:
-            self.files = in_subfolders  # loose files beside class folders would have no label
+        self.ignored = []
+        if self.classes:  # loose files beside the class folders have no label
+            self.ignored = [{"file": p.name, "reason": "outside the class folders (no label)"}
+                            for p in self.files if len(p.relative_to(self.root).parts) == 1]
+            self.files = in_subfolders
         self.class_index = {name: i for i, name in enumerate(self.classes)}
         self.resolution, self.channels = resolution, channels
         self.description = f"image folder {self.root.name} ({len(self.classes) or 'no'} classes)"

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import subprocess
 import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -31,7 +32,10 @@ from gan_dist.data.samples import BadSample, decode
 from gan_dist.errors import UserError
 from gan_dist.seeds import derive_seed
 
-REMOTE = ("pipe:", "http:", "https:", "gs:", "s3:")
+REMOTE = ("pipe:", "http:", "https:")
+# webdataset's own http opener retries for a minute and never gives up on a stalled
+# transfer; ours fails a shard that delivers under 1 KiB/s for a minute.
+CURL = "pipe:curl --fail --silent --show-error --location --connect-timeout 30 --retry 3 --speed-limit 1024 --speed-time 60"
 SHARD_ORDER, SAMPLE_ORDER, LOADER = 0, 1, 2  # seed purposes
 MAX_BAD_IN_A_ROW = 1000
 MAX_MESSAGES = 3
@@ -63,6 +67,7 @@ class Batch(NamedTuple):
 class _Bad(NamedTuple):
     message: str
     count: int = 1
+    whole_shard: bool = False  # a read failure (maybe transient), not a bad sample: never cached
 
 
 # ------------------------------------------------------------------ opening
@@ -71,17 +76,30 @@ def _read_index(location: str) -> dict:
         if location.startswith(("http:", "https:")):
             with urllib.request.urlopen(location, timeout=60) as response:
                 return json.loads(response.read())
+        if location.startswith("pipe:"):
+            done = subprocess.run(location[5:], shell=True, capture_output=True, timeout=300, check=True)
+            return json.loads(done.stdout)
         return json.loads(Path(location).read_text())
-    except (OSError, ValueError) as err:
-        raise UserError(f"data.path: cannot read {location} ({type(err).__name__}: {err})") from err
+    except (OSError, ValueError, subprocess.SubprocessError) as err:
+        detail = getattr(err, "stderr", b"") or b""
+        raise UserError(f"data.path: cannot read {location} ({type(err).__name__}: {err} "
+                        f"{detail.decode(errors='replace').strip()[:200]})") from err
 
 
-def _from_index(location: str, base: str) -> DatasetInfo:
+def _shard_url(location: str, name: str) -> str:
+    """A shard's URL beside its index: same directory, or the same command with the name swapped in."""
+    if location.startswith("pipe:"):
+        return location.replace("index.json", name)
+    url = f"{location.rsplit('/', 1)[0]}/{name}"
+    return f"{CURL} {url}" if url.startswith(("http:", "https:")) else url
+
+
+def _from_index(location: str) -> DatasetInfo:
     index = _read_index(location)
     shards = index.get("shards", [])
     if not shards or index.get("count", 0) == 0:
         raise UserError(f"data.path: {location} lists no samples; re-run gan-dist prepare")
-    urls = [f"{base}/{shard['name']}" for shard in shards]
+    urls = [_shard_url(location, shard["name"]) for shard in shards]
     _check_local(urls)
     return DatasetInfo(urls, tuple(index["shape"]), index["dtype"], index["count"], index.get("classes", []),
                        [shard["count"] for shard in shards])
@@ -93,26 +111,33 @@ def open_dataset(path: str) -> DatasetInfo:
 
     if not path:
         raise UserError("no dataset path given; set data.path=DIR (a directory with index.json or a shard pattern)")
-    if path.startswith(("http:", "https:")) and path.endswith(("/", "index.json")):
-        location = path if path.endswith("index.json") else path + "index.json"
-        return _from_index(location, location.rsplit("/", 1)[0])
+    if path.startswith(("s3:", "gs:")):
+        tool = "aws s3 cp URL -" if path.startswith("s3:") else "gsutil cat URL"
+        raise UserError(f"data.path={path}: object stores are read through a command; use "
+                        f"data.path='pipe:{tool}' (see docs/data.md, Remote storage)")
+    if path.startswith(("http:", "https:", "pipe:")) and ("index.json" in path or path.endswith("/")):
+        return _from_index(path if "index.json" in path else path + "index.json")
     local = Path(path)
     if local.is_dir() or local.name == "index.json":
         index_file = local / "index.json" if local.is_dir() else local
         if not index_file.is_file():
             raise UserError(f"data.path={path} has no index.json; prepare it with gan-dist prepare")
-        return _from_index(str(index_file), str(index_file.parent))
-    urls = wds.shardlists.expand_urls(path)
+        return _from_index(str(index_file))
+    urls = [f"{CURL} {u}" if u.startswith(("http:", "https:")) else u for u in wds.shardlists.expand_urls(path)]
     _check_local(urls)
     first = _first_sample(urls[0])
     return DatasetInfo(urls, tuple(first.shape), str(first.dtype))
 
 
 def _first_sample(url: str) -> np.ndarray:
+    problems = []
     for record in _read_shard(url, None, None, 0):
         if not isinstance(record, _Bad):
             return record[0]
-    raise UserError(f"data.path: shard {url} holds no readable sample; re-run gan-dist prepare")
+        problems.append(record.message)
+    reason = problems[0] if problems else "it is empty"
+    raise UserError(f"data.path: no readable sample in the first shard ({reason}); check data.path and that "
+                    "the shard can be read from here")
 
 
 def _check_local(urls: list[str]) -> None:
@@ -151,10 +176,11 @@ def _read_shard(url: str, shape, dtype, num_classes: int, expected: int = 0):
     except Exception as err:  # noqa: BLE001 - tarfile, gopen and subprocess errors all mean an unreadable shard
         reason = str(err).splitlines()[0] if str(err) else ""
         yield _Bad(f"{url}: unreadable after key {last_key} ({type(err).__name__}: {reason})",
-                   max(1, expected - seen))
+                   max(1, expected - seen), whole_shard=True)
         return
     if seen < expected:
-        yield _Bad(f"{url}: truncated, {seen} of its {expected} samples after key {last_key}", expected - seen)
+        yield _Bad(f"{url}: truncated, {seen} of its {expected} samples after key {last_key}", expected - seen,
+                   whole_shard=True)
 
 
 @dataclass
@@ -165,13 +191,13 @@ class StreamSpec:
     shape: tuple[int, ...]
     dtype: str
     num_classes: int  # > 0 only in conditional runs: labels are then required
-    batch: int
+    batch_per_device: int
     seed: int
     rank: int
     world_size: int
     shuffle_buffer: int
     cache_bytes: int = 0
-    epochs: int = 0  # 0: endless
+    num_epochs: int = 0  # 0: endless
     shard_counts: list[int] | None = None  # from index.json: lets a truncated shard be noticed
 
 
@@ -195,9 +221,9 @@ class ShardStream(torch.utils.data.IterableDataset):
         worker, num_workers = (info.id, info.num_workers) if info is not None else (0, 1)
         spec = self.spec
         slot, num_slots = spec.rank * num_workers + worker, spec.world_size * num_workers
-        epochs = itertools.count() if spec.epochs == 0 else range(spec.epochs)
+        epochs = itertools.count() if spec.num_epochs == 0 else range(spec.num_epochs)
         records = itertools.chain.from_iterable(self._epoch(e, worker, slot, num_slots) for e in epochs)
-        return _batches(records, spec.batch)
+        return _batches(records, spec.batch_per_device)
 
     def _epoch(self, epoch: int, worker: int, slot: int, num_slots: int):
         import webdataset as wds
@@ -219,15 +245,23 @@ class ShardStream(torch.utils.data.IterableDataset):
         if url in self.cache:
             yield from self.cache[url]
             return
-        records = []
         expected = spec.shard_counts[index] if spec.shard_counts else 0
+        # Records are kept only while the shard still fits in what is left of the cache, so a
+        # worker never holds more than data.cache_mb of decoded samples; a shard whose read
+        # failed (perhaps a network blip) is read again next time instead.
+        records, size_bytes, keep = [], 0, True
         for record in _read_shard(url, spec.shape, spec.dtype, spec.num_classes, expected):
-            records.append(record)
+            if keep:
+                size_bytes += 64 if isinstance(record, _Bad) else record[0].nbytes + 64
+                keep = self.cache_used + size_bytes <= spec.cache_bytes and not (
+                    isinstance(record, _Bad) and record.whole_shard)
+                records = records if keep else []
+                if keep:
+                    records.append(record)
             yield record
-        size = sum(r[0].nbytes + 64 if not isinstance(r, _Bad) else 64 for r in records)
-        if self.cache_used + size <= spec.cache_bytes:
+        if keep:
             self.cache[url] = records
-            self.cache_used += size
+            self.cache_used += size_bytes
 
 
 def _batches(records, batch_size: int):
@@ -261,18 +295,18 @@ def _as_is(batch):
 
 def make_loader(info: DatasetInfo, batch_per_device: int, seed: int, rank: int, num_workers: int,
                 shuffle_buffer: int, cache_mb: float = 0, pin_memory: bool = False, world_size: int = 1,
-                conditional: bool = False, epochs: int = 0):
-    """This rank's DataLoader of `Batch`es: endless (epochs=0), or a finite pass of `epochs`."""
+                conditional: bool = False, num_epochs: int = 0):
+    """This rank's DataLoader of `Batch`es: endless (num_epochs=0), or a finite pass of `num_epochs`."""
     spec = StreamSpec(info.urls, info.shape, info.dtype, info.num_classes if conditional else 0,
-                      batch_per_device, seed, rank, world_size, shuffle_buffer, int(cache_mb * 2**20), epochs,
+                      batch_per_device, seed, rank, world_size, shuffle_buffer, int(cache_mb * 2**20), num_epochs,
                       info.shard_counts)
     loader = torch.utils.data.DataLoader(
         ShardStream(spec), batch_size=None, collate_fn=_as_is, num_workers=num_workers,
         generator=torch.Generator().manual_seed(derive_seed(seed, rank, LOADER)),
-        persistent_workers=num_workers > 0 and epochs == 0, pin_memory=pin_memory,
+        persistent_workers=num_workers > 0 and num_epochs == 0, pin_memory=pin_memory,
         prefetch_factor=4 if num_workers > 0 else None,
     )
-    return loader if epochs == 0 else FinitePass(loader, finite_batches(info, spec, num_workers))
+    return loader if num_epochs == 0 else FinitePass(loader, finite_batches(info, spec, num_workers))
 
 
 def finite_batches(info: DatasetInfo, spec: StreamSpec, num_workers: int) -> int:
@@ -286,11 +320,11 @@ def finite_batches(info: DatasetInfo, spec: StreamSpec, num_workers: int) -> int
         total = 0
         for slot in range(rank * slots_per_rank, (rank + 1) * slots_per_rank):
             samples = 0
-            for epoch in range(spec.epochs):
+            for epoch in range(spec.num_epochs):
                 shard_ids, by_sample = epoch_assignment(len(info.urls), spec.seed, epoch, slot, num_slots)
                 in_shards = sum(info.shard_counts[i] for i in shard_ids)
                 samples += len(range(slot, in_shards, num_slots)) if by_sample else in_shards
-            total += samples // spec.batch
+            total += samples // spec.batch_per_device
         per_rank.append(total)
     return min(per_rank)
 

@@ -24,7 +24,7 @@ def main() -> None:
     info = open_dataset(data_dir)
     result = {"world_size": world_size}
     for name, seed in (("first", 0), ("again", 0), ("other_seed", 1)):
-        loader = make_loader(info, 16, seed, rank, num_workers=2, shuffle_buffer=50, world_size=world_size, epochs=1)
+        loader = make_loader(info, 16, seed, rank, num_workers=2, shuffle_buffer=50, world_size=world_size, num_epochs=1)
         batches = [b for b in loader if b.keys]
         counts = torch.tensor([len(batches), -len(batches)])
         dist.all_reduce(counts, op=dist.ReduceOp.MIN)

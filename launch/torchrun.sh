@@ -1,0 +1,21 @@
+#!/usr/bin/env bash
+# torchrun for one node or several: the same train.py, with the same config, everywhere.
+#
+# One node (one process per GPU; one process on a machine without GPUs):
+#   bash launch/torchrun.sh --config configs/default.yaml run.name=mine
+# Two processes on a CPU (gloo):
+#   NPROC_PER_NODE=2 bash launch/torchrun.sh --config configs/tiny.yaml
+# Several nodes: run on every node, each with its NODE_RANK and the head node's address:
+#   NNODES=2 NODE_RANK=0 MASTER_ADDR=head-node MASTER_PORT=29500 bash launch/torchrun.sh --config ...
+#   NNODES=2 NODE_RANK=1 MASTER_ADDR=head-node MASTER_PORT=29500 bash launch/torchrun.sh --config ...
+#
+# PYTHON picks the interpreter (default: the project's .venv if there is one).
+set -euo pipefail
+here="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+python="${PYTHON:-python}"
+if [[ -z "${PYTHON:-}" && -x "$here/.venv/bin/python" ]]; then python="$here/.venv/bin/python"; fi
+nproc="${NPROC_PER_NODE:-$("$python" -c 'import torch; print(max(1, torch.cuda.device_count()))')}"
+exec "$python" -m torch.distributed.run \
+  --nnodes "${NNODES:-1}" --node_rank "${NODE_RANK:-0}" --nproc_per_node "$nproc" \
+  --master_addr "${MASTER_ADDR:-127.0.0.1}" --master_port "${MASTER_PORT:-29500}" \
+  "$here/train.py" "$@"

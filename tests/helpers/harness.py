@@ -1,0 +1,192 @@
+"""Many training cases in one launch: the distributed tests' harness (test-only).
+
+    torchrun --nproc_per_node 2 harness.py DIGITS_DIR OUT_DIR CASE [CASE ...]
+    python harness.py DIGITS_DIR OUT_DIR CASE [CASE ...]
+
+Each case runs the product's own `train()` in this process (accelerate's state is reset
+between cases, the process group stays up) and writes OUT_DIR/<case>/rank<R>.pt with the
+final G, D and G_ema weights, the skip counters and the outcome ("ok" or the error).
+
+Equivalence cases ("eq-*") run in float64 with hooks that make the run a function of the
+GLOBAL batch only: every rank reads its slice of the same global real batch, and takes its
+slice of the same global latents and gradient-penalty draws. 2 processes x B and
+1 process x 2B (or 2 micro-batches of B) must then end with the same weights. These hooks
+live here, outside the product, which draws different noise and data on every rank.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from gan_dist import trainer as trainer_mod
+from gan_dist.data.stream import Batch
+
+ROOT = Path(__file__).resolve().parents[2]
+TINY = ["--config", str(ROOT / "configs" / "tiny.yaml"), "train.max_steps=5", "log.every_steps=5",
+        "data.num_workers=0", "model.g_norm=none"]
+EQ_SHARED = ["optim.generator.lr=2e-3", "optim.discriminator.lr=2e-3", "train.ema_half_life_kimg=0.01"]
+DCGAN = ["model.name=dcgan", "model.width_mult=0.125", "data.dataset=digits", "data.resolution=16"]
+NONSAT_R1 = ["loss.name=nonsaturating", "loss.r1_gamma=1", "loss.r1_interval=1"]
+HINGE_NCRITIC = ["loss.name=hinge", "train.n_critic=2"]
+
+CASES = {
+    "eq-mlp-r1": [*EQ_SHARED, *NONSAT_R1],
+    "eq-mlp-hinge": [*EQ_SHARED, *HINGE_NCRITIC],
+    "eq-mlp-gp": [*EQ_SHARED, "loss.name=wasserstein", "loss.gp_weight=10"],
+    "eq-dcgan-r1": [*EQ_SHARED, *DCGAN, *NONSAT_R1],
+    "eq-dcgan-hinge": [*EQ_SHARED, *DCGAN, *HINGE_NCRITIC],
+    "eq-mlp-r1-micro2": [*EQ_SHARED, *NONSAT_R1, "train.num_micro_batches=2"],
+    "eq-dcgan-hinge-micro2": [*EQ_SHARED, *DCGAN, *HINGE_NCRITIC, "train.num_micro_batches=2"],
+    # BatchNorm in D called on reals and fakes before one backward, lazy R1 through DDP
+    # (double backward), several D steps per G step, and micro-batches with no_sync.
+    "bn_d-r1-ncritic-micro": ["model.d_norm=batch", "model.g_norm=batch", "loss.r1_gamma=1",
+                              "loss.r1_interval=2", "train.n_critic=2", "train.num_micro_batches=2",
+                              "train.max_steps=12", "log.every_steps=4", "log.sample_every_kimg=0.2"],
+    # Spectral norm's power-iteration buffers, the WGAN gradient penalty, a conditional model.
+    "spectral-gp-conditional": ["model.d_norm=spectral", "loss.name=wasserstein", "loss.gp_weight=10",
+                                "model.conditional=true", "train.max_steps=12"],
+    # A NaN in rank 1's D loss at step 3 only: every rank must skip that D step.
+    "nan-on-rank1": ["train.max_steps=8", "log.every_steps=4"],
+    # Rank 1's G weights nudged after step 2: the next consistency check must catch it.
+    "perturb-rank1": ["train.max_steps=8", "log.sample_every_kimg=0.1"],
+    # A corrupt sample (in OUT/bad-digits, written by the test) under data.on_error=raise.
+    "bad-data-raise": ["data.on_error=raise", "train.max_steps=40"],
+}
+
+
+class GlobalDraws:
+    """Per phase, one global draw of latents (and GP mixing weights); each rank takes its slice."""
+
+    def __init__(self, trainer):
+        self.trainer = trainer
+        self.world, self.rank = trainer.acc.num_processes, trainer.acc.process_index
+        self.micro = trainer.cfg.train.num_micro_batches
+        self.gen = torch.Generator().manual_seed(1234)
+        self.calls, self.slot, self.phase, self.alpha_phase = 0, 0, -1, -1
+        self.z = self.alpha = None
+
+    def noise(self, count: int):
+        index = self.calls % self.micro
+        if index == 0:
+            self.phase += 1
+            self.z = torch.randn(self.world * self.micro * count, self.trainer.cfg.model.latent_dim, generator=self.gen)
+        # Rank-major slots, matching how each rank's real batch is cut into micro-batches.
+        self.slot, self.calls = self.rank * self.micro + index, self.calls + 1
+        return self.z[self.slot * count:(self.slot + 1) * count].to(self.trainer.acc.device), None
+
+    def interpolate(self, real, fake, generator):
+        count = real.shape[0]
+        if self.alpha_phase != self.phase:
+            shape = (self.world * self.micro * count,) + (1,) * (real.dim() - 1)
+            self.alpha, self.alpha_phase = torch.rand(shape, generator=self.gen, dtype=real.dtype), self.phase
+        alpha = self.alpha[self.slot * count:(self.slot + 1) * count].to(real.device)
+        return (alpha * real.detach() + (1 - alpha) * fake.detach()).requires_grad_(True)
+
+
+def global_batches(trainer, images: np.ndarray):
+    """Rank r's slice of global batch k: rows k*B .. k*B+B of the data (cycled)."""
+    global_batch = trainer.cfg.train.batch_size
+    per_rank = global_batch // trainer.acc.num_processes
+    start = trainer.acc.process_index * per_rank
+    for k in range(10**9):
+        rows = (k * global_batch + np.arange(start, start + per_rank)) % len(images)
+        yield Batch(torch.from_numpy(images[rows]), torch.zeros(per_rank, dtype=torch.int64),
+                    [str(r) for r in rows])
+
+
+def _state(module) -> dict:
+    return {k: v.detach().cpu().clone() for k, v in module.state_dict().items()}
+
+
+CURRENT: dict = {}
+_fit = trainer_mod.Trainer.fit
+_interpolate = trainer_mod.interpolate
+
+
+def _inject_nan_on_rank1(trainer) -> None:
+    next_real, calls = trainer._next_real, [0]
+
+    def poisoned(batches):
+        x, y = next_real(batches)
+        calls[0] += 1
+        return (x * float("nan"), y) if calls[0] == 3 and trainer.acc.process_index == 1 else (x, y)
+
+    trainer._next_real = poisoned
+
+
+def _perturb_rank1_after_step2(trainer) -> None:
+    g_phase = trainer.g_phase
+
+    def nudged():
+        g_phase()
+        if trainer.progress.step == 1 and trainer.acc.process_index == 1:  # step counter moves after g_phase
+            with torch.no_grad():
+                next(trainer.G_raw.parameters()).add_(1e-3)
+
+    trainer.g_phase = nudged
+
+
+def fit(self) -> None:
+    case = CURRENT["case"]
+    if case.startswith("eq-"):
+        draws = GlobalDraws(self)
+        self._noise = draws.noise
+        trainer_mod.interpolate = draws.interpolate
+        self.data = global_batches(self, CURRENT["images"])
+    elif case == "nan-on-rank1":
+        _inject_nan_on_rank1(self)
+    elif case == "perturb-rank1":
+        _perturb_rank1_after_step2(self)
+    initial_G = _state(self.G_raw)
+    try:
+        _fit(self)
+    finally:
+        trainer_mod.interpolate = _interpolate
+        CURRENT["state"] = {"G0": initial_G, "G": _state(self.G_raw), "D": _state(self.D_raw), "G_ema": _state(self.ema.module),
+                            "skipped": dict(self.progress.skipped), "step": self.progress.step}
+
+
+trainer_mod.Trainer.fit = fit
+
+
+def main() -> None:
+    from accelerate import Accelerator
+    from accelerate.state import AcceleratorState, GradientState
+
+    # The process group outlives each case: end_training would destroy it, and a second
+    # rendezvous on the launcher's store does not complete.
+    Accelerator.end_training = lambda self: [tracker.finish() for tracker in self.trackers]
+
+    from gan_dist.data.sources import digits
+    from gan_dist.train import train
+
+    digits8, digits16, out = sys.argv[1:4]
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    images = {False: digits().samples, True: digits(16).samples}
+    for case in sys.argv[4:]:
+        dcgan = "model.name=dcgan" in CASES[case]
+        torch.set_default_dtype(torch.float64 if case.startswith("eq-") else torch.float32)
+        CURRENT.update(case=case, images=images[dcgan], state={})
+        data = f"{out}/bad-digits" if case == "bad-data-raise" else digits16 if dcgan else digits8
+        overrides = [*TINY[2:], f"data.path={data}", f"run.root={out}/runs",
+                     f"run.name={case}-w{world}", "run.overwrite=true", *CASES[case]]
+        try:
+            train(TINY[1], overrides)
+            outcome = "ok"
+        except Exception as err:  # noqa: BLE001 - the test reads the outcome
+            outcome = f"{type(err).__name__}: {err}"
+        rank = int(os.environ.get("RANK", "0"))
+        (Path(out) / case).mkdir(parents=True, exist_ok=True)
+        torch.save({**CURRENT["state"], "outcome": outcome, "world_size": world},
+                   Path(out) / case / f"w{world}-rank{rank}.pt")
+        AcceleratorState._reset_state(reset_partial_state=True)
+        GradientState._reset_state()
+
+
+if __name__ == "__main__":
+    main()

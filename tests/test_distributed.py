@@ -1,0 +1,110 @@
+"""N processes compute what one process computes with N times the batch: proven with 2 gloo
+ranks on CPU, plus the guards that keep ranks together (non-finite skips, consistency
+checks, bad data). Two launches run every case (tests/helpers/harness.py): one plain
+process and one `torchrun --nproc_per_node 2`.
+"""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from conftest import HELPERS, ROOT
+from test_launch import LAUNCHERS, _free_port
+
+from gan_dist.data.prepare import write_shards
+from gan_dist.data.sources import digits
+
+pytestmark = pytest.mark.launch
+
+EQ_CASES = ["eq-mlp-r1", "eq-mlp-hinge", "eq-mlp-gp", "eq-dcgan-r1", "eq-dcgan-hinge"]
+MICRO_CASES = {"eq-mlp-r1-micro2": "eq-mlp-r1", "eq-dcgan-hinge-micro2": "eq-dcgan-hinge"}
+TWO_RANK_ONLY = ["bn_d-r1-ncritic-micro", "spectral-gp-conditional", "nan-on-rank1", "perturb-rank1",
+                 "bad-data-raise"]
+
+
+def _corrupt_copy(out):
+    """The digits with one undecodable sample in shard 3."""
+    import webdataset as wds
+
+    path = write_shards(digits(), out / "bad-digits")
+    index = json.loads((path / "index.json").read_text())
+    with wds.TarWriter(str(path / "shard-000003.tar"), encoder=False) as sink:
+        sink.write({"__key__": "broken01", "npy": b"not an array", "cls": b"1"})
+    index["shards"][3]["count"] = 1
+    (path / "index.json").write_text(json.dumps(index))
+
+
+@pytest.fixture(scope="module")
+def harness(digits_dir, tmp_path_factory):
+    out = tmp_path_factory.mktemp("harness")
+    digits16 = write_shards(digits(16), out / "digits16")
+    _corrupt_copy(out)
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("ACCELERATE_", "WORLD_SIZE", "RANK"))}
+    env.update(PYTHONPATH=f"{HELPERS}{os.pathsep}{ROOT}", OMP_NUM_THREADS="1")
+    args = [str(HELPERS / "harness.py"), str(digits_dir), str(digits16), str(out)]
+    for prefix, cases in (([sys.executable], EQ_CASES + list(MICRO_CASES)),
+                          (LAUNCHERS["torchrun"](_free_port()), EQ_CASES + TWO_RANK_ONLY)):
+        result = subprocess.run([*prefix, *args, *cases], env=env, cwd=out, capture_output=True, text=True,
+                                timeout=400, check=False)
+        assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+
+    def load(case: str, world: int, rank: int = 0) -> dict:
+        return torch.load(out / case / f"w{world}-rank{rank}.pt")
+
+    return load
+
+
+def _max_diff(a: dict, b: dict) -> float:
+    return max((a[net][k] - b[net][k]).abs().max().item() for net in ("G", "D") for k in a[net])
+
+
+@pytest.mark.parametrize("case", EQ_CASES)
+def test_two_processes_equal_one_process_with_twice_the_batch(harness, case):
+    one, ranks = harness(case, 1), [harness(case, 2, r) for r in (0, 1)]
+    assert one["outcome"] == ranks[0]["outcome"] == ranks[1]["outcome"] == "ok"
+    assert one["G"][next(iter(one["G"]))].dtype == torch.float64
+    moved = max((one["G"][k] - one["G0"][k]).abs().max().item() for k in one["G"])
+    assert moved > 1e-3, "training did not move G: the comparison would prove nothing"
+    for rank in ranks:
+        assert _max_diff(rank, one) < 1e-5
+
+
+@pytest.mark.parametrize("micro, single", sorted(MICRO_CASES.items()))
+def test_two_micro_batches_equal_one_batch_of_twice_the_size(harness, micro, single):
+    accumulated, whole = harness(micro, 1), harness(single, 1)
+    assert accumulated["outcome"] == "ok" and accumulated["step"] == whole["step"] == 5
+    assert _max_diff(accumulated, whole) < 1e-5
+
+
+@pytest.mark.parametrize("case", ["bn_d-r1-ncritic-micro", "spectral-gp-conditional"])
+def test_norm_layers_and_regularisers_keep_ranks_identical(harness, case):
+    ranks = [harness(case, 2, r) for r in (0, 1)]
+    assert [r["outcome"] for r in ranks] == ["ok", "ok"]
+    for net in ("G", "D", "G_ema"):
+        for name, tensor in ranks[0][net].items():
+            assert torch.equal(tensor, ranks[1][net][name]), f"{net}.{name} differs between ranks"
+    assert any(name.endswith("running_mean") or "parametrizations" in name for name in ranks[0]["D"])
+
+
+def test_a_nan_on_one_rank_makes_every_rank_skip(harness):
+    ranks = [harness("nan-on-rank1", 2, r) for r in (0, 1)]
+    assert [r["outcome"] for r in ranks] == ["ok", "ok"]
+    assert ranks[0]["skipped"] == ranks[1]["skipped"] == {"G": 0, "D": 1}
+    assert _max_diff(ranks[0], ranks[1]) == 0
+    assert all(torch.isfinite(t).all() for r in ranks for t in r["G"].values())
+
+
+def test_a_perturbed_rank_is_detected_by_name(harness):
+    for rank in (0, 1):
+        outcome = harness("perturb-rank1", 2, rank)["outcome"]
+        assert outcome.startswith("RankMismatchError: G.") and "rank(s) [1]" in outcome
+
+
+def test_bad_data_under_raise_stops_every_rank_together(harness):
+    outcomes = [harness("bad-data-raise", 2, r)["outcome"] for r in (0, 1)]
+    assert all(o.startswith("UserError") for o in outcomes)
+    assert any("shard-000003.tar key broken01" in o for o in outcomes)
+    assert harness("bad-data-raise", 2, 0)["step"] == harness("bad-data-raise", 2, 1)["step"]
