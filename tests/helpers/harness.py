@@ -38,6 +38,7 @@ CASES = {
     "eq-mlp-r1": [*EQ_SHARED, *NONSAT_R1],
     "eq-mlp-hinge": [*EQ_SHARED, *HINGE_NCRITIC],
     "eq-mlp-gp": [*EQ_SHARED, "loss.name=wasserstein", "loss.gp_weight=10"],
+    "eq-mlp-diffaug": [*EQ_SHARED, *NONSAT_R1, "data.diffaugment=color,translation,cutout"],
     "eq-dcgan-r1": [*EQ_SHARED, *DCGAN, *NONSAT_R1],
     "eq-dcgan-hinge": [*EQ_SHARED, *DCGAN, *HINGE_NCRITIC],
     "eq-mlp-r1-micro2": [*EQ_SHARED, *NONSAT_R1, "train.num_micro_batches=2"],
@@ -60,15 +61,17 @@ CASES = {
 
 
 class GlobalDraws:
-    """Per phase, one global draw of latents (and GP mixing weights); each rank takes its slice."""
+    """Per phase, one global draw of latents, GP mixing weights and DiffAugment parameters;
+    each rank takes its slice."""
 
     def __init__(self, trainer):
         self.trainer = trainer
         self.world, self.rank = trainer.acc.num_processes, trainer.acc.process_index
         self.micro = trainer.cfg.train.num_micro_batches
         self.gen = torch.Generator().manual_seed(1234)
-        self.calls, self.slot, self.phase, self.alpha_phase = 0, 0, -1, -1
+        self.calls, self.slot, self.phase, self.alpha_phase, self.augment_calls = 0, 0, -1, -1, 0
         self.z = self.alpha = None
+        self.augment = trainer.augment.before_d
 
     def noise(self, count: int):
         index = self.calls % self.micro
@@ -76,8 +79,22 @@ class GlobalDraws:
             self.phase += 1
             self.z = torch.randn(self.world * self.micro * count, self.trainer.cfg.model.latent_dim, generator=self.gen)
         # Rank-major slots, matching how each rank's real batch is cut into micro-batches.
-        self.slot, self.calls = self.rank * self.micro + index, self.calls + 1
+        self.slot, self.calls, self.augment_calls = self.rank * self.micro + index, self.calls + 1, 0
         return self.z[self.slot * count:(self.slot + 1) * count].to(self.trainer.acc.device), None
+
+    def before_d(self, x):
+        """DiffAugment of the global batch (this rank's rows in its slot, zeros elsewhere), sliced.
+
+        Every augmentation draws per sample in order, so a generator seeded by (phase, call)
+        gives global row j the same parameters whatever the number of ranks and micro-batches.
+        """
+        count = x.shape[0]
+        self.trainer.augment.gen.manual_seed(1000 * self.phase + self.augment_calls)
+        self.augment_calls += 1
+        rows = self.world * self.micro * count
+        before = x.new_zeros(self.slot * count, *x.shape[1:])
+        after = x.new_zeros(rows - (self.slot + 1) * count, *x.shape[1:])
+        return self.augment(torch.cat([before, x, after]))[self.slot * count:(self.slot + 1) * count]
 
     def interpolate(self, real, fake, generator):
         count = real.shape[0]
@@ -136,6 +153,7 @@ def fit(self) -> None:
     if case.startswith("eq-"):
         draws = GlobalDraws(self)
         self._noise = draws.noise
+        self.augment.before_d = draws.before_d
         trainer_mod.interpolate = draws.interpolate
         self.data = global_batches(self, CURRENT["images"])
     elif case == "nan-on-rank1":
