@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # GPU smoke test: the default config and a DCGAN-64 config, 200 steps each, in bf16 and fp16
 # (and DCGAN with SyncBatchNorm), printing img/s and skipped steps as each run finishes.
-# Needs one CUDA GPU and the project's .venv (bash launch/setup.sh). About 2 minutes.
+# Needs one CUDA GPU and the project's .venv (bash launch/setup.sh). Not yet timed on a GPU.
 #
 #   bash bench/gpu_smoke.sh [RUN_ROOT]        (default RUN_ROOT: runs/gpu_smoke)
 set -euo pipefail

@@ -152,6 +152,8 @@ class TrainConfig:
 
 @dataclass
 class DistConfig:
+    """How multi-process runs fail: never silently, never forever."""
+
     timeout_s: float = 1800.0
     """A training step taking longer dumps every rank's Python stacks and exits; collectives time out a little later."""
 

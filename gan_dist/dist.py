@@ -7,6 +7,9 @@ Three silent failures this module turns into errors or fixes (see docs/training.
 - accelerate reads precision and gradient accumulation from its launch config, and divides
   losses by its own accumulation count: our config owns those, so a contradiction exits 2;
 - G's loss must not leave gradients in D: D is frozen whole during the G phase.
+
+It also holds what keeps ranks together afterwards: the BatchNorm buffer sync, the
+bit-exact rank consistency check, SyncBatchNorm conversion, and where stack dumps go.
 """
 
 from __future__ import annotations

@@ -16,7 +16,6 @@ Choices worth knowing (docs/training.md):
 
 from __future__ import annotations
 
-import faulthandler
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -40,8 +39,10 @@ from gan_dist.losses import (
 from gan_dist.seeds import derive_seed
 from gan_dist.stats import Stats
 from gan_dist.visual import save_samples
+from gan_dist.watchdog import StepWatchdog
 
 NOISE_PURPOSE, PENALTY_PURPOSE, FIXED_PURPOSE = 10, 11, 12
+FP16_DIVERGED_SCALE = 2.0**-10
 
 
 def lr_factor(num_images: int, total_images: int, batch_size: int, warmup_kimg: float,
@@ -89,11 +90,13 @@ class Progress:
     """Samples skipped as unreadable since the last log line (this rank)."""
     num_good_samples: int = 0
     bad_example: str = ""
-    skipped: dict = field(default_factory=lambda: {"G": 0, "D": 0})
-    """Optimizer steps skipped for non-finite (synchronised) gradients, per network."""
-    fp16_overflows: dict = field(default_factory=lambda: {"G": 0, "D": 0})
-    """Steps the fp16 grad scaler skipped while calibrating its scale (never fatal)."""
-    skipped_in_row: int = 0
+    num_skipped: dict = field(default_factory=lambda: {"G": 0, "D": 0})
+    """Optimizer steps skipped for non-finite (synchronised) gradients, per network, since the start."""
+    num_fp16_overflows: dict = field(default_factory=lambda: {"G": 0, "D": 0})
+    """Steps the fp16 grad scaler skipped while calibrating its scale, since the start."""
+    num_skipped_in_row: dict = field(default_factory=lambda: {"G": 0, "D": 0})
+    """Per network: a network that alone keeps failing must still stop the run."""
+    num_skipped_at_last_log: int = 0
 
 
 class Trainer:
@@ -124,15 +127,21 @@ class Trainer:
 
     # ----------------------------------------------------------------- the loop
     def fit(self) -> None:
+        # A rank that hangs (a stuck collective, a dead data worker) prints where it is and
+        # exits, on every rank, before the collectives' own timeout.
+        with StepWatchdog(self.cfg.dist.timeout_s, self.acc.process_index, dist.stack_dump_file()) as watchdog:
+            self.watchdog = watchdog
+            self._fit()
+
+    def _fit(self) -> None:
         batches = iter(self.data)
         self.start_time = self.progress.last_log_time = time.perf_counter()
         self.console.start()
         try:
+            self.watchdog.arm("the first sample grid")
             self.sample_grid()  # the untrained G_ema, as step 0
             while not self._done():
-                # A step that hangs (a stuck collective, a dead data worker) dumps every thread's
-                # stack and exits, on every rank, before the collectives' own timeout.
-                faulthandler.dump_traceback_later(self.cfg.dist.timeout_s, exit=True, file=dist.stack_dump_file())
+                self.watchdog.arm(f"step {self.progress.step + 1}")
                 images_before = self.num_images
                 for _ in range(self.cfg.train.n_critic):
                     self.d_phase(*self._next_real(batches))
@@ -141,9 +150,9 @@ class Trainer:
                 self.ema.update(self.G_raw, self.num_images,
                                 self.cfg.train.batch_size * self.cfg.train.n_critic)
                 self._at_intervals(images_before)
+            self.watchdog.arm("the final grid and snapshot")
             self._finish()
         finally:
-            faulthandler.cancel_dump_traceback_later()
             self.console.close()
 
     @property
@@ -161,6 +170,7 @@ class Trainer:
             self.log()
         interval = max(1, int(self.cfg.log.sample_every_kimg * 1000))
         if self.num_images // interval > images_before // interval:
+            self.watchdog.arm(f"the sample grid after step {self.progress.step}")
             self.sample_grid()
 
     def _finish(self) -> None:
@@ -241,7 +251,14 @@ class Trainer:
         optimizer.step()
         # Under fp16 the scaler skips steps with inf/NaN gradients itself, and lowers its scale.
         if self.acc.scaler is not None and optimizer.step_was_skipped:
-            self.progress.fp16_overflows[name] += 1
+            self.progress.num_fp16_overflows[name] += 1
+            # Calibration halves the scale from 65536 and needs a few dozen skips at most; a
+            # scale this small means the gradients are not finite at any scale: divergence.
+            if self.acc.scaler.get_scale() < FP16_DIVERGED_SCALE:
+                raise TrainingDivergedError(
+                    f"the fp16 grad scaler fell below {FP16_DIVERGED_SCALE:g} after {name} step "
+                    f"{self.progress.step + 1}: the gradients are not finite at any scale. Lower the "
+                    "learning rates, add loss.r1_gamma or optim.*.grad_clip_norm, or use bf16")
 
     def _gradients_finite(self, grad_norm: torch.Tensor, name: str) -> bool:
         """Skip the step when the gradient norm is not finite.
@@ -250,16 +267,17 @@ class Trainer:
         rank takes the same decision without another collective. Reading it costs one host
         sync per optimizer step (the fp16 scaler makes the same sync).
         """
+        progress = self.progress
         if bool(torch.isfinite(grad_norm)):
-            self.progress.skipped_in_row = 0
+            progress.num_skipped_in_row[name] = 0
             return True
-        self.progress.skipped[name] += 1
-        self.progress.skipped_in_row += 1
+        progress.num_skipped[name] += 1
+        progress.num_skipped_in_row[name] += 1
         limit = self.cfg.train.max_skipped_in_row
-        if self.progress.skipped_in_row >= limit:
+        if progress.num_skipped_in_row[name] >= limit:
             raise TrainingDivergedError(
-                f"{limit} optimizer steps in a row had non-finite gradients (last: {name} at step "
-                f"{self.progress.step + 1}); training has diverged. Lower the learning rates, add "
+                f"{limit} {name} optimizer steps in a row had non-finite gradients (the last at step "
+                f"{progress.step + 1}); training has diverged. Lower the learning rates, add "
                 "loss.r1_gamma or optim.*.grad_clip_norm, or raise train.max_skipped_in_row")
         return False
 
@@ -323,9 +341,14 @@ class Trainer:
         values["Data/bad_samples"] = round(values["Data/bad_samples"] * self.acc.num_processes)
         self._warn_bad(values)
         # Skip counters are the same on every rank (decided on synchronised gradients).
-        skips = {f"Skipped/{k}": v for k, v in self.progress.skipped.items()}
+        skips = {f"Skipped/{k}": v for k, v in self.progress.num_skipped.items()}
         if self.acc.scaler is not None:
-            skips.update({f"Skipped/{k}_fp16_overflow": v for k, v in self.progress.fp16_overflows.items()})
+            skips.update({f"Skipped/{k}_fp16_overflow": v for k, v in self.progress.num_fp16_overflows.items()})
+        new_skips = sum(self.progress.num_skipped.values()) - self.progress.num_skipped_at_last_log
+        if new_skips:
+            self.console.warn(f"{new_skips} optimizer steps skipped for non-finite gradients since the last log "
+                              f"line ({skips}); {self.cfg.train.max_skipped_in_row} in a row stop the run")
+        self.progress.num_skipped_at_last_log += new_skips
         record = {"step": self.progress.step, "kimg": self.num_images / 1000,
                   "time_s": now - self.start_time, **values, **skips,
                   "Speed/img_per_s": (self.num_images - self.progress.last_log_images) / elapsed}

@@ -15,6 +15,10 @@ here="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 python="${PYTHON:-python}"
 if [[ -z "${PYTHON:-}" && -x "$here/.venv/bin/python" ]]; then python="$here/.venv/bin/python"; fi
 nproc="${NPROC_PER_NODE:-$("$python" -c 'import torch; print(max(1, torch.cuda.device_count()))')}"
+if [[ "${NNODES:-1}" == 1 && -z "${MASTER_PORT:-}" ]]; then
+  # One node: torchrun picks a free port, so two runs on one machine do not collide.
+  exec "$python" -m torch.distributed.run --standalone --nproc_per_node "$nproc" "$here/train.py" "$@"
+fi
 exec "$python" -m torch.distributed.run \
   --nnodes "${NNODES:-1}" --node_rank "${NODE_RANK:-0}" --nproc_per_node "$nproc" \
   --master_addr "${MASTER_ADDR:-127.0.0.1}" --master_port "${MASTER_PORT:-29500}" \

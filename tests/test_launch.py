@@ -93,15 +93,29 @@ def test_two_ranks_with_two_workers_split_the_stream(digits_dir, tmp_path):
         assert r["other_seed"]["keys"] != r["first"]["keys"]
 
 
-def _two_nodes(commands: list[list[str]], env: dict, cwd) -> list[subprocess.CompletedProcess]:
-    """Start both 'nodes' at once (each waits for the other at the rendezvous)."""
-    procs = [subprocess.Popen(cmd, env=env[i], cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-             for i, cmd in enumerate(commands)]
-    results = []
-    for proc in procs:
-        out, err = proc.communicate(timeout=240)
-        results.append(subprocess.CompletedProcess(proc.args, proc.returncode, out, err))
-    return results
+def _two_nodes(commands: list[list[str]], env: list[dict], cwd) -> list[subprocess.CompletedProcess]:
+    """Start both 'nodes' at once (each waits for the other at the rendezvous); output goes to
+    files (two pipes read one after the other can deadlock), and nothing outlives the test."""
+    from contextlib import ExitStack
+
+    with ExitStack() as stack:
+        logs = [[stack.enter_context(open(cwd / f"node{i}.{kind}", "w+")) for kind in ("out", "err")]
+                for i in range(len(commands))]
+        procs = [subprocess.Popen(cmd, env=env[i], cwd=cwd, stdout=logs[i][0], stderr=logs[i][1], text=True)
+                 for i, cmd in enumerate(commands)]
+        try:
+            for proc in procs:
+                proc.wait(timeout=240)
+        finally:
+            for proc in procs:
+                if proc.poll() is None:
+                    proc.kill()
+                    proc.wait()
+        for out, err in logs:
+            out.seek(0)
+            err.seek(0)
+        return [subprocess.CompletedProcess(p.args, p.returncode, out.read(), err.read())
+                for p, (out, err) in zip(procs, logs, strict=True)]
 
 
 @pytest.mark.parametrize("launcher", ["torchrun.sh", "accelerate"])

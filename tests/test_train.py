@@ -241,7 +241,16 @@ def test_too_many_non_finite_steps_in_a_row_abort(train_main, digits_dir, tmp_pa
     code, _, err = train_main(*tiny_args(digits_dir, "plugins=[nan_plugin]", "model.name=nan_mlp",
                                          "train.max_skipped_in_row=4", "train.max_steps=30"))
     assert code == 2
-    assert "4 optimizer steps in a row had non-finite gradients" in err and "Traceback" not in err
+    assert "4 D optimizer steps in a row had non-finite gradients" in err and "Traceback" not in err
+
+
+def test_one_network_failing_alone_still_aborts(train_main, digits_dir, tmp_path):
+    """Only D's gradients are NaN (NaN reals from the 3rd batch); G's steps stay finite."""
+    code, out, err = train_main(*tiny_args(digits_dir, "plugins=[nan_reals]", "train.max_skipped_in_row=3",
+                                           "train.max_steps=30", "log.every_steps=2"))
+    assert code == 2
+    assert "3 D optimizer steps in a row had non-finite gradients" in err
+    assert "optimizer steps skipped for non-finite gradients since the last log line" in out
 
 
 def test_non_finite_steps_are_skipped_and_counted(train_main, digits_dir, tmp_path):
@@ -262,4 +271,5 @@ def test_a_hung_step_dumps_the_stacks_and_exits(digits_dir, tmp_path):
                              "dist.timeout_s=3", f"run.root={tmp_path}")], env=env, capture_output=True, text=True,
                             timeout=120, check=False)
     assert result.returncode != 0
-    assert "Timeout (0:00:03)!" in result.stderr and "stuck_next_real" in result.stderr
+    assert "[rank 0] no progress for 3 s (step 3; dist.timeout_s)" in result.stderr
+    assert "stuck_next_real" in result.stderr

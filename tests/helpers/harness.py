@@ -166,7 +166,7 @@ def fit(self) -> None:
     finally:
         trainer_mod.interpolate = _interpolate
         CURRENT["state"] = {"G0": initial_G, "G": _state(self.G_raw), "D": _state(self.D_raw), "G_ema": _state(self.ema.module),
-                            "skipped": dict(self.progress.skipped), "step": self.progress.step}
+                            "skipped": dict(self.progress.num_skipped), "step": self.progress.step}
 
 
 trainer_mod.Trainer.fit = fit

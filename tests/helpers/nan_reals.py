@@ -1,0 +1,14 @@
+"""Test plugin: from the 3rd batch on, the real images are NaN (so only D's gradients are)."""
+
+from gan_dist import trainer as trainer_mod
+
+_next_real = trainer_mod.Trainer._next_real
+
+
+def nan_next_real(self, batches):
+    x, y = _next_real(self, batches)
+    self.nan_reals_calls = getattr(self, "nan_reals_calls", 0) + 1
+    return (x * float("nan"), y) if self.nan_reals_calls >= 3 else (x, y)
+
+
+trainer_mod.Trainer._next_real = nan_next_real
