@@ -146,8 +146,22 @@ class TrainConfig:
     """Half-life of G_ema in thousands of images."""
     ema_rampup: float = 0.05
     """Cap the EMA half-life at this fraction of the images seen so far (early speed-up); 0 turns it off."""
+    resume: str = "auto"
+    """auto: continue from this run's latest checkpoint if there is one; none: start afresh; or a checkpoint/run path."""
     max_skipped_in_row: int = 20
     """Abort when this many optimizer steps in a row had non-finite gradients (fp16 scaler skips do not count)."""
+
+
+@dataclass
+class CheckpointConfig:
+    """Full training state, for exact resume."""
+
+    every_kimg: float = 200.0
+    """Save a checkpoint every this many thousand images (0: only at the end)."""
+    every_minutes: float = 30.0
+    """Also save when this many minutes passed since the last one (checked at log intervals; 0: off)."""
+    keep_last: int = 3
+    """Checkpoints kept in runs/<name>/checkpoints (older ones are deleted; 0 keeps all)."""
 
 
 @dataclass
@@ -184,6 +198,8 @@ class Config:
     """One Adam per network (two time-scale update rule)."""
     train: TrainConfig = field(default_factory=TrainConfig)
     """Length, batch, precision and seeds."""
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    """When to save full checkpoints and how many to keep."""
     dist: DistConfig = field(default_factory=DistConfig)
     """Multi-process behaviour: timeouts."""
     log: LogConfig = field(default_factory=LogConfig)
@@ -306,6 +322,9 @@ def validate(cfg: Config) -> None:
     _require(cfg.train.ema_rampup >= 0, "train.ema_rampup", "must be >= 0 (0 = off)")
     _require(cfg.train.max_skipped_in_row >= 1, "train.max_skipped_in_row", "must be >= 1")
     _require(cfg.dist.timeout_s > 0, "dist.timeout_s", "must be > 0 seconds")
+    _require(cfg.checkpoint.every_kimg >= 0, "checkpoint.every_kimg", "must be >= 0 (0 = only at the end)")
+    _require(cfg.checkpoint.every_minutes >= 0, "checkpoint.every_minutes", "must be >= 0 (0 = off)")
+    _require(cfg.checkpoint.keep_last >= 0, "checkpoint.keep_last", "must be >= 0 (0 = keep all)")
     _require(cfg.log.every_steps > 0, "log.every_steps", "must be >= 1")
     _require(cfg.log.sample_every_kimg > 0, "log.sample_every_kimg", "must be > 0")
     _require(cfg.log.num_samples > 0, "log.num_samples", "must be >= 1")

@@ -58,7 +58,8 @@ def dataset_path(cfg) -> str:
     return cfg.data.path or str(builtin_path(cfg))
 
 
-def open_data(cfg, accelerator, batch_per_device: int) -> tuple[DatasetInfo, torch.utils.data.DataLoader]:
+def open_data(cfg, accelerator, batch_per_device: int,
+              stream_start: dict | None = None) -> tuple[DatasetInfo, torch.utils.data.DataLoader]:
     """Open the shards and this rank's loader. A built-in dataset at its default place is
     prepared by rank 0 first; an explicit data.path is only ever read, so a typo fails."""
     path = dataset_path(cfg)
@@ -75,7 +76,7 @@ def open_data(cfg, accelerator, batch_per_device: int) -> tuple[DatasetInfo, tor
     loader = make_loader(info, batch_per_device, cfg.train.seed, accelerator.process_index,
                          cfg.data.num_workers, cfg.data.shuffle_buffer, cfg.data.cache_mb,
                          pin_memory=accelerator.device.type == "cuda", world_size=accelerator.num_processes,
-                         conditional=cfg.model.conditional)
+                         conditional=cfg.model.conditional, start=stream_start)
     return info, loader
 
 

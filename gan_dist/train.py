@@ -64,14 +64,29 @@ def import_plugins(names: list[str]) -> None:
                             "put the module on PYTHONPATH or fix its name") from err
 
 
+def find_resume(cfg, run_dir: Path):
+    """(checkpoint, its state) to resume from, or (None, None) for a fresh run (checked first)."""
+    from gan_dist import resume
+    from gan_dist.run import check_run_dir
+
+    checkpoint = None if cfg.run.overwrite else resume.find_checkpoint(run_dir, cfg.train.resume)
+    if checkpoint is None:
+        check_run_dir(run_dir, cfg.run.overwrite)
+        return None, None
+    state = resume.read_state(checkpoint)
+    resume.check_compatible(checkpoint, state["config"], config_mod.to_dict(cfg))
+    return checkpoint, state
+
+
 def train(config_path: str | None, overrides: list[str], debug: bool = False) -> int:
+    from gan_dist import resume
     from gan_dist.console import Console
     from gan_dist.ema import EMA
     from gan_dist.losses import get_loss
     from gan_dist.models import build_models
     from gan_dist.run import (
+        RUN_MARKER,
         build_optimizers,
-        check_run_dir,
         describe_run,
         open_data,
         prepare_run_dir,
@@ -84,21 +99,24 @@ def train(config_path: str | None, overrides: list[str], debug: bool = False) ->
     import_plugins(cfg.plugins)
     dist.configure_threads(cfg.train.num_threads, cfg.data.num_workers)
     run_dir = Path(cfg.run.root) / cfg.run.name
-    check_run_dir(run_dir, cfg.run.overwrite)
+    checkpoint, state = find_resume(cfg, run_dir)
     # `kill -USR1 PID` prints where a rank is.
     faulthandler.register(signal.SIGUSR1, file=dist.stack_dump_file(), all_threads=True)
     # The step watchdog (dist.timeout_s) fires first, so a hang shows every rank's stacks.
     acc = dist.build_accelerator(cfg.train.mixed_precision, run_dir, cfg.log.tensorboard,
                                  timeout_s=cfg.dist.timeout_s * 1.1 + 60)
     per_device = dist.batch_per_device(cfg.train.batch_size, acc.num_processes, cfg.train.num_micro_batches)
-    info, loader = open_data(cfg, acc, per_device)
+    start = (resume.stream_start(checkpoint, state, acc.process_index, acc.num_processes, cfg.data.num_workers)
+             if checkpoint else None)
+    info, loader = open_data(cfg, acc, per_device, start)
     loss = get_loss(cfg.loss.name)
     torch.manual_seed(cfg.train.seed)  # identical initial weights on every rank
     G, D = build_models(cfg.model, info.shape, info.num_classes)
     if cfg.model.sync_bn:
         G, D = dist.convert_sync_batchnorm(G, D)
     # Only now, with config, data and models known to be good, is the run directory touched.
-    prepare_run_dir(run_dir, cfg, acc)
+    if checkpoint is None or not (run_dir / RUN_MARKER).is_file():
+        prepare_run_dir(run_dir, cfg, acc)
     G, D, opt_G, opt_D = acc.prepare(G, D, *build_optimizers(cfg, G, D))
     nets = Networks(G, D, opt_G, opt_D, EMA(acc.unwrap_model(G), cfg.train.ema_half_life_kimg, cfg.train.ema_rampup))
     console = Console(acc.is_main_process, int(cfg.train.total_kimg * 1000), run_dir, acc)
@@ -107,6 +125,11 @@ def train(config_path: str | None, overrides: list[str], debug: bool = False) ->
         console.print(f"G: {acc.unwrap_model(G)}\nD: {acc.unwrap_model(D)}")
     if cfg.log.tensorboard:
         acc.init_trackers("tensorboard", config=config_mod.flat_dict(cfg))
-    Trainer(cfg, acc, nets, loss, loader, info, console, run_dir, debug).fit()
+    trainer = Trainer(cfg, acc, nets, loss, loader, info, console, run_dir, debug)
+    if checkpoint is not None:
+        resume.restore(trainer, checkpoint, state)
+        console.print(f"resumed from {checkpoint} at step {trainer.progress.step} "
+                      f"({trainer.num_images / 1000:.1f} kimg)")
+    trainer.fit()
     acc.end_training()
     return 0

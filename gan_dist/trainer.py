@@ -23,8 +23,7 @@ from pathlib import Path
 import torch
 
 from gan_dist import dist
-from gan_dist.augment import Augment
-from gan_dist.checkpoint import save_snapshot
+from gan_dist.augment import DIFFAUG_PURPOSE, FLIP_PURPOSE, Augment
 from gan_dist.config import to_dict as config_to_dict
 from gan_dist.data.stream import Batch, DatasetInfo
 from gan_dist.ema import EMA
@@ -36,6 +35,7 @@ from gan_dist.losses import (
     interpolate,
     r1_penalty,
 )
+from gan_dist.resume import save_checkpoint
 from gan_dist.seeds import derive_seed
 from gan_dist.stats import Stats
 from gan_dist.visual import save_samples
@@ -97,6 +97,18 @@ class Progress:
     num_skipped_in_row: dict = field(default_factory=lambda: {"G": 0, "D": 0})
     """Per network: a network that alone keeps failing must still stop the run."""
     num_skipped_at_last_log: int = 0
+    last_checkpoint_time: float = field(default_factory=time.monotonic)
+
+    COUNTERS = ("step", "num_d_steps", "num_skipped", "num_fp16_overflows", "num_skipped_in_row")
+
+    def counters(self) -> dict:
+        """What a checkpoint keeps: the same on every rank."""
+        return {name: getattr(self, name) for name in self.COUNTERS}
+
+    def restore(self, counters: dict) -> None:
+        for name in self.COUNTERS:
+            setattr(self, name, counters[name])
+        self.num_skipped_at_last_log = sum(self.num_skipped.values())
 
 
 class Trainer:
@@ -122,6 +134,9 @@ class Trainer:
         self.params = {"G": [p for p in self.G.parameters() if p.requires_grad],
                        "D": [p for p in self.D.parameters() if p.requires_grad]}
         self.augment = Augment(cfg.data.hflip, cfg.data.diffaugment, cfg.train.seed, rank, device)
+        self.config_dict = config_to_dict(cfg)
+        self.stream = {"num_batches": 0, "workers": {}}  # this rank's data position, from the batches
+        self.checkpoint_due = False
         self.stats = Stats()
         self.progress = Progress()
 
@@ -172,15 +187,39 @@ class Trainer:
         if self.num_images // interval > images_before // interval:
             self.watchdog.arm(f"the sample grid after step {self.progress.step}")
             self.sample_grid()
+        every = int(self.cfg.checkpoint.every_kimg * 1000)
+        if (every and self.num_images // every > images_before // every) or self.checkpoint_due:
+            self.checkpoint()
+
+    def checkpoint(self) -> None:
+        """Every rank, same step: buffers synced and checked first (as for a grid), then saved."""
+        self.watchdog.arm(f"the checkpoint after step {self.progress.step}")
+        self.sync_buffers()
+        dist.check_rank_consistency(self.acc, {"G": self.G_raw, "D": self.D_raw, "G_ema": self.ema.module})
+        save_checkpoint(self)
+        self.checkpoint_due, self.progress.last_checkpoint_time = False, time.monotonic()
+
+    def model_info(self) -> dict:
+        """model.json's content besides format and step: enough to rebuild G alone."""
+        return {"model": self.config_dict["model"], "shape": list(self.info.shape),
+                "num_classes": self.info.num_classes, "plugins": self.cfg.plugins}
+
+    def stream_position(self) -> dict:
+        return {"num_batches": self.stream["num_batches"],
+                "workers": {str(w): list(pos) for w, pos in self.stream["workers"].items()}}
+
+    def reseed(self, salt: int) -> None:
+        """New per-rank random streams (a resume with another layout): from (seed, rank, purpose, salt)."""
+        seed, rank = self.cfg.train.seed, self.acc.process_index
+        for purpose, gen in ((NOISE_PURPOSE, self.noise_gen), (PENALTY_PURPOSE, self.penalty_gen),
+                             (FLIP_PURPOSE, self.augment.flip_gen), (DIFFAUG_PURPOSE, self.augment.gen)):
+            gen.manual_seed(derive_seed(seed, rank, purpose, salt))
 
     def _finish(self) -> None:
         if self.progress.step % self.cfg.log.every_steps:
             self.log()
         self.sample_grid(name="final")  # also syncs buffers across ranks before the snapshot
-        model_info = {"model": config_to_dict(self.cfg)["model"], "shape": list(self.info.shape),
-                      "num_classes": self.info.num_classes, "plugins": self.cfg.plugins}
-        snapshot = save_snapshot(self.run_dir, self.progress.step,
-                                 {"G": self.G_raw, "D": self.D_raw, "G_ema": self.ema.module}, model_info, self.acc)
+        snapshot = save_checkpoint(self)
         samples = self.run_dir / "samples"
         self.console.print(f"done: {self.progress.step} steps, {self.num_images / 1000:.1f} kimg\n"
                            f"  samples: {samples} (final grid: {samples / 'final.png'})\n"
@@ -294,6 +333,8 @@ class Trainer:
         batch = next(batches)
         self.progress.data_wait_s += time.perf_counter() - start
         self._account_bad(batch)
+        self.stream["num_batches"] += 1
+        self.stream["workers"][batch.worker] = (batch.epoch, batch.position)
         x = batch.samples.to(self.acc.device, non_blocking=True)
         # uint8 images travel as bytes and become [-1, 1] floats on the device.
         x = x.to(self.dtype).div_(127.5).sub_(1.0) if x.dtype == torch.uint8 else x.to(self.dtype)
@@ -336,7 +377,12 @@ class Trainer:
         self.stats.report("Speed/data_wait_fraction", torch.tensor(min(1.0, self.progress.data_wait_s / elapsed),
                                                                    device=self.acc.device))
         self._report_bad()
+        # Wall-clock checkpoints: rank 0's clock decides, and the reduce tells every rank.
+        minutes = self.cfg.checkpoint.every_minutes
+        due = minutes > 0 and self.acc.is_main_process and time.monotonic() - self.progress.last_checkpoint_time > minutes * 60
+        self.stats.report("Checkpoint/due", torch.tensor(float(due), device=self.acc.device))
         values = self.stats.reduce(self.acc)
+        self.checkpoint_due = values.pop("Checkpoint/due") > 0
         # Means over ranks of per-rank counts; the log wants the total.
         values["Data/bad_samples"] = round(values["Data/bad_samples"] * self.acc.num_processes)
         self._warn_bad(values)

@@ -105,7 +105,7 @@ def test_g_phase_leaves_d_gradients_untouched(digits_dir, tmp_path, monkeypatch)
 
 def test_existing_run_is_not_overwritten_by_default(train_main, digits_dir, tmp_path):
     assert train_main(*tiny_args(digits_dir, "train.max_steps=1"))[0] == 0
-    code, _, err = train_main(*tiny_args(digits_dir, "train.max_steps=1"))
+    code, _, err = train_main(*tiny_args(digits_dir, "train.max_steps=1", "train.resume=none"))
     assert code == 2 and "already holds a run; choose another run.name, or pass run.overwrite=true" in err
     assert (tmp_path / "runs" / "tiny" / "metrics.jsonl").is_file(), "refusal must not delete anything"
     assert train_main(*tiny_args(digits_dir, "train.max_steps=1", "run.overwrite=true"))[0] == 0

@@ -62,6 +62,9 @@ class Batch(NamedTuple):
     bad_count: int = 0
     bad_messages: tuple[str, ...] = ()
     fatal: str = ""
+    worker: int = 0  # the (rotated) worker that made it, and where its stream stood after it:
+    epoch: int = 0  # records `position` of epoch `epoch` consumed (what a resume skips to)
+    position: int = 0
 
 
 class _Bad(NamedTuple):
@@ -199,6 +202,7 @@ class StreamSpec:
     cache_bytes: int = 0
     num_epochs: int = 0  # 0: endless
     shard_counts: list[int] | None = None  # from index.json: lets a truncated shard be noticed
+    start: dict | None = None  # resume: {"rotation": r, "workers": {worker: (epoch, position)}}
 
 
 def epoch_assignment(num_shards: int, seed: int, epoch: int, slot: int, num_slots: int) -> tuple[list[int], bool]:
@@ -218,12 +222,24 @@ class ShardStream(torch.utils.data.IterableDataset):
 
     def __iter__(self):
         info = torch.utils.data.get_worker_info()
-        worker, num_workers = (info.id, info.num_workers) if info is not None else (0, 1)
+        loader_worker, num_workers = (info.id, info.num_workers) if info is not None else (0, 1)
         spec = self.spec
+        start = spec.start or {"rotation": 0, "workers": {}}
+        # The DataLoader always asks worker 0 first; after a resume the next batch may be due
+        # from another worker, so loader worker i plays worker (i + rotation) % num_workers.
+        worker = (loader_worker + start["rotation"]) % num_workers
+        first_epoch, skip = start["workers"].get(worker, (0, 0))
         slot, num_slots = spec.rank * num_workers + worker, spec.world_size * num_workers
-        epochs = itertools.count() if spec.num_epochs == 0 else range(spec.num_epochs)
-        records = itertools.chain.from_iterable(self._epoch(e, worker, slot, num_slots) for e in epochs)
-        return _batches(records, spec.batch_per_device)
+        epochs = itertools.count(first_epoch) if spec.num_epochs == 0 else range(first_epoch, spec.num_epochs)
+        records = itertools.chain.from_iterable(
+            self._numbered(e, worker, slot, num_slots, skip if e == first_epoch else 0) for e in epochs)
+        return _batches(records, spec.batch_per_device, worker)
+
+    def _numbered(self, epoch: int, worker: int, slot: int, num_slots: int, skip: int):
+        """(epoch, position after it, record) for one epoch, starting after `skip` records."""
+        records = self._epoch(epoch, worker, slot, num_slots)
+        for position, record in enumerate(itertools.islice(records, skip, None), start=skip + 1):
+            yield epoch, position, record
 
     def _epoch(self, epoch: int, worker: int, slot: int, num_slots: int):
         import webdataset as wds
@@ -264,10 +280,10 @@ class ShardStream(torch.utils.data.IterableDataset):
             self.cache_used += size_bytes
 
 
-def _batches(records, batch_size: int):
+def _batches(numbered_records, batch_size: int, worker: int):
     """Full batches of good samples; bad ones are counted into the next batch (the rest dropped at the end)."""
     items, bad_count, messages, bad_in_a_row = [], 0, [], 0
-    for record in records:
+    for epoch, position, record in numbered_records:
         if isinstance(record, _Bad):
             bad_count, bad_in_a_row = bad_count + record.count, bad_in_a_row + record.count
             if len(messages) < MAX_MESSAGES:
@@ -282,7 +298,7 @@ def _batches(records, batch_size: int):
         if len(items) == batch_size:
             arrays, labels, keys = zip(*items)
             yield Batch(torch.from_numpy(np.stack(arrays)), torch.tensor(labels, dtype=torch.int64), list(keys),
-                        bad_count, tuple(messages))
+                        bad_count, tuple(messages), worker=worker, epoch=epoch, position=position)
             items, bad_count, messages = [], 0, []
     if bad_count:  # a finite pass that ends on bad samples still reports them
         yield Batch(None, None, [], bad_count, tuple(messages))
@@ -295,11 +311,11 @@ def _as_is(batch):
 
 def make_loader(info: DatasetInfo, batch_per_device: int, seed: int, rank: int, num_workers: int,
                 shuffle_buffer: int, cache_mb: float = 0, pin_memory: bool = False, world_size: int = 1,
-                conditional: bool = False, num_epochs: int = 0):
+                conditional: bool = False, num_epochs: int = 0, start: dict | None = None):
     """This rank's DataLoader of `Batch`es: endless (num_epochs=0), or a finite pass of `num_epochs`."""
     spec = StreamSpec(info.urls, info.shape, info.dtype, info.num_classes if conditional else 0,
                       batch_per_device, seed, rank, world_size, shuffle_buffer, int(cache_mb * 2**20), num_epochs,
-                      info.shard_counts)
+                      info.shard_counts, start)
     loader = torch.utils.data.DataLoader(
         ShardStream(spec), batch_size=None, collate_fn=_as_is, num_workers=num_workers,
         generator=torch.Generator().manual_seed(derive_seed(seed, rank, LOADER)),

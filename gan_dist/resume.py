@@ -1,0 +1,228 @@
+"""Full training checkpoints that resume bit for bit, and the resume itself.
+
+A checkpoint is a snapshot directory (checkpoint.py: G, D, G_ema as safetensors plus
+model.json, so export and sampling read it as they are) with the rest of the state beside:
+- `optimizers.pt`: both Adam states and the fp16 scaler (tensors and numbers only, loaded
+  with `weights_only=True`);
+- `state.json`: counters, the EMA's update count, the resolved config and its hash, the
+  world size, worker and thread counts, and the format version;
+- `rank<R>.pt` / `rank<R>.json`, written by each rank: its RNG states (torch, CUDA, and our
+  noise, penalty and augmentation generators; Python's and NumPy's as JSON) and its data
+  stream position per loader worker. accelerate's save_state keeps custom state from rank 0
+  only, and pickles NumPy's RNG state, which weights_only loading refuses.
+
+Every rank writes what it owns into `step_XXXXXXXX.tmp/`; after a barrier rank 0 renames it
+and points `latest` at it, last; so a crash at any moment leaves the previous checkpoint.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import random
+import shutil
+from pathlib import Path
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+
+from gan_dist.checkpoint import SNAPSHOT_FORMAT, latest_snapshot
+from gan_dist.errors import UserError
+
+STATE_FORMAT = "gan_dist.checkpoint/1"
+# Keys a resumed run may change; any other difference changes tensor shapes or the training
+# itself, and is refused.
+MAY_CHANGE = ("run.", "log.", "checkpoint.", "dist.", "train.total_kimg", "train.max_steps", "train.resume",
+              "train.max_skipped_in_row", "data.num_workers", "data.path", "data.root", "data.cache_mb",
+              "data.on_error", "train.num_threads")
+# Test-only: called with the file just written, to inject a crash between files.
+_after_file_hook = None
+
+
+def config_hash(config: dict) -> str:
+    return hashlib.sha256(json.dumps(config, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def _written(path: Path) -> None:
+    if _after_file_hook is not None:
+        _after_file_hook(path)
+
+
+def _module_state(module: torch.nn.Module) -> dict:
+    return {k: v.detach().cpu().contiguous() for k, v in module.state_dict().items()}
+
+
+def _rank_state(trainer) -> tuple[dict, dict]:
+    """(tensors for rank<R>.pt, plain values for rank<R>.json) of this rank."""
+    tensors = {"torch": torch.get_rng_state(), "noise": trainer.noise_gen.get_state(),
+               "penalty": trainer.penalty_gen.get_state(), "flip": trainer.augment.flip_gen.get_state(),
+               "diffaugment": trainer.augment.gen.get_state()}
+    if torch.cuda.is_available():
+        tensors["cuda"] = torch.cuda.get_rng_state()
+    kind, keys, pos, has_gauss, gauss = np.random.get_state()
+    plain = {"python": [random.getstate()[0], list(random.getstate()[1]), random.getstate()[2]],
+             "numpy": [kind, keys.tolist(), int(pos), int(has_gauss), float(gauss)],
+             "stream": trainer.stream_position()}
+    return tensors, plain
+
+
+def save_checkpoint(trainer) -> Path:
+    """Every rank calls this at the same step."""
+    acc, step = trainer.acc, trainer.progress.step
+    final = trainer.run_dir / "checkpoints" / f"step_{step:08d}"
+    tmp = final.with_name(final.name + ".tmp")
+    if acc.is_main_process:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+    acc.wait_for_everyone()
+    tensors, plain = _rank_state(trainer)
+    rank = acc.process_index
+    torch.save(tensors, tmp / f"rank{rank}.pt")
+    (tmp / f"rank{rank}.json").write_text(json.dumps(plain))
+    _written(tmp / f"rank{rank}.json")
+    if acc.is_main_process:
+        _write_shared(trainer, tmp)
+    acc.wait_for_everyone()
+    if acc.is_main_process:
+        shutil.rmtree(final, ignore_errors=True)
+        tmp.rename(final)
+        pointer = final.parent / "latest.tmp"
+        pointer.write_text(final.name + "\n")
+        os.replace(pointer, final.parent / "latest")
+        _prune(final.parent, trainer.cfg.checkpoint.keep_last)
+    acc.wait_for_everyone()
+    return final
+
+
+def _write_shared(trainer, tmp: Path) -> None:
+    for name, module in (("G", trainer.G_raw), ("D", trainer.D_raw), ("G_ema", trainer.ema.module)):
+        save_file(_module_state(module), str(tmp / f"{name}.safetensors"))
+        _written(tmp / f"{name}.safetensors")
+    optim = {"G": trainer.opt_G.state_dict(), "D": trainer.opt_D.state_dict(),
+             "scaler": trainer.acc.scaler.state_dict() if trainer.acc.scaler is not None else None}
+    torch.save(optim, tmp / "optimizers.pt")
+    _written(tmp / "optimizers.pt")
+    (tmp / "model.json").write_text(json.dumps({"format": SNAPSHOT_FORMAT, "step": trainer.progress.step,
+                                                **trainer.model_info()}, indent=1))
+    state = {"format": STATE_FORMAT, "progress": trainer.progress.counters(),
+             "ema_num_averaged": int(trainer.ema.averaged.n_averaged), "config": trainer.config_dict,
+             "config_hash": config_hash(trainer.config_dict), "world_size": trainer.acc.num_processes,
+             "num_workers": trainer.cfg.data.num_workers, "num_threads": torch.get_num_threads()}
+    (tmp / "state.json").write_text(json.dumps(state, indent=1))
+    _written(tmp / "state.json")
+
+
+def _prune(directory: Path, keep_last: int) -> None:
+    steps = sorted(p for p in directory.glob("step_*") if p.is_dir() and not p.name.endswith(".tmp"))
+    for old in steps[:-keep_last] if keep_last > 0 else []:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def find_checkpoint(run_dir: Path, resume: str) -> Path | None:
+    """The checkpoint train.resume points at: 'none', 'auto' (this run's latest, if any), or a path."""
+    if resume == "none":
+        return None
+    if resume == "auto":
+        pointer = run_dir / "checkpoints" / "latest"
+        return latest_snapshot(run_dir) if pointer.is_file() else None
+    path = Path(resume)
+    if (path / "state.json").is_file():
+        return path
+    if (path / "checkpoints" / "latest").is_file():
+        return latest_snapshot(path)
+    raise UserError(f"train.resume={resume} is neither a checkpoint directory (with state.json) nor a run "
+                    "directory with checkpoints/latest; use auto, none, or such a path")
+
+
+def read_state(checkpoint: Path) -> dict:
+    try:
+        state = json.loads((checkpoint / "state.json").read_text())
+    except (OSError, ValueError) as err:
+        raise UserError(f"cannot resume from {checkpoint}: state.json is missing or unreadable ({err}); "
+                        "it is a final snapshot or a damaged checkpoint: set train.resume=none") from err
+    if state.get("format") != STATE_FORMAT:
+        raise UserError(f"cannot resume from {checkpoint}: its format is {state.get('format')!r} and this "
+                        f"gan_dist reads {STATE_FORMAT}; resume it with the gan_dist version that wrote it")
+    return state
+
+
+def _flat(tree: dict, prefix: str = "") -> dict:
+    out = {}
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            out.update(_flat(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
+def check_compatible(checkpoint: Path, saved_config: dict, config: dict) -> None:
+    """Refuse a resume whose config changes tensor shapes or the training; list every difference."""
+    saved, new = _flat(saved_config), _flat(config)
+    differ = [k for k in sorted(set(saved) | set(new))
+              if not k.startswith(MAY_CHANGE) and saved.get(k) != new.get(k)]
+    if differ:
+        listed = "; ".join(f"{k}: {saved.get(k)!r} -> {new.get(k)!r}" for k in differ)
+        raise UserError(f"cannot resume from {checkpoint}: {listed}. Set these back, or start a new run "
+                        "(another run.name, or train.resume=none with run.overwrite=true)")
+
+
+def load_tensors(path: Path) -> dict:
+    """torch.load restricted to tensors and plain containers: a pickle that would run code is refused."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # UnpicklingError for unsafe payloads, RuntimeError for damaged files
+        raise UserError(f"refused to load {path}: it is not a plain tensor file "
+                        f"({type(err).__name__}: {str(err).splitlines()[0][:200]})") from err
+
+
+def same_layout(state: dict, world_size: int, num_workers: int) -> bool:
+    return state["world_size"] == world_size and state["num_workers"] == num_workers
+
+
+def stream_start(checkpoint: Path, state: dict, rank: int, world_size: int, num_workers: int) -> dict | None:
+    """Where this rank's stream resumes: per-worker (epoch, position) and the worker rotation."""
+    if not same_layout(state, world_size, num_workers):
+        return None
+    stream = json.loads((checkpoint / f"rank{rank}.json").read_text())["stream"]
+    return {"rotation": stream["num_batches"] % max(1, num_workers),
+            "workers": {int(w): tuple(pos) for w, pos in stream["workers"].items()}}
+
+
+def restore(trainer, checkpoint: Path, state: dict) -> None:
+    """Load everything into a freshly built trainer (every rank)."""
+    for name, module in (("G", trainer.G_raw), ("D", trainer.D_raw), ("G_ema", trainer.ema.module)):
+        module.load_state_dict(load_file(str(checkpoint / f"{name}.safetensors")))
+    trainer.ema.averaged.n_averaged.fill_(state["ema_num_averaged"])
+    optim = load_tensors(checkpoint / "optimizers.pt")
+    trainer.opt_G.load_state_dict(optim["G"])
+    trainer.opt_D.load_state_dict(optim["D"])
+    if trainer.acc.scaler is not None and optim["scaler"] is not None:
+        trainer.acc.scaler.load_state_dict(optim["scaler"])
+    trainer.progress.restore(state["progress"])
+    acc = trainer.acc
+    if same_layout(state, acc.num_processes, trainer.cfg.data.num_workers):
+        _restore_rng(trainer, checkpoint, acc.process_index)
+    else:
+        trainer.reseed(salt=trainer.progress.step)
+        trainer.console.print(f"resumed with {acc.num_processes} processes x {trainer.cfg.data.num_workers} workers "
+                              f"where the checkpoint had {state['world_size']} x {state['num_workers']}: noise, "
+                              "augmentation and data streams are re-derived from (seed, rank, step), so this "
+                              "continuation is not the one the original layout would have trained")
+
+
+def _restore_rng(trainer, checkpoint: Path, rank: int) -> None:
+    tensors = load_tensors(checkpoint / f"rank{rank}.pt")
+    plain = json.loads((checkpoint / f"rank{rank}.json").read_text())
+    torch.set_rng_state(tensors["torch"])
+    if "cuda" in tensors and torch.cuda.is_available():
+        torch.cuda.set_rng_state(tensors["cuda"])
+    for name, gen in (("noise", trainer.noise_gen), ("penalty", trainer.penalty_gen),
+                      ("flip", trainer.augment.flip_gen), ("diffaugment", trainer.augment.gen)):
+        gen.set_state(tensors[name])
+    version, internal, gauss = plain["python"]
+    random.setstate((version, tuple(internal), gauss))
+    kind, keys, pos, has_gauss, cached = plain["numpy"]
+    np.random.set_state((kind, np.array(keys, dtype=np.uint32), pos, has_gauss, cached))

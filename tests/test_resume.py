@@ -1,0 +1,103 @@
+"""Checkpoints and exact resume (one process, in-process; the 2-process case is in test_distributed)."""
+
+import json
+import pickle
+
+import pytest
+import torch
+from conftest import tiny_args
+from safetensors.torch import load_file
+
+from gan_dist import resume
+
+# 40 steps of 32 in all; the first leg stops at an odd step so that the resumed loader must
+# start from its second worker (2 workers take turns).
+FULL = ("train.total_kimg=2", "data.num_workers=2", "checkpoint.every_kimg=0", "log.every_steps=7",
+        "log.sample_every_kimg=0.3", "train.ema_half_life_kimg=0.2", "loss.r1_gamma=1", "loss.r1_interval=3")
+
+
+def _final(run_dir, step: int):
+    ckpt = run_dir / "checkpoints" / f"step_{step:08d}"
+    weights = {name: load_file(str(ckpt / f"{name}.safetensors")) for name in ("G", "D", "G_ema")}
+    return weights, resume.load_tensors(ckpt / "optimizers.pt"), json.loads((ckpt / "state.json").read_text())
+
+
+def _assert_bitwise_equal(a, b, where=""):
+    if isinstance(a, dict):
+        assert a.keys() == b.keys(), where
+        for key in a:
+            _assert_bitwise_equal(a[key], b[key], f"{where}.{key}")
+    elif isinstance(a, (list, tuple)):
+        assert len(a) == len(b), where
+        for i, (x, y) in enumerate(zip(a, b)):
+            _assert_bitwise_equal(x, y, f"{where}[{i}]")
+    elif isinstance(a, torch.Tensor):
+        assert torch.equal(a, b), f"{where} differs"
+    else:
+        assert a == b, where
+
+
+def test_stop_and_resume_equals_the_uninterrupted_run(train_main, digits_dir, tmp_path):
+    assert train_main(*tiny_args(digits_dir, *FULL, "run.name=full", "train.max_steps=40"))[0] == 0
+    assert train_main(*tiny_args(digits_dir, *FULL, "run.name=split", "train.max_steps=21"))[0] == 0
+    code, out, err = train_main(*tiny_args(digits_dir, *FULL, "run.name=split", "train.max_steps=40"))
+    assert code == 0, err
+    assert "resumed from" in out and "step_00000021 at step 21" in out
+    full, split = _final(tmp_path / "runs" / "full", 40), _final(tmp_path / "runs" / "split", 40)
+    _assert_bitwise_equal(full[0], split[0], "weights")
+    _assert_bitwise_equal(full[1], split[1], "optimizers")
+    assert full[2]["progress"] == split[2]["progress"] and full[2]["ema_num_averaged"] == 40
+    moved = _final(tmp_path / "runs" / "split", 21)[0]["G"]
+    assert any(not torch.equal(moved[k], full[0]["G"][k]) for k in moved), "the second leg trained nothing"
+
+
+def test_changed_width_is_refused_and_changed_length_accepted(train_main, digits_dir, tmp_path):
+    assert train_main(*tiny_args(digits_dir, "train.max_steps=3"))[0] == 0
+    code, _, err = train_main(*tiny_args(digits_dir, "train.max_steps=6", "model.width_mult=0.25"))
+    assert code == 2 and "model.width_mult: 0.125 -> 0.25" in err and "Traceback" not in err
+    code, out, err = train_main(*tiny_args(digits_dir, "train.max_steps=6", "train.total_kimg=3"))
+    assert code == 0, err
+    assert "at step 3" in out and (tmp_path / "runs" / "tiny" / "checkpoints" / "step_00000006").is_dir()
+
+
+def test_a_crash_during_a_save_leaves_the_previous_checkpoint(train_main, digits_dir, tmp_path, monkeypatch):
+    args = tiny_args(digits_dir, "checkpoint.every_kimg=0.32", "train.max_steps=30")  # a checkpoint every 10 steps
+
+    def crash_at_step_20(path):
+        if "step_00000020" in str(path) and path.name == "optimizers.pt":
+            raise KeyboardInterrupt("killed between files")
+
+    monkeypatch.setattr(resume, "_after_file_hook", crash_at_step_20)
+    with pytest.raises(KeyboardInterrupt):
+        train_main(*args)
+    checkpoints = tmp_path / "runs" / "tiny" / "checkpoints"
+    assert (checkpoints / "latest").read_text().strip() == "step_00000010"
+    assert (checkpoints / "step_00000020.tmp").is_dir() and not (checkpoints / "step_00000020").exists()
+    monkeypatch.setattr(resume, "_after_file_hook", None)
+    code, out, err = train_main(*args)
+    assert code == 0, err
+    assert "step_00000010 at step 10" in out and (checkpoints / "latest").read_text().strip() == "step_00000030"
+
+
+class _Payload:
+    def __reduce__(self):
+        import os
+
+        return os.system, ("touch payload-ran",)
+
+
+def test_a_code_executing_pickle_is_refused_unrun(train_main, digits_dir, tmp_path):
+    assert train_main(*tiny_args(digits_dir, "train.max_steps=2"))[0] == 0
+    ckpt = tmp_path / "runs" / "tiny" / "checkpoints" / "step_00000002"
+    (ckpt / "optimizers.pt").write_bytes(pickle.dumps(_Payload()))
+    code, _, err = train_main(*tiny_args(digits_dir, "train.max_steps=4"))
+    assert code == 2 and "refused to load" in err and "optimizers.pt" in err
+    assert not (tmp_path / "payload-ran").exists()
+
+
+def test_unknown_checkpoint_format_is_a_clear_error(train_main, digits_dir, tmp_path):
+    assert train_main(*tiny_args(digits_dir, "train.max_steps=2"))[0] == 0
+    state_file = tmp_path / "runs" / "tiny" / "checkpoints" / "step_00000002" / "state.json"
+    state_file.write_text(json.dumps({**json.loads(state_file.read_text()), "format": "gan_dist.checkpoint/9"}))
+    code, _, err = train_main(*tiny_args(digits_dir, "train.max_steps=4"))
+    assert code == 2 and "'gan_dist.checkpoint/9'" in err and "reads gan_dist.checkpoint/1" in err
