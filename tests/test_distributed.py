@@ -22,7 +22,7 @@ pytestmark = pytest.mark.launch
 EQ_CASES = ["eq-mlp-r1", "eq-mlp-hinge", "eq-mlp-gp", "eq-mlp-diffaug", "eq-dcgan-r1", "eq-dcgan-hinge"]
 MICRO_CASES = {"eq-mlp-r1-micro2": "eq-mlp-r1", "eq-dcgan-hinge-micro2": "eq-dcgan-hinge"}
 TWO_RANK_ONLY = ["bn_d-r1-ncritic-micro", "spectral-gp-conditional", "nan-on-rank1", "perturb-rank1",
-                 "bad-data-raise"]
+                 "bad-data-raise", "resume-full", "resume-leg1", "resume-leg2"]
 
 
 def _corrupt_copy(out):
@@ -54,6 +54,7 @@ def harness(digits_dir, tmp_path_factory):
     def load(case: str, world: int, rank: int = 0) -> dict:
         return torch.load(out / case / f"w{world}-rank{rank}.pt")
 
+    load.out = out
     return load
 
 
@@ -108,3 +109,18 @@ def test_bad_data_under_raise_stops_every_rank_together(harness):
     assert all(o.startswith("UserError") for o in outcomes)
     assert any("shard-000003.tar key broken01" in o for o in outcomes)
     assert harness("bad-data-raise", 2, 0)["step"] == harness("bad-data-raise", 2, 1)["step"]
+
+
+def test_two_processes_with_two_workers_resume_exactly(harness):
+    from test_resume import _assert_bitwise_equal, _final
+
+    for case in ("resume-full", "resume-leg1", "resume-leg2"):
+        assert [harness(case, 2, r)["outcome"] for r in (0, 1)] == ["ok", "ok"], case
+    full = _final(harness.out / "runs" / "resume-full", 40)
+    split = _final(harness.out / "runs" / "resume-split", 40)
+    _assert_bitwise_equal(full[0], split[0], "weights")
+    _assert_bitwise_equal(full[1], split[1], "optimizers")
+    assert full[2]["progress"] == split[2]["progress"] and split[2]["world_size"] == 2
+    positions = [json.loads((harness.out / "runs" / "resume-split" / "checkpoints" / "step_00000021" /
+                             f"rank{r}.json").read_text())["stream"] for r in (0, 1)]
+    assert [p["num_batches"] for p in positions] == [21, 21] and all(len(p["workers"]) == 2 for p in positions)

@@ -33,6 +33,8 @@ EQ_SHARED = ["optim.generator.lr=2e-3", "optim.discriminator.lr=2e-3", "train.em
 DCGAN = ["model.name=dcgan", "model.width_mult=0.125", "data.dataset=digits", "data.resolution=16"]
 NONSAT_R1 = ["loss.name=nonsaturating", "loss.r1_gamma=1", "loss.r1_interval=1"]
 HINGE_NCRITIC = ["loss.name=hinge", "train.n_critic=2"]
+RESUME = ["run.overwrite=false", "train.total_kimg=2", "data.num_workers=2", "checkpoint.every_kimg=0",
+          "log.every_steps=7", "log.sample_every_kimg=0.3", "loss.r1_gamma=1", "loss.r1_interval=3"]
 
 CASES = {
     "eq-mlp-r1": [*EQ_SHARED, *NONSAT_R1],
@@ -55,6 +57,10 @@ CASES = {
     "nan-on-rank1": ["train.max_steps=8", "log.every_steps=4"],
     # Rank 1's G weights nudged after step 2: the next consistency check must catch it.
     "perturb-rank1": ["train.max_steps=8", "log.sample_every_kimg=0.1"],
+    # Exact resume with 2 loader workers: 21 steps, stop, resume to 40; against 40 in one go.
+    "resume-full": [*RESUME, "run.name=resume-full", "train.max_steps=40"],
+    "resume-leg1": [*RESUME, "run.name=resume-split", "train.max_steps=21"],
+    "resume-leg2": [*RESUME, "run.name=resume-split", "train.max_steps=40"],
     # A corrupt sample (in OUT/bad-digits, written by the test) under data.on_error=raise.
     "bad-data-raise": ["data.on_error=raise", "train.max_steps=40"],
 }
