@@ -1,4 +1,4 @@
-"""`gan-dist train|prepare|check`: the console script."""
+"""`gan-dist train|prepare|export|sample|check`: the console script."""
 
 from __future__ import annotations
 
@@ -35,13 +35,17 @@ def main(argv: list[str] | None = None) -> int:
     from gan_dist.data import prepare
 
     prepare.add_arguments(sub.add_parser("prepare", help="write a dataset as webdataset shards"))
+    from gan_dist import export
+
+    export.add_export_arguments(sub.add_parser("export", help="write a run's G_ema as a standalone model"))
+    export.add_sample_arguments(sub.add_parser("sample", help="draw samples from a run or an exported model"))
     check = sub.add_parser("check", help="validate a config and print it resolved")
     check.add_argument("config")
     check.add_argument("overrides", nargs="*", metavar="key=value")
     for p in sub.choices.values():
         p.add_argument("--debug", action="store_true", help="show tracebacks")
     args = parser.parse_args(argv)
-    handlers = {"prepare": prepare.run, "check": _check}
+    handlers = {"prepare": prepare.run, "check": _check, "export": export.run_export, "sample": export.run_sample}
     return run_reporting_errors(lambda: handlers[args.command](args), args.debug)
 
 

@@ -20,6 +20,7 @@ import torch
 from gan_dist import config as config_mod
 from gan_dist import dist
 from gan_dist.errors import UserError, run_reporting_errors
+from gan_dist.preempt import StopRequest, clear_requeue_marker
 
 DEBUG_MAX_STEPS = 20
 
@@ -100,8 +101,8 @@ def train(config_path: str | None, overrides: list[str], debug: bool = False) ->
     dist.configure_threads(cfg.train.num_threads, cfg.data.num_workers)
     run_dir = Path(cfg.run.root) / cfg.run.name
     checkpoint, state = find_resume(cfg, run_dir)
-    # `kill -USR1 PID` prints where a rank is.
-    faulthandler.register(signal.SIGUSR1, file=dist.stack_dump_file(), all_threads=True)
+    # `kill -USR2 PID` prints where a rank is (USR1 and TERM ask for a checkpoint and a stop).
+    faulthandler.register(signal.SIGUSR2, file=dist.stack_dump_file(), all_threads=True)
     # The step watchdog (dist.timeout_s) fires first, so a hang shows every rank's stacks.
     acc = dist.build_accelerator(cfg.train.mixed_precision, run_dir, cfg.log.tensorboard,
                                  timeout_s=cfg.dist.timeout_s * 1.1 + 60)
@@ -126,10 +127,13 @@ def train(config_path: str | None, overrides: list[str], debug: bool = False) ->
     if cfg.log.tensorboard:
         acc.init_trackers("tensorboard", config=config_mod.flat_dict(cfg))
     trainer = Trainer(cfg, acc, nets, loss, loader, info, console, run_dir, debug)
+    if acc.is_main_process:
+        clear_requeue_marker(run_dir)
     if checkpoint is not None:
         resume.restore(trainer, checkpoint, state)
         console.print(f"resumed from {checkpoint} at step {trainer.progress.step} "
                       f"({trainer.num_images / 1000:.1f} kimg)")
-    trainer.fit()
+    with StopRequest() as trainer.stop_request:
+        trainer.fit()
     acc.end_training()
     return 0

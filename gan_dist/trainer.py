@@ -35,6 +35,7 @@ from gan_dist.losses import (
     interpolate,
     r1_penalty,
 )
+from gan_dist.preempt import REQUEUE_MARKER, write_requeue_marker
 from gan_dist.resume import save_checkpoint
 from gan_dist.seeds import derive_seed
 from gan_dist.stats import Stats
@@ -137,6 +138,7 @@ class Trainer:
         self.config_dict = config_to_dict(cfg)
         self.stream = {"num_batches": 0, "workers": {}}  # this rank's data position, from the batches
         self.checkpoint_due = False
+        self.stop_request = None  # set by train(): SIGTERM/SIGUSR1 handling
         self.stats = Stats()
         self.progress = Progress()
 
@@ -165,10 +167,20 @@ class Trainer:
                 self.ema.update(self.G_raw, self.num_images,
                                 self.cfg.train.batch_size * self.cfg.train.n_critic)
                 self._at_intervals(images_before)
+                stop_signal = self.stop_request.decided(self.acc, self.progress.step) if self.stop_request else ""
+                if stop_signal:
+                    self._stop_for(stop_signal)
+                    return
             self.watchdog.arm("the final grid and snapshot")
             self._finish()
         finally:
             self.console.close()
+            # Loader workers ignore SIGTERM (a launcher's TERM must not kill them before the
+            # checkpoint), so multiprocessing's exit-time terminate() cannot stop them: shut
+            # them down through the DataLoader's own protocol, now.
+            shutdown = getattr(batches, "_shutdown_workers", None)
+            if shutdown is not None:
+                shutdown()
 
     @property
     def num_images(self) -> int:
@@ -191,13 +203,22 @@ class Trainer:
         if (every and self.num_images // every > images_before // every) or self.checkpoint_due:
             self.checkpoint()
 
-    def checkpoint(self) -> None:
+    def checkpoint(self) -> Path:
         """Every rank, same step: buffers synced and checked first (as for a grid), then saved."""
         self.watchdog.arm(f"the checkpoint after step {self.progress.step}")
         self.sync_buffers()
         dist.check_rank_consistency(self.acc, {"G": self.G_raw, "D": self.D_raw, "G_ema": self.ema.module})
-        save_checkpoint(self)
+        path = save_checkpoint(self)
         self.checkpoint_due, self.progress.last_checkpoint_time = False, time.monotonic()
+        return path
+
+    def _stop_for(self, signal_name: str) -> None:
+        """Preemption: checkpoint now, leave the REQUEUE marker, end the run."""
+        checkpoint = self.checkpoint()
+        if self.acc.is_main_process:
+            write_requeue_marker(self.run_dir, signal_name, self.progress.step, checkpoint)
+        self.console.print(f"stopped by {signal_name} after step {self.progress.step}: checkpoint {checkpoint}, "
+                           f"marker {self.run_dir / REQUEUE_MARKER}; the same command resumes it")
 
     def model_info(self) -> dict:
         """model.json's content besides format and step: enough to rebuild G alone."""

@@ -15,11 +15,14 @@ here="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 python="${PYTHON:-python}"
 if [[ -z "${PYTHON:-}" && -x "$here/.venv/bin/python" ]]; then python="$here/.venv/bin/python"; fi
 nproc="${NPROC_PER_NODE:-$("$python" -c 'import torch; print(max(1, torch.cuda.device_count()))')}"
+# Forward SIGUSR1 too (SLURM's preemption warning) and give the ranks time to checkpoint
+# before torchrun's SIGKILL.
+signals=(--signals-to-handle SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1 --shutdown-timeout "${SHUTDOWN_TIMEOUT_S:-120}")
 if [[ "${NNODES:-1}" == 1 && -z "${MASTER_PORT:-}" ]]; then
   # One node: torchrun picks a free port, so two runs on one machine do not collide.
-  exec "$python" -m torch.distributed.run --standalone --nproc_per_node "$nproc" "$here/train.py" "$@"
+  exec "$python" -m torch.distributed.run --standalone --nproc_per_node "$nproc" "${signals[@]}" "$here/train.py" "$@"
 fi
-exec "$python" -m torch.distributed.run \
+exec "$python" -m torch.distributed.run "${signals[@]}" \
   --nnodes "${NNODES:-1}" --node_rank "${NODE_RANK:-0}" --nproc_per_node "$nproc" \
   --master_addr "${MASTER_ADDR:-127.0.0.1}" --master_port "${MASTER_PORT:-29500}" \
   "$here/train.py" "$@"

@@ -5,6 +5,7 @@ world size 2 is seen, both ranks end with identical G and D, their first noise b
 first data keys differ, and the result differs from a one-process run of the same config.
 """
 
+import json
 import os
 import socket
 import subprocess
@@ -74,8 +75,6 @@ def test_two_processes_are_really_distributed(launcher, digits_dir, tmp_path, si
 
 def test_two_ranks_with_two_workers_split_the_stream(digits_dir, tmp_path):
     """One launch: disjoint keys within an epoch, equal batch counts, repeatable per seed."""
-    import json
-
     env = {k: v for k, v in os.environ.items() if not k.startswith(("ACCELERATE_", "WORLD_SIZE", "RANK"))}
     env.update(PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
     launch = LAUNCHERS["torchrun"](_free_port())
@@ -142,3 +141,40 @@ def test_two_nodes_on_one_machine_end_identical(launcher, digits_dir, tmp_path):
     assert [r["world_size"] for r in ranks] == [2, 2]
     _assert_identical_on_both_ranks(ranks)
     assert not set(ranks[0]["first_keys"]) & set(ranks[1]["first_keys"])
+
+
+@pytest.mark.parametrize("target", ["one rank", "torchrun"])
+def test_sigusr1_checkpoints_stops_and_marks_for_requeue(target, digits_dir, tmp_path, train_main):
+    import signal
+    import time
+
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("ACCELERATE_", "WORLD_SIZE", "RANK"))}
+    env.update(PROBE_DIR=str(tmp_path / "probe"), PYTHONPATH=f"{HELPERS}{os.pathsep}{ROOT}", OMP_NUM_THREADS="1",
+               PYTHON=sys.executable, NPROC_PER_NODE="2")
+    args = ["--config", str(ROOT / "configs" / "tiny.yaml"), f"data.path={digits_dir}", f"run.root={tmp_path / 'runs'}",
+            "plugins=[pid_probe]", "train.total_kimg=100000", "log.every_steps=1000", "checkpoint.every_kimg=0",
+            "log.sample_every_kimg=100000"]
+    proc = subprocess.Popen(["bash", str(ROOT / "launch" / "torchrun.sh"), *args], env=env, cwd=tmp_path,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        pid_file = tmp_path / "probe" / "pid-rank1"
+        for _ in range(600):
+            if pid_file.is_file() or proc.poll() is not None:
+                break
+            time.sleep(0.1)
+        assert pid_file.is_file(), proc.communicate()[0][-3000:]
+        os.kill(int(pid_file.read_text()) if target == "one rank" else proc.pid, signal.SIGUSR1)
+        output = proc.communicate(timeout=90)[0]
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    run_dir = tmp_path / "runs" / "tiny"
+    assert (run_dir / "REQUEUE").is_file(), output[-3000:]
+    stopped_at = json.loads((run_dir / "checkpoints" / (run_dir / "checkpoints" / "latest").read_text().strip()
+                             / "state.json").read_text())["progress"]["step"]
+    assert f"after step {stopped_at}: checkpoint" in output
+    # The same command resumes (here in one process: the stream is re-derived, and says so).
+    code, out, err = train_main(*args, f"train.max_steps={stopped_at + 3}")
+    assert code == 0, err
+    assert f"at step {stopped_at} " in out and "re-derived" in out
+    assert (run_dir / "checkpoints" / f"step_{stopped_at + 3:08d}").is_dir() and not (run_dir / "REQUEUE").exists()

@@ -3,6 +3,7 @@
 import json
 import pickle
 
+import numpy as np
 import pytest
 import torch
 from conftest import tiny_args
@@ -101,3 +102,56 @@ def test_unknown_checkpoint_format_is_a_clear_error(train_main, digits_dir, tmp_
     state_file.write_text(json.dumps({**json.loads(state_file.read_text()), "format": "gan_dist.checkpoint/9"}))
     code, _, err = train_main(*tiny_args(digits_dir, "train.max_steps=4"))
     assert code == 2 and "'gan_dist.checkpoint/9'" in err and "reads gan_dist.checkpoint/1" in err
+
+
+def test_kill_9_during_a_run_leaves_a_loadable_latest(digits_dir, tmp_path, train_main):
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from conftest import ROOT
+
+    args = tiny_args(digits_dir, "checkpoint.every_kimg=0.032", "train.total_kimg=100000", "log.every_steps=1000",
+                     "log.sample_every_kimg=100000", f"run.root={tmp_path / 'runs'}")
+    proc = subprocess.Popen([sys.executable, str(ROOT / "train.py"), *args], cwd=tmp_path,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    checkpoints = tmp_path / "runs" / "tiny" / "checkpoints"
+    try:
+        for _ in range(600):  # until a few checkpoints (one per step) have been written
+            if len(list(checkpoints.glob("step_*"))) >= 3:
+                break
+            time.sleep(0.05)
+        time.sleep(0.37)
+    finally:
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait()
+    latest = checkpoints / (checkpoints / "latest").read_text().strip()
+    state = resume.read_state(latest)
+    step = state["progress"]["step"]
+    code, out, err = train_main(*args, f"train.max_steps={step + 2}")
+    assert code == 0, err
+    assert f"at step {step} " in out
+
+
+def test_export_then_sample_equals_sampling_the_run(train_main, digits_dir, tmp_path, capsys):
+    from PIL import Image
+
+    from gan_dist.cli import main as cli_main
+
+    assert train_main(*tiny_args(digits_dir, "train.max_steps=4", "model.conditional=true"))[0] == 0
+    run = str(tmp_path / "runs" / "tiny")
+    assert cli_main(["export", "--run", run, "--out", str(tmp_path / "model")]) == 0
+    assert sorted(p.name for p in (tmp_path / "model").iterdir()) == ["G_ema.safetensors", "model.json"]
+    common = ["--num", "12", "--seed", "5", "--truncation", "1.5"]
+    assert cli_main(["sample", "--model", str(tmp_path / "model"), *common, "--out", str(tmp_path / "a.png")]) == 0
+    assert cli_main(["sample", "--run", run, *common, "--out", str(tmp_path / "b.png")]) == 0
+    a, b = (np.asarray(Image.open(tmp_path / f"{n}.png")) for n in "ab")
+    assert a.shape == b.shape and np.array_equal(a, b)
+    assert cli_main(["sample", "--run", run, *common, "--out", str(tmp_path / "other.png"), "--seed", "6"]) == 0
+    assert not np.array_equal(a, np.asarray(Image.open(tmp_path / "other.png")))
+    assert cli_main(["sample", "--run", run, "--num", "5", "--class", "7", "--out", str(tmp_path / "sevens")]) == 0
+    assert len(list((tmp_path / "sevens").glob("*.png"))) == 5
+    assert cli_main(["sample", "--run", run, "--class", "12", "--out", str(tmp_path / "x.png")]) == 2
+    assert "--class must be in 0..9" in capsys.readouterr().err

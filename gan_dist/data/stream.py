@@ -30,6 +30,7 @@ import torch
 
 from gan_dist.data.samples import BadSample, decode
 from gan_dist.errors import UserError
+from gan_dist.preempt import ignore_stop_signals
 from gan_dist.seeds import derive_seed
 
 REMOTE = ("pipe:", "http:", "https:")
@@ -320,6 +321,7 @@ def make_loader(info: DatasetInfo, batch_per_device: int, seed: int, rank: int, 
         ShardStream(spec), batch_size=None, collate_fn=_as_is, num_workers=num_workers,
         generator=torch.Generator().manual_seed(derive_seed(seed, rank, LOADER)),
         persistent_workers=num_workers > 0 and num_epochs == 0, pin_memory=pin_memory,
+        worker_init_fn=ignore_stop_signals if num_workers > 0 else None,
         prefetch_factor=4 if num_workers > 0 else None,
     )
     return loader if num_epochs == 0 else FinitePass(loader, finite_batches(info, spec, num_workers))

@@ -7,6 +7,8 @@ _next_real = trainer_mod.Trainer._next_real
 
 def nan_next_real(self, batches):
     x, y = _next_real(self, batches)
+    if "nan_reals" not in self.cfg.plugins:  # the patch outlives the test that imported it
+        return x, y
     self.nan_reals_calls = getattr(self, "nan_reals_calls", 0) + 1
     return (x * float("nan"), y) if self.nan_reals_calls >= 3 else (x, y)
 

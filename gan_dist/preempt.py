@@ -1,0 +1,69 @@
+"""Stopping cleanly when the cluster says so: SIGTERM, SIGUSR1, or a first Ctrl-C.
+
+The signal may reach every rank, only rank 0 (a launcher that forwards it), or only some
+ranks, so no rank acts on it alone: every few steps all ranks combine their flags in one
+tiny all-reduce, and if any rank was signalled they all finish the step, save a checkpoint
+and stop. Rank 0 then writes runs/<name>/REQUEUE: launchers (torchrun, accelerate launch,
+srun) replace the exit code with their own, so scripts decide on requeueing by this marker.
+A second Ctrl-C exits at once. DataLoader workers ignore these signals: a launcher signals
+the whole process group, and a worker that died first would take the checkpoint with it.
+"""
+
+from __future__ import annotations
+
+import signal
+import threading
+from pathlib import Path
+from typing import Self
+
+import torch
+
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)
+CHECK_EVERY_STEPS = 5
+REQUEUE_MARKER = "REQUEUE"
+
+
+class StopRequest:
+    def __init__(self):
+        self.signal_name = ""
+        self._previous = {}
+
+    def __enter__(self) -> Self:
+        """Handlers for the run only (signal handlers can only be set in the main thread)."""
+        if threading.current_thread() is threading.main_thread():
+            self._previous = {sig: signal.signal(sig, self._handle) for sig in STOP_SIGNALS}
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+    def _handle(self, signum: int, frame) -> None:
+        if signum == signal.SIGINT and self.signal_name:
+            raise KeyboardInterrupt  # the second Ctrl-C: no checkpoint, stop now
+        self.signal_name = signal.Signals(signum).name
+
+    def decided(self, accelerator, step: int) -> str:
+        """The signal every rank stops for ('' if none): collective, every CHECK_EVERY_STEPS steps."""
+        if accelerator.num_processes == 1:
+            return self.signal_name
+        if step % CHECK_EVERY_STEPS:
+            return ""
+        flag = torch.tensor([1.0 if self.signal_name else 0.0], device=accelerator.device)
+        if float(accelerator.reduce(flag, reduction="sum")) == 0:
+            return ""
+        return self.signal_name or "a signal to another rank"
+
+
+def ignore_stop_signals(_worker_id: int) -> None:
+    """DataLoader worker_init_fn."""
+    for sig in STOP_SIGNALS:
+        signal.signal(sig, signal.SIG_IGN)
+
+
+def write_requeue_marker(run_dir: Path, signal_name: str, step: int, checkpoint: Path) -> None:
+    (run_dir / REQUEUE_MARKER).write_text(f"{signal_name} at step {step}; resume from {checkpoint}\n")
+
+
+def clear_requeue_marker(run_dir: Path) -> None:
+    (run_dir / REQUEUE_MARKER).unlink(missing_ok=True)
