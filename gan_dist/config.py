@@ -150,6 +150,8 @@ class TrainConfig:
     """auto: continue from this run's latest checkpoint if there is one; none: start afresh; or a checkpoint/run path."""
     max_skipped_in_row: int = 20
     """Abort when this many optimizer steps in a row had non-finite gradients (fp16 scaler skips do not count)."""
+    rollback_on_divergence: bool = False
+    """Instead of aborting after max_skipped_in_row, reload the latest checkpoint and go on with new noise (3 tries)."""
 
 
 @dataclass

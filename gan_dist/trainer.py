@@ -25,7 +25,8 @@ import torch
 from gan_dist import dist
 from gan_dist.augment import DIFFAUG_PURPOSE, FLIP_PURPOSE, Augment
 from gan_dist.config import to_dict as config_to_dict
-from gan_dist.data.stream import Batch, DatasetInfo
+from gan_dist.data.health import DataHealth
+from gan_dist.data.stream import DatasetInfo
 from gan_dist.ema import EMA
 from gan_dist.errors import UserError
 from gan_dist.losses import (
@@ -44,6 +45,7 @@ from gan_dist.watchdog import StepWatchdog
 
 NOISE_PURPOSE, PENALTY_PURPOSE, FIXED_PURPOSE = 10, 11, 12
 FP16_DIVERGED_SCALE = 2.0**-10
+MAX_ROLLBACKS_IN_ROW = 3
 
 
 def lr_factor(num_images: int, total_images: int, batch_size: int, warmup_kimg: float,
@@ -67,6 +69,10 @@ class TrainingDivergedError(UserError):
     """Too many optimizer steps in a row skipped for non-finite gradients."""
 
 
+class RollbackRequested(Exception):
+    """train.rollback_on_divergence: go back to the latest checkpoint (every rank decides alike)."""
+
+
 @dataclass
 class Networks:
     """G and D as prepared by accelerate, their optimizers, and G's moving average."""
@@ -87,10 +93,6 @@ class Progress:
     last_log_images: int = 0
     last_log_time: float = field(default_factory=time.perf_counter)
     data_wait_s: float = 0.0
-    num_bad_samples: int = 0
-    """Samples skipped as unreadable since the last log line (this rank)."""
-    num_good_samples: int = 0
-    bad_example: str = ""
     num_skipped: dict = field(default_factory=lambda: {"G": 0, "D": 0})
     """Optimizer steps skipped for non-finite (synchronised) gradients, per network, since the start."""
     num_fp16_overflows: dict = field(default_factory=lambda: {"G": 0, "D": 0})
@@ -98,9 +100,12 @@ class Progress:
     num_skipped_in_row: dict = field(default_factory=lambda: {"G": 0, "D": 0})
     """Per network: a network that alone keeps failing must still stop the run."""
     num_skipped_at_last_log: int = 0
+    num_rollbacks: int = 0
+    """train.rollback_on_divergence: returns to the latest checkpoint, since the start."""
+    num_rollbacks_in_row: int = 0
     last_checkpoint_time: float = field(default_factory=time.monotonic)
 
-    COUNTERS = ("step", "num_d_steps", "num_skipped", "num_fp16_overflows", "num_skipped_in_row")
+    COUNTERS = ("step", "num_d_steps", "num_skipped", "num_fp16_overflows", "num_skipped_in_row", "num_rollbacks")
 
     def counters(self) -> dict:
         """What a checkpoint keeps: the same on every rank."""
@@ -108,7 +113,7 @@ class Progress:
 
     def restore(self, counters: dict) -> None:
         for name in self.COUNTERS:
-            setattr(self, name, counters[name])
+            setattr(self, name, counters.get(name, 0))
         self.num_skipped_at_last_log = sum(self.num_skipped.values())
 
 
@@ -140,6 +145,7 @@ class Trainer:
         self.checkpoint_due = False
         self.stop_request = None  # set by train(): SIGTERM/SIGUSR1 handling
         self.stats = Stats()
+        self.data_health = DataHealth(cfg.data.on_error, accelerator, console)
         self.progress = Progress()
 
     # ----------------------------------------------------------------- the loop
@@ -160,12 +166,11 @@ class Trainer:
             while not self._done():
                 self.watchdog.arm(f"step {self.progress.step + 1}")
                 images_before = self.num_images
-                for _ in range(self.cfg.train.n_critic):
-                    self.d_phase(*self._next_real(batches))
-                self.g_phase()
-                self.progress.step += 1
-                self.ema.update(self.G_raw, self.num_images,
-                                self.cfg.train.batch_size * self.cfg.train.n_critic)
+                try:
+                    self._step_once(batches)
+                except RollbackRequested as why:
+                    self._rollback(str(why))
+                    continue
                 self._at_intervals(images_before)
                 stop_signal = self.stop_request.decided(self.acc, self.progress.step) if self.stop_request else ""
                 if stop_signal:
@@ -210,7 +215,32 @@ class Trainer:
         dist.check_rank_consistency(self.acc, {"G": self.G_raw, "D": self.D_raw, "G_ema": self.ema.module})
         path = save_checkpoint(self)
         self.checkpoint_due, self.progress.last_checkpoint_time = False, time.monotonic()
+        self.progress.num_rollbacks_in_row = 0  # a new checkpoint: training got past the last trouble
         return path
+
+    def _step_once(self, batches) -> None:
+        for _ in range(self.cfg.train.n_critic):
+            self.d_phase(*self._next_real(batches))
+        self.g_phase()
+        self.progress.step += 1
+        self.ema.update(self.G_raw, self.num_images, self.cfg.train.batch_size * self.cfg.train.n_critic)
+
+    def _rollback(self, why: str) -> None:
+        """Back to the latest checkpoint with new noise; the data stream goes on where it is."""
+        from gan_dist import resume
+
+        checkpoint = resume.find_checkpoint(self.run_dir, "auto")
+        tries = self.progress.num_rollbacks_in_row + 1
+        if checkpoint is None or tries > MAX_ROLLBACKS_IN_ROW:
+            reason = "no checkpoint to roll back to" if checkpoint is None else f"{MAX_ROLLBACKS_IN_ROW} rollbacks in a row"
+            raise TrainingDivergedError(f"{why}, and {reason}: training has diverged. Lower the learning rates, "
+                                        "add loss.r1_gamma or optim.*.grad_clip_norm")
+        total = self.progress.num_rollbacks + 1
+        resume.restore(self, checkpoint, resume.read_state(checkpoint))
+        self.progress.num_rollbacks, self.progress.num_rollbacks_in_row = total, tries
+        self.progress.num_skipped_in_row = {"G": 0, "D": 0}  # the checkpoint may have been mid-streak
+        self.reseed(salt=10**6 + total)
+        self.console.warn(f"{why}: rolled back to {checkpoint.name} with new noise (rollback {total})")
 
     def _stop_for(self, signal_name: str) -> None:
         """Preemption: checkpoint now, leave the REQUEUE marker, end the run."""
@@ -335,6 +365,8 @@ class Trainer:
         progress.num_skipped_in_row[name] += 1
         limit = self.cfg.train.max_skipped_in_row
         if progress.num_skipped_in_row[name] >= limit:
+            if self.cfg.train.rollback_on_divergence:
+                raise RollbackRequested(f"{limit} {name} steps in a row with non-finite gradients")
             raise TrainingDivergedError(
                 f"{limit} {name} optimizer steps in a row had non-finite gradients (the last at step "
                 f"{progress.step + 1}); training has diverged. Lower the learning rates, add "
@@ -353,7 +385,7 @@ class Trainer:
         start = time.perf_counter()
         batch = next(batches)
         self.progress.data_wait_s += time.perf_counter() - start
-        self._account_bad(batch)
+        self.data_health.account(batch)
         self.stream["num_batches"] += 1
         self.stream["workers"][batch.worker] = (batch.epoch, batch.position)
         x = batch.samples.to(self.acc.device, non_blocking=True)
@@ -361,27 +393,6 @@ class Trainer:
         x = x.to(self.dtype).div_(127.5).sub_(1.0) if x.dtype == torch.uint8 else x.to(self.dtype)
         y = batch.labels.to(self.acc.device, non_blocking=True) if self.num_classes else None
         return self.augment.flip_real(x), y
-
-    def _account_bad(self, batch: Batch) -> None:
-        """Count skipped samples, or stop: on every rank at once under data.on_error=raise."""
-        stop = ""
-        if batch.fatal:
-            stop = f"data: {batch.fatal}; check the shards (gan-dist prepare --verify DIR)"
-        elif batch.bad_count and self.cfg.data.on_error == "raise":
-            stop = (f"bad sample in the data: {batch.bad_messages[0]}; re-prepare or remove it, "
-                    "or set data.on_error=skip to skip such samples")
-        if self.cfg.data.on_error == "raise" and self.acc.num_processes > 1:
-            # One tiny all-reduce per step, only in this mode: a rank that stops alone would
-            # leave the others waiting in DDP's next all-reduce until the timeout.
-            flag = torch.tensor([1.0 if stop else 0.0], device=self.acc.device)
-            if bool(self.acc.reduce(flag, reduction="sum") > 0):
-                raise UserError(stop or "another rank met a bad sample and stopped the run (its message is above)")
-        elif stop:
-            raise UserError(stop)
-        self.progress.num_good_samples += len(batch.keys)
-        if batch.bad_count:
-            self.progress.num_bad_samples += batch.bad_count
-            self.progress.bad_example = self.progress.bad_example or batch.bad_messages[0]
 
     def _check_finite(self, loss: torch.Tensor, phase: str) -> None:
         # A host sync per step: only in --debug, where finding the first bad step matters most.
@@ -397,18 +408,17 @@ class Trainer:
         # Reduced with the rest: the mean over ranks of the time each spent waiting for data.
         self.stats.report("Speed/data_wait_fraction", torch.tensor(min(1.0, self.progress.data_wait_s / elapsed),
                                                                    device=self.acc.device))
-        self._report_bad()
+        self.data_health.report(self.stats)
         # Wall-clock checkpoints: rank 0's clock decides, and the reduce tells every rank.
         minutes = self.cfg.checkpoint.every_minutes
         due = minutes > 0 and self.acc.is_main_process and time.monotonic() - self.progress.last_checkpoint_time > minutes * 60
         self.stats.report("Checkpoint/due", torch.tensor(float(due), device=self.acc.device))
         values = self.stats.reduce(self.acc)
         self.checkpoint_due = values.pop("Checkpoint/due") > 0
-        # Means over ranks of per-rank counts; the log wants the total.
-        values["Data/bad_samples"] = round(values["Data/bad_samples"] * self.acc.num_processes)
-        self._warn_bad(values)
+        self.data_health.after_reduce(values)
         # Skip counters are the same on every rank (decided on synchronised gradients).
         skips = {f"Skipped/{k}": v for k, v in self.progress.num_skipped.items()}
+        skips["Rollbacks"] = self.progress.num_rollbacks
         if self.acc.scaler is not None:
             skips.update({f"Skipped/{k}_fp16_overflow": v for k, v in self.progress.num_fp16_overflows.items()})
         new_skips = sum(self.progress.num_skipped.values()) - self.progress.num_skipped_at_last_log
@@ -421,22 +431,6 @@ class Trainer:
                   "Speed/img_per_s": (self.num_images - self.progress.last_log_images) / elapsed}
         self.progress.last_log_images, self.progress.last_log_time, self.progress.data_wait_s = self.num_images, now, 0.0
         self.console.log(record)
-
-    def _report_bad(self) -> None:
-        progress = self.progress
-        seen = progress.num_bad_samples + progress.num_good_samples
-        device = self.acc.device
-        self.stats.report("Data/bad_samples", torch.tensor(float(progress.num_bad_samples), device=device))
-        self.stats.report("Data/bad_fraction", torch.tensor(progress.num_bad_samples / max(1, seen), device=device))
-        progress.num_bad_samples = progress.num_good_samples = 0
-
-    def _warn_bad(self, values: dict) -> None:
-        if values["Data/bad_fraction"] > 0.01:
-            self.console.warn(f"{values['Data/bad_fraction']:.1%} of the samples read since the last log line "
-                              f"were unreadable and skipped ({values['Data/bad_samples']} in all), e.g. "
-                              f"{self.progress.bad_example or 'on another rank'}; check the shards with "
-                              "gan-dist prepare --verify DIR")
-        self.progress.bad_example = ""
 
     def sync_buffers(self) -> None:
         """Every rank: make buffers identical (rank 0's) before anything reads them."""

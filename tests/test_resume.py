@@ -155,3 +155,25 @@ def test_export_then_sample_equals_sampling_the_run(train_main, digits_dir, tmp_
     assert len(list((tmp_path / "sevens").glob("*.png"))) == 5
     assert cli_main(["sample", "--run", run, "--class", "12", "--out", str(tmp_path / "x.png")]) == 2
     assert "--class must be in 0..9" in capsys.readouterr().err
+
+
+def test_rollback_on_divergence_recovers_from_a_bad_patch(train_main, digits_dir, tmp_path, monkeypatch):
+    """NaN reals for 4 batches after a checkpoint: roll back once, then train on to the end."""
+    monkeypatch.setenv("NAN_REALS_COUNT", "4")
+    code, out, err = train_main(*tiny_args(digits_dir, "plugins=[nan_reals]", "train.rollback_on_divergence=true",
+                                           "train.max_skipped_in_row=3", "checkpoint.every_kimg=0.064",
+                                           "train.max_steps=12", "log.every_steps=4"))
+    assert code == 0, err
+    # Batches 3-6 are NaN: D skips steps 3-4, the step-4 checkpoint is written, step 5 makes 3
+    # in a row; back at step 4 with new noise, batch 6 is the last NaN one.
+    assert "rolled back to step_00000004 with new noise (rollback 1)" in out and "rollback 2" not in out
+    records = [json.loads(line) for line in (tmp_path / "runs" / "tiny" / "metrics.jsonl").read_text().splitlines()]
+    assert records[-1]["Rollbacks"] == 1 and records[-1]["step"] == 12
+
+
+def test_rollback_gives_up_after_three_tries(train_main, digits_dir, tmp_path):
+    code, out, err = train_main(*tiny_args(digits_dir, "plugins=[nan_reals]", "train.rollback_on_divergence=true",
+                                           "train.max_skipped_in_row=2", "checkpoint.every_kimg=0.064",
+                                           "train.max_steps=30"))
+    assert code == 2 and "3 rollbacks in a row: training has diverged" in err
+    assert out.count("rolled back to step_00000002") == 3 and "rollback 3)" in out
