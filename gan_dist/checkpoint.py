@@ -47,12 +47,20 @@ def load_generator(source: Path, which: str = "G_ema") -> tuple[nn.Module, dict]
 
     snapshot = Path(source)
     if not (snapshot / "model.json").is_file():
+        if not (snapshot / "checkpoints" / "latest").is_file():
+            raise UserError(f"{source} is neither an exported model (no model.json) nor a run directory "
+                            "with checkpoints/latest")
         snapshot = latest_snapshot(snapshot)
+        if not (snapshot / "model.json").is_file():
+            raise UserError(f"{source}: checkpoints/latest names {snapshot.name}, which is missing or incomplete")
     info = json.loads((snapshot / "model.json").read_text())
     if info.get("format") != SNAPSHOT_FORMAT:
         raise UserError(f"{snapshot} has model format {info.get('format')!r}; this gan_dist reads {SNAPSHOT_FORMAT}")
     for plugin in info.get("plugins", []):
-        importlib.import_module(plugin)
+        try:
+            importlib.import_module(plugin)
+        except ImportError as err:
+            raise UserError(f"{snapshot} needs the plugin module '{plugin}' ({err}); put it on PYTHONPATH") from err
     known = {f.name for f in dataclasses.fields(ModelConfig)}
     model_cfg = ModelConfig(**{k: v for k, v in info["model"].items() if k in known})
     G, _ = build_models(model_cfg, tuple(info["shape"]), info["num_classes"])

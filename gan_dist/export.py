@@ -23,11 +23,15 @@ from gan_dist.checkpoint import load_generator, snapshot_dir
 from gan_dist.errors import UserError
 from gan_dist.visual import save_samples, to_uint8
 
+EXPORT_FILES = {"G_ema.safetensors", "model.json"}
+
 
 def export(run: str, step: int | None, out: str, force: bool) -> Path:
     source, target = snapshot_dir(Path(run), step), Path(out)
     if target.exists() and not force:
         raise UserError(f"{out} already exists; pass --force to replace it")
+    if target.exists() and (not target.is_dir() or {p.name for p in target.iterdir()} - EXPORT_FILES):
+        raise UserError(f"--force replaces only an earlier export, and {out} holds other things; choose another --out")
     tmp = target.with_name(f".{target.name}.tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
@@ -104,6 +108,13 @@ def run_export(args) -> int:
 def run_sample(args) -> int:
     if args.num < 1:
         raise UserError(f"--num must be >= 1, got {args.num}")
+    if args.truncation != 0 and args.truncation < 0.1:
+        raise UserError(f"--truncation must be 0 (off) or at least 0.1, got {args.truncation}")
+    if args.model and args.step is not None:
+        raise UserError("--step applies to --run; an exported model has one step")
+    suffix = Path(args.out).suffix.lower()
+    if suffix and suffix != ".png":
+        raise UserError(f"--out {args.out}: give a .png file for a grid, or a directory (no suffix) for one PNG each")
     target = sample(args.model, args.run, args.step, args.num, args.out, args.seed, args.truncation, args.class_index)
     print(f"wrote {args.num} samples to {target}")
     return 0

@@ -35,7 +35,7 @@ STATE_FORMAT = "gan_dist.checkpoint/1"
 # Keys a resumed run may change; any other difference changes tensor shapes or the training
 # itself, and is refused.
 MAY_CHANGE = ("run.", "log.", "checkpoint.", "dist.", "train.total_kimg", "train.max_steps", "train.resume",
-              "train.max_skipped_in_row", "data.num_workers", "data.path", "data.root", "data.cache_mb",
+              "train.max_skipped_in_row", "train.rollback_on_divergence", "data.num_workers", "data.path", "data.root", "data.cache_mb",
               "data.on_error", "train.num_threads")
 # Test-only: called with the file just written, to inject a crash between files.
 _after_file_hook = None
@@ -72,6 +72,9 @@ def save_checkpoint(trainer) -> Path:
     """Every rank calls this at the same step."""
     acc, step = trainer.acc, trainer.progress.step
     final = trainer.run_dir / "checkpoints" / f"step_{step:08d}"
+    pointer = final.parent / "latest"
+    if pointer.is_file() and pointer.read_text().strip() == final.name and (final / "state.json").is_file():
+        return final  # this step is committed already (a periodic save at the last step, a re-run)
     tmp = final.with_name(final.name + ".tmp")
     if acc.is_main_process:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -86,12 +89,8 @@ def save_checkpoint(trainer) -> Path:
         _write_shared(trainer, tmp)
     acc.wait_for_everyone()
     if acc.is_main_process:
-        shutil.rmtree(final, ignore_errors=True)
-        tmp.rename(final)
-        pointer = final.parent / "latest.tmp"
-        pointer.write_text(final.name + "\n")
-        os.replace(pointer, final.parent / "latest")
-        _prune(final.parent, trainer.cfg.checkpoint.keep_last)
+        _commit(tmp, final)
+        _prune(final, trainer.cfg.checkpoint.keep_last)
     acc.wait_for_everyone()
     return final
 
@@ -109,14 +108,34 @@ def _write_shared(trainer, tmp: Path) -> None:
     state = {"format": STATE_FORMAT, "progress": trainer.progress.counters(),
              "ema_num_averaged": int(trainer.ema.averaged.n_averaged), "config": trainer.config_dict,
              "config_hash": config_hash(trainer.config_dict), "world_size": trainer.acc.num_processes,
-             "num_workers": trainer.cfg.data.num_workers, "num_threads": torch.get_num_threads()}
+             "num_workers": trainer.cfg.data.num_workers, "num_threads": torch.get_num_threads(),
+             "num_samples": trainer.info.count, "elapsed_s": trainer.elapsed_s()}
     (tmp / "state.json").write_text(json.dumps(state, indent=1))
     _written(tmp / "state.json")
 
 
-def _prune(directory: Path, keep_last: int) -> None:
-    steps = sorted(p for p in directory.glob("step_*") if p.is_dir() and not p.name.endswith(".tmp"))
-    for old in steps[:-keep_last] if keep_last > 0 else []:
+def _commit(tmp: Path, final: Path) -> None:
+    """Rename into place, then point `latest` at it (an atomic replace), then drop what it replaced.
+
+    An uncommitted directory of the same step (a resume from an earlier checkpoint passes
+    it again) is moved aside first, never deleted before `latest` points at the new one.
+    """
+    aside = final.with_name(final.name + ".old")
+    if final.exists():
+        shutil.rmtree(aside, ignore_errors=True)
+        final.rename(aside)
+    tmp.rename(final)
+    pointer = final.parent / "latest.tmp"
+    pointer.write_text(final.name + "\n")
+    os.replace(pointer, final.parent / "latest")
+    shutil.rmtree(aside, ignore_errors=True)
+
+
+def _prune(final: Path, keep_last: int) -> None:
+    """Keep the newest checkpoint and the keep_last - 1 before it; never the one just written."""
+    older = sorted(p for p in final.parent.glob("step_*")
+                   if p.is_dir() and p.name < final.name and p.name[5:].isdigit())
+    for old in older[: max(0, len(older) - (keep_last - 1))] if keep_last > 0 else []:
         shutil.rmtree(old, ignore_errors=True)
 
 
@@ -166,7 +185,16 @@ def check_compatible(checkpoint: Path, saved_config: dict, config: dict) -> None
     if differ:
         listed = "; ".join(f"{k}: {saved.get(k)!r} -> {new.get(k)!r}" for k in differ)
         raise UserError(f"cannot resume from {checkpoint}: {listed}. Set these back, or start a new run "
-                        "(another run.name, or train.resume=none with run.overwrite=true)")
+                        "(another run.name, or run.overwrite=true to replace this one)")
+
+
+def check_data_matches(checkpoint: Path, info) -> None:
+    """data.path may move, but not to data of another shape or class count."""
+    model = json.loads((checkpoint / "model.json").read_text())
+    if list(info.shape) != model["shape"] or info.num_classes != model["num_classes"]:
+        raise UserError(f"cannot resume from {checkpoint}: it was trained on samples of shape {model['shape']} with "
+                        f"{model['num_classes']} classes, and data.path now has {list(info.shape)} with "
+                        f"{info.num_classes}; point data.path at the run's data")
 
 
 def load_tensors(path: Path) -> dict:
@@ -185,7 +213,10 @@ def same_layout(state: dict, world_size: int, num_workers: int) -> bool:
 def stream_start(checkpoint: Path, state: dict, rank: int, world_size: int, num_workers: int) -> dict | None:
     """Where this rank's stream resumes: per-worker (epoch, position) and the worker rotation."""
     if not same_layout(state, world_size, num_workers):
-        return None
+        # New stream positions: every worker starts the epoch after the one the run was in,
+        # so the opening of the dataset is not replayed.
+        images_seen = state["progress"]["num_d_steps"] * state["config"]["train"]["batch_size"]
+        return {"rotation": 0, "workers": {}, "epoch": images_seen // max(1, state.get("num_samples", 0)) + 1}
     stream = json.loads((checkpoint / f"rank{rank}.json").read_text())["stream"]
     return {"rotation": stream["num_batches"] % max(1, num_workers),
             "workers": {int(w): tuple(pos) for w, pos in stream["workers"].items()}}
@@ -208,14 +239,23 @@ def restore(trainer, checkpoint: Path, state: dict) -> None:
     else:
         trainer.reseed(salt=trainer.progress.step)
         trainer.console.print(f"resumed with {acc.num_processes} processes x {trainer.cfg.data.num_workers} workers "
-                              f"where the checkpoint had {state['world_size']} x {state['num_workers']}: noise, "
-                              "augmentation and data streams are re-derived from (seed, rank, step), so this "
-                              "continuation is not the one the original layout would have trained")
+                              f"where the checkpoint had {state['world_size']} x {state['num_workers']}: noise and "
+                              "augmentation are re-derived from (seed, rank, step) and the data streams start at "
+                              "the next epoch, so this continuation is not the one the original layout would have trained")
+    if state.get("num_threads") != torch.get_num_threads():
+        trainer.console.warn(f"the checkpoint ran with {state.get('num_threads')} torch threads, this process has "
+                             f"{torch.get_num_threads()}: results differ in the last bits (pin train.num_threads)")
+    trainer.progress.last_log_images = trainer.num_images
+    trainer.elapsed_before_s = state.get("elapsed_s", 0.0)
 
 
 def _restore_rng(trainer, checkpoint: Path, rank: int) -> None:
+    """RNG states and the stream position (counted from the start of the run, across resumes)."""
     tensors = load_tensors(checkpoint / f"rank{rank}.pt")
     plain = json.loads((checkpoint / f"rank{rank}.json").read_text())
+    stream = plain["stream"]
+    trainer.stream = {"num_batches": stream["num_batches"],
+                      "workers": {int(w): tuple(pos) for w, pos in stream["workers"].items()}}
     torch.set_rng_state(tensors["torch"])
     if "cuda" in tensors and torch.cuda.is_available():
         torch.cuda.set_rng_state(tensors["cuda"])

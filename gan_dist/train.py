@@ -110,6 +110,8 @@ def train(config_path: str | None, overrides: list[str], debug: bool = False) ->
     start = (resume.stream_start(checkpoint, state, acc.process_index, acc.num_processes, cfg.data.num_workers)
              if checkpoint else None)
     info, loader = open_data(cfg, acc, per_device, start)
+    if checkpoint is not None:
+        resume.check_data_matches(checkpoint, info)
     loss = get_loss(cfg.loss.name)
     torch.manual_seed(cfg.train.seed)  # identical initial weights on every rank
     G, D = build_models(cfg.model, info.shape, info.num_classes)
@@ -127,12 +129,12 @@ def train(config_path: str | None, overrides: list[str], debug: bool = False) ->
     if cfg.log.tensorboard:
         acc.init_trackers("tensorboard", config=config_mod.flat_dict(cfg))
     trainer = Trainer(cfg, acc, nets, loss, loader, info, console, run_dir, debug)
-    if acc.is_main_process:
-        clear_requeue_marker(run_dir)
     if checkpoint is not None:
         resume.restore(trainer, checkpoint, state)
         console.print(f"resumed from {checkpoint} at step {trainer.progress.step} "
                       f"({trainer.num_images / 1000:.1f} kimg)")
+    if acc.is_main_process:
+        clear_requeue_marker(run_dir)
     with StopRequest() as trainer.stop_request:
         trainer.fit()
     acc.end_training()

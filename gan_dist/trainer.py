@@ -103,7 +103,7 @@ class Progress:
     num_rollbacks: int = 0
     """train.rollback_on_divergence: returns to the latest checkpoint, since the start."""
     num_rollbacks_in_row: int = 0
-    last_checkpoint_time: float = field(default_factory=time.monotonic)
+    last_checkpoint_monotonic_s: float = field(default_factory=time.monotonic)
 
     COUNTERS = ("step", "num_d_steps", "num_skipped", "num_fp16_overflows", "num_skipped_in_row", "num_rollbacks")
 
@@ -143,6 +143,7 @@ class Trainer:
         self.config_dict = config_to_dict(cfg)
         self.stream = {"num_batches": 0, "workers": {}}  # this rank's data position, from the batches
         self.checkpoint_due = False
+        self.elapsed_before_s, self.start_time = 0.0, time.perf_counter()
         self.stop_request = None  # set by train(): SIGTERM/SIGUSR1 handling
         self.stats = Stats()
         self.data_health = DataHealth(cfg.data.on_error, accelerator, console)
@@ -214,7 +215,7 @@ class Trainer:
         self.sync_buffers()
         dist.check_rank_consistency(self.acc, {"G": self.G_raw, "D": self.D_raw, "G_ema": self.ema.module})
         path = save_checkpoint(self)
-        self.checkpoint_due, self.progress.last_checkpoint_time = False, time.monotonic()
+        self.checkpoint_due, self.progress.last_checkpoint_monotonic_s = False, time.monotonic()
         self.progress.num_rollbacks_in_row = 0  # a new checkpoint: training got past the last trouble
         return path
 
@@ -249,6 +250,10 @@ class Trainer:
             write_requeue_marker(self.run_dir, signal_name, self.progress.step, checkpoint)
         self.console.print(f"stopped by {signal_name} after step {self.progress.step}: checkpoint {checkpoint}, "
                            f"marker {self.run_dir / REQUEUE_MARKER}; the same command resumes it")
+
+    def elapsed_s(self) -> float:
+        """Training time of the run, across resumes."""
+        return self.elapsed_before_s + time.perf_counter() - self.start_time
 
     def model_info(self) -> dict:
         """model.json's content besides format and step: enough to rebuild G alone."""
@@ -411,7 +416,7 @@ class Trainer:
         self.data_health.report(self.stats)
         # Wall-clock checkpoints: rank 0's clock decides, and the reduce tells every rank.
         minutes = self.cfg.checkpoint.every_minutes
-        due = minutes > 0 and self.acc.is_main_process and time.monotonic() - self.progress.last_checkpoint_time > minutes * 60
+        due = minutes > 0 and self.acc.is_main_process and time.monotonic() - self.progress.last_checkpoint_monotonic_s > minutes * 60
         self.stats.report("Checkpoint/due", torch.tensor(float(due), device=self.acc.device))
         values = self.stats.reduce(self.acc)
         self.checkpoint_due = values.pop("Checkpoint/due") > 0
@@ -427,7 +432,7 @@ class Trainer:
                               f"line ({skips}); {self.cfg.train.max_skipped_in_row} in a row stop the run")
         self.progress.num_skipped_at_last_log += new_skips
         record = {"step": self.progress.step, "kimg": self.num_images / 1000,
-                  "time_s": now - self.start_time, **values, **skips,
+                  "time_s": self.elapsed_s(), **values, **skips,
                   "Speed/img_per_s": (self.num_images - self.progress.last_log_images) / elapsed}
         self.progress.last_log_images, self.progress.last_log_time, self.progress.data_wait_s = self.num_images, now, 0.0
         self.console.log(record)

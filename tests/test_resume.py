@@ -177,3 +177,35 @@ def test_rollback_gives_up_after_three_tries(train_main, digits_dir, tmp_path):
                                            "train.max_steps=30"))
     assert code == 2 and "3 rollbacks in a row: training has diverged" in err
     assert out.count("rolled back to step_00000002") == 3 and "rollback 3)" in out
+
+
+def test_three_legs_equal_one_run(train_main, digits_dir, tmp_path):
+    """Positions and batch counts carry across chained resumes (a one-step leg included)."""
+    assert train_main(*tiny_args(digits_dir, *FULL, "run.name=full", "train.max_steps=40"))[0] == 0
+    for steps in (21, 22, 31, 40):
+        code, _, err = train_main(*tiny_args(digits_dir, *FULL, "run.name=legs", f"train.max_steps={steps}"))
+        assert code == 0, err
+    full, legs = _final(tmp_path / "runs" / "full", 40), _final(tmp_path / "runs" / "legs", 40)
+    _assert_bitwise_equal(full[0], legs[0], "weights")
+    _assert_bitwise_equal(full[1], legs[1], "optimizers")
+
+
+def test_pruning_keeps_the_newest_and_resaving_a_step_is_harmless(train_main, digits_dir, tmp_path):
+    args = tiny_args(digits_dir, "checkpoint.every_kimg=0.064", "checkpoint.keep_last=2", "train.max_steps=8")
+    assert train_main(*args)[0] == 0
+    checkpoints = tmp_path / "runs" / "tiny" / "checkpoints"
+    assert sorted(p.name for p in checkpoints.glob("step_*")) == ["step_00000006", "step_00000008"]
+    assert train_main(*args)[0] == 0  # a finished run again: nothing to train, nothing lost
+    assert (checkpoints / "latest").read_text().strip() == "step_00000008"
+    assert resume.read_state(checkpoints / "step_00000008")["progress"]["step"] == 8
+
+
+def test_resuming_on_data_of_another_shape_is_refused(train_main, digits_dir, tmp_path):
+    from gan_dist.data.prepare import write_shards
+    from gan_dist.data.sources import digits
+
+    assert train_main(*tiny_args(digits_dir, "train.max_steps=2", "model.name=dcgan", f"data.path={digits_dir}"))[0] == 2
+    assert train_main(*tiny_args(digits_dir, "train.max_steps=2"))[0] == 0
+    other = write_shards(digits(16), tmp_path / "d16")
+    code, _, err = train_main(*tiny_args(digits_dir, "train.max_steps=4", f"data.path={other}"))
+    assert code == 2 and "trained on samples of shape [1, 8, 8]" in err and "Traceback" not in err

@@ -229,7 +229,7 @@ class ShardStream(torch.utils.data.IterableDataset):
         # The DataLoader always asks worker 0 first; after a resume the next batch may be due
         # from another worker, so loader worker i plays worker (i + rotation) % num_workers.
         worker = (loader_worker + start["rotation"]) % num_workers
-        first_epoch, skip = start["workers"].get(worker, (0, 0))
+        first_epoch, skip = start["workers"].get(worker, (start.get("epoch", 0), 0))
         slot, num_slots = spec.rank * num_workers + worker, spec.world_size * num_workers
         epochs = itertools.count(first_epoch) if spec.num_epochs == 0 else range(first_epoch, spec.num_epochs)
         records = itertools.chain.from_iterable(
