@@ -160,7 +160,8 @@ def read_state(checkpoint: Path) -> dict:
         state = json.loads((checkpoint / "state.json").read_text())
     except (OSError, ValueError) as err:
         raise UserError(f"cannot resume from {checkpoint}: state.json is missing or unreadable ({err}); "
-                        "it is a final snapshot or a damaged checkpoint: set train.resume=none") from err
+                        "it was written by an older gan_dist or is damaged: pass run.overwrite=true to start "
+                        "this run afresh, or train.resume=PATH to another checkpoint") from err
     if state.get("format") != STATE_FORMAT:
         raise UserError(f"cannot resume from {checkpoint}: its format is {state.get('format')!r} and this "
                         f"gan_dist reads {STATE_FORMAT}; resume it with the gan_dist version that wrote it")
