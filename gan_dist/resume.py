@@ -219,7 +219,8 @@ def stream_start(checkpoint: Path, state: dict, rank: int, world_size: int, num_
         images_seen = state["progress"]["num_d_steps"] * state["config"]["train"]["batch_size"]
         return {"rotation": 0, "workers": {}, "epoch": images_seen // max(1, state.get("num_samples", 0)) + 1}
     stream = json.loads((checkpoint / f"rank{rank}.json").read_text())["stream"]
-    return {"rotation": stream["num_batches"] % max(1, num_workers),
+    # One batch per D step, so the D-step count says which worker is next in turn.
+    return {"rotation": state["progress"]["num_d_steps"] % max(1, num_workers),
             "workers": {int(w): tuple(pos) for w, pos in stream["workers"].items()}}
 
 
@@ -255,8 +256,7 @@ def _restore_rng(trainer, checkpoint: Path, rank: int) -> None:
     tensors = load_tensors(checkpoint / f"rank{rank}.pt")
     plain = json.loads((checkpoint / f"rank{rank}.json").read_text())
     stream = plain["stream"]
-    trainer.stream = {"num_batches": stream["num_batches"],
-                      "workers": {int(w): tuple(pos) for w, pos in stream["workers"].items()}}
+    trainer.stream_workers = {int(w): tuple(pos) for w, pos in stream["workers"].items()}
     torch.set_rng_state(tensors["torch"])
     if "cuda" in tensors and torch.cuda.is_available():
         torch.cuda.set_rng_state(tensors["cuda"])

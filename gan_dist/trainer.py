@@ -141,7 +141,7 @@ class Trainer:
                        "D": [p for p in self.D.parameters() if p.requires_grad]}
         self.augment = Augment(cfg.data.hflip, cfg.data.diffaugment, cfg.train.seed, rank, device)
         self.config_dict = config_to_dict(cfg)
-        self.stream = {"num_batches": 0, "workers": {}}  # this rank's data position, from the batches
+        self.stream_workers = {}  # this rank's data position: worker -> (epoch, records read), from the batches
         self.checkpoint_due = False
         self.elapsed_before_s, self.start_time = 0.0, time.perf_counter()
         self.stop_request = None  # set by train(): SIGTERM/SIGUSR1 handling
@@ -261,8 +261,7 @@ class Trainer:
                 "num_classes": self.info.num_classes, "plugins": self.cfg.plugins}
 
     def stream_position(self) -> dict:
-        return {"num_batches": self.stream["num_batches"],
-                "workers": {str(w): list(pos) for w, pos in self.stream["workers"].items()}}
+        return {"workers": {str(w): list(pos) for w, pos in self.stream_workers.items()}}
 
     def reseed(self, salt: int) -> None:
         """New per-rank random streams (a resume with another layout): from (seed, rank, purpose, salt)."""
@@ -391,8 +390,7 @@ class Trainer:
         batch = next(batches)
         self.progress.data_wait_s += time.perf_counter() - start
         self.data_health.account(batch)
-        self.stream["num_batches"] += 1
-        self.stream["workers"][batch.worker] = (batch.epoch, batch.position)
+        self.stream_workers[batch.worker] = (batch.epoch, batch.position)
         x = batch.samples.to(self.acc.device, non_blocking=True)
         # uint8 images travel as bytes and become [-1, 1] floats on the device.
         x = x.to(self.dtype).div_(127.5).sub_(1.0) if x.dtype == torch.uint8 else x.to(self.dtype)
