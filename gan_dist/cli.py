@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 
 from gan_dist.errors import run_reporting_errors
 
@@ -19,7 +20,10 @@ def _check(args) -> int:
     import_plugins(cfg.plugins)
     get_builder(cfg.model.name)
     get_loss(cfg.loss.name)
-    print(config_mod.to_yaml(cfg), end="")
+    if args.print_run_dir:
+        print(Path(cfg.run.root) / cfg.run.name)  # for launch scripts, which look for the REQUEUE marker
+    else:
+        print(config_mod.to_yaml(cfg), end="")
     return 0
 
 
@@ -42,6 +46,7 @@ def main(argv: list[str] | None = None) -> int:
     check = sub.add_parser("check", help="validate a config and print it resolved")
     check.add_argument("config")
     check.add_argument("overrides", nargs="*", metavar="key=value")
+    check.add_argument("--print-run-dir", action="store_true", help="print only the run directory")
     for p in sub.choices.values():
         p.add_argument("--debug", action="store_true", help="show tracebacks")
     args = parser.parse_args(argv)

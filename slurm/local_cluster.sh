@@ -1,0 +1,182 @@
+#!/usr/bin/env bash
+# A real one-node SLURM cluster on this machine, for trying slurm/train.sh and for the tests.
+#
+#   bash slurm/local_cluster.sh install    # the Debian packages only (root; start does it too)
+#   bash slurm/local_cluster.sh start [--gpus N] [--cpus N] [--no-install]
+#   eval "$(bash slurm/local_cluster.sh env)"     # SLURM_CONF for sbatch/squeue/scancel
+#   sbatch --wait --gpus-per-node=0 --cpus-per-task=2 slurm/train.sh configs/tiny.yaml
+#   bash slurm/local_cluster.sh status
+#   bash slurm/local_cluster.sh stop
+#
+# Everything (keys, sockets, state, logs, pid files) lives in LOCAL_SLURM_DIR (default
+# /tmp/gan_dist-slurm-$UID); the machine's own /etc/slurm is not touched. munge, slurmctld
+# and slurmd come from Debian packages: `start` installs them with apt-get when they are
+# missing and this is root (--no-install forbids it). `--gpus N` declares N fake GPUs so
+# --gpus-per-node directives run unchanged (jobs get CUDA_VISIBLE_DEVICES; the devices are
+# /dev/null). `--cpus N` declares N CPUs whatever the machine has, so several small jobs can
+# share a small machine. Daemons run as the calling user and are stopped by their pid files.
+# Exit codes: 0 ok, 2 bad usage or a failed start, 3 SLURM missing and not installable here.
+set -euo pipefail
+
+dir="${LOCAL_SLURM_DIR:-${TMPDIR:-/tmp}/gan_dist-slurm-$(id -u)}"
+conf="$dir/slurm.conf"
+packages=(slurmctld slurmd slurm-client munge)
+
+die() { echo "local_cluster.sh: $1" >&2; exit "${2:-2}"; }
+
+have_slurm() { command -v slurmctld >/dev/null && command -v slurmd >/dev/null && command -v munged >/dev/null \
+  && command -v sbatch >/dev/null && command -v mungekey >/dev/null; }
+
+install_slurm() {
+  [[ "$(id -u)" == 0 ]] || die "SLURM is not installed and this is not root: run 'sudo apt-get install ${packages[*]}'" 3
+  command -v apt-get >/dev/null || die "SLURM is not installed and there is no apt-get: install ${packages[*]}" 3
+  echo "local_cluster.sh: installing ${packages[*]} (Debian packages, about 20 s)"
+  # Package scripts must not start the system-wide daemons: ours run from $dir.
+  local policy=/usr/sbin/policy-rc.d added=""
+  if [[ ! -e "$policy" ]]; then printf '#!/bin/sh\nexit 101\n' > "$policy"; chmod +x "$policy"; added=1; fi
+  local rc=0
+  { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
+      "${packages[@]}"; } >"${TMPDIR:-/tmp}/gan_dist-slurm-apt.log" 2>&1 || rc=$?
+  [[ -n "$added" ]] && rm -f "$policy"
+  [[ $rc == 0 ]] || die "apt-get failed (log: ${TMPDIR:-/tmp}/gan_dist-slurm-apt.log)" 3
+}
+
+free_port() {
+  python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'
+}
+
+# The pid in a pid file, only if that process is still the daemon we started.
+live_pid() {
+  local file="$1" name="$2" pid
+  [[ -s "$file" ]] || return 1
+  pid="$(tr -d '[:space:]' < "$file")"
+  [[ -r "/proc/$pid/comm" && "$(cat "/proc/$pid/comm")" == "$name" ]] || return 1
+  echo "$pid"
+}
+
+write_config() {
+  local gpus="$1" cpus="$2" node hw user
+  node="$(hostname -s)"
+  hw="$(slurmd -C | sed -n 1p | sed -E 's/^NodeName=[^ ]+ //; s/ ?UpTime=.*//')"
+  [[ -n "$cpus" ]] && hw="$(sed -E "s/CPUs=[0-9]+/CPUs=$cpus/; s/ (Boards|SocketsPerBoard|CoresPerSocket|ThreadsPerCore)=[0-9]+//g" <<<"$hw")"
+  user="$(id -un)"
+  local gres_node="" gres_types=""
+  if (( gpus > 0 )); then
+    gres_types="GresTypes=gpu"
+    gres_node="Gres=gpu:$gpus"
+    : > "$dir/gres.conf"
+    echo "AutoDetect=off" >> "$dir/gres.conf"
+    for ((i = 0; i < gpus; i++)); do
+      # slurmd wants device files, not regular files: links to /dev/null will do.
+      ln -sf /dev/null "$dir/fake-gpu$i"
+      echo "NodeName=$node Name=gpu File=$dir/fake-gpu$i" >> "$dir/gres.conf"
+    done
+  fi
+  cat > "$conf" <<EOF
+ClusterName=gan_dist_local
+SlurmctldHost=$node(127.0.0.1)
+SlurmctldPort=$(free_port)
+SlurmdPort=$(free_port)
+AuthType=auth/munge
+CredType=cred/munge
+AuthInfo=socket=$dir/munge.socket,cred_expire=10
+SlurmUser=$user
+SlurmdUser=$user
+StateSaveLocation=$dir/state
+SlurmdSpoolDir=$dir/spool
+SlurmctldPidFile=$dir/slurmctld.pid
+SlurmdPidFile=$dir/slurmd.pid
+SlurmctldLogFile=$dir/slurmctld.log
+SlurmdLogFile=$dir/slurmd.log
+ProctrackType=proctrack/linuxproc
+TaskPlugin=task/none
+JobAcctGatherType=jobacct_gather/none
+AccountingStorageType=accounting_storage/none
+SelectType=select/cons_tres
+SelectTypeParameters=CR_Core
+SlurmdParameters=config_overrides
+MailProg=/bin/true
+SchedulerParameters=sched_interval=2,bf_interval=2
+MinJobAge=5
+ReturnToService=2
+$gres_types
+NodeName=$node NodeAddr=127.0.0.1 $hw $gres_node State=UNKNOWN
+PartitionName=local Nodes=$node Default=YES MaxTime=INFINITE State=UP
+EOF
+}
+
+start() {
+  local gpus=0 cpus="" install=1
+  while (($#)); do
+    case "$1" in
+      --gpus) gpus="${2:?--gpus needs a count}"; shift 2 ;;
+      --cpus) cpus="${2:?--cpus needs a count}"; shift 2 ;;
+      --no-install) install=""; shift ;;
+      *) die "unknown option '$1' for start (known: --gpus N, --cpus N, --no-install)" ;;
+    esac
+  done
+  [[ "$gpus" =~ ^[0-9]+$ ]] || die "--gpus takes a whole number, not '$gpus'"
+  [[ -z "$cpus" || "$cpus" =~ ^[1-9][0-9]*$ ]] || die "--cpus takes a positive whole number, not '$cpus'"
+  if ! have_slurm; then
+    [[ -n "$install" ]] || die "SLURM is not installed (packages: ${packages[*]}) and --no-install was given" 3
+    install_slurm
+  fi
+  if live_pid "$dir/slurmctld.pid" slurmctld >/dev/null; then
+    die "a local cluster already runs from $dir: 'bash slurm/local_cluster.sh stop' first"
+  fi
+  rm -rf "$dir"
+  mkdir -p "$dir/state" "$dir/spool"
+  mungekey --create --keyfile="$dir/munge.key" --force
+  munged --key-file="$dir/munge.key" --socket="$dir/munge.socket" --pid-file="$dir/munged.pid" \
+    --log-file="$dir/munged.log" --seed-file="$dir/munge.seed" --force
+  munge -S "$dir/munge.socket" -n | unmunge -S "$dir/munge.socket" >/dev/null \
+    || die "munged did not start (log: $dir/munged.log)"
+  write_config "$gpus" "$cpus"
+  export SLURM_CONF="$conf"
+  slurmctld -f "$conf" || die "slurmctld did not start (log: $dir/slurmctld.log)"
+  slurmd -f "$conf" || die "slurmd did not start (log: $dir/slurmd.log)"
+  local state=""
+  for _ in $(seq 100); do
+    state="$(sinfo -h -N -o %T 2>/dev/null || true)"
+    [[ "$state" == idle ]] && break
+    sleep 0.2
+  done
+  [[ "$state" == idle ]] || die "the node did not become idle (state '$state'; logs: $dir/slurmctld.log, $dir/slurmd.log)"
+  echo "local_cluster.sh: one-node cluster up ($(sinfo -h -N -o '%N, %c CPUs, gres %G')) in $dir"
+  echo "  use it with:  export SLURM_CONF=$conf"
+}
+
+stop() {
+  local name pid stopped=()
+  for name in slurmd slurmctld munged; do
+    if pid="$(live_pid "$dir/$name.pid" "$name")"; then
+      kill -TERM "$pid"
+      for _ in $(seq 100); do [[ -d "/proc/$pid" ]] || break; sleep 0.1; done
+      [[ -d "/proc/$pid" ]] && kill -KILL "$pid"
+      stopped+=("$name")
+    fi
+  done
+  echo "local_cluster.sh: stopped ${stopped[*]:-nothing (no daemon of ours was running)}"
+}
+
+status() {
+  local name pid running=1
+  for name in munged slurmctld slurmd; do
+    if pid="$(live_pid "$dir/$name.pid" "$name")"; then echo "$name: running (pid $pid)"
+    else echo "$name: not running"; running=""; fi
+  done
+  if [[ -n "$running" ]]; then
+    SLURM_CONF="$conf" sinfo -N -o '%N %T %c %G'
+    echo "export SLURM_CONF=$conf"
+  fi
+  [[ -n "$running" ]]
+}
+
+case "${1:-}" in
+  install) have_slurm && echo "local_cluster.sh: SLURM and munge are installed" || install_slurm ;;
+  start) shift; start "$@" ;;
+  stop) stop ;;
+  status) status ;;
+  env) [[ -f "$conf" ]] || die "no local cluster in $dir: start one first"; echo "export SLURM_CONF=$conf" ;;
+  *) die "usage: local_cluster.sh install | start [--gpus N] [--cpus N] [--no-install] | stop | status | env" ;;
+esac

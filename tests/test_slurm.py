@@ -1,0 +1,142 @@
+"""slurm/train.sh on a real one-node SLURM cluster that the tests start (slurm/local_cluster.sh).
+
+CI installs SLURM (.ci/run), so there a missing SLURM fails these tests; elsewhere they skip
+with the reason. The node declares two fake GPUs, so `--gpus-per-node=2` is exercised too.
+"""
+
+import json
+import os
+import subprocess
+import sys
+import time
+
+import pytest
+from conftest import ROOT
+
+pytestmark = pytest.mark.launch
+
+CLUSTER = ROOT / "slurm" / "local_cluster.sh"
+TRAIN_SH = ROOT / "slurm" / "train.sh"
+NOT_INSTALLABLE = 3  # local_cluster.sh's exit code when SLURM is missing and cannot be installed
+
+
+@pytest.fixture(scope="module")
+def slurm_env(tmp_path_factory):
+    """Environment for sbatch & co. pointing at a fresh local cluster, stopped afterwards."""
+    state = tmp_path_factory.mktemp("slurm")
+    env = {**os.environ, "LOCAL_SLURM_DIR": str(state)}
+    started = subprocess.run(["bash", str(CLUSTER), "start", "--gpus", "2", "--no-install"], env=env,
+                             capture_output=True, text=True, timeout=120, check=False)
+    if started.returncode == NOT_INSTALLABLE and os.environ.get("CI") != "true":
+        pytest.skip(f"no SLURM here ({started.stderr.strip()}); `sudo bash slurm/local_cluster.sh install` adds it")
+    assert started.returncode == 0, started.stdout + started.stderr
+    env["SLURM_CONF"] = str(state / "slurm.conf")
+    yield env
+    subprocess.run(["bash", str(CLUSTER), "stop"], env=env, capture_output=True, timeout=60, check=False)
+
+
+def _train_args(digits_dir, run_root, *extra: str) -> list[str]:
+    return [str(ROOT / "configs" / "tiny.yaml"), f"data.path={digits_dir}", f"run.root={run_root}", *extra]
+
+
+def _submit(slurm_env, tmp_path, sbatch_options: list[str], args: list[str], wait: bool = True,
+            **job_env: str) -> subprocess.Popen:
+    """sbatch the training script; the job's environment is ours plus job_env."""
+    env = {**slurm_env, "GAN_DIST_ROOT": str(ROOT), "PYTHON": sys.executable, "OMP_NUM_THREADS": "1", **job_env}
+    command = ["sbatch", "--parsable", "--cpus-per-task=2", f"--chdir={tmp_path}", f"--output={tmp_path / 'job.log'}",
+               *(["--wait"] if wait else []), *sbatch_options, str(TRAIN_SH), *args]
+    return subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def _finish(proc: subprocess.Popen, tmp_path, timeout_s: int = 300) -> tuple[int, str]:
+    try:
+        proc.communicate(timeout=timeout_s)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    log = tmp_path / "job.log"
+    return proc.returncode, log.read_text() if log.is_file() else "(no job log)"
+
+
+def test_scripts_parse_and_dry_run_shows_a_four_node_launch(slurm_env, tmp_path):
+    for script in ("train.sh", "node.sh", "local_cluster.sh"):
+        assert subprocess.run(["bash", "-n", str(ROOT / "slurm" / script)], check=False).returncode == 0
+    allocation = {**slurm_env, "SLURM_JOB_NODELIST": "gpu[07-10]", "SLURM_JOB_NUM_NODES": "4",
+                  "SLURM_GPUS_ON_NODE": "8", "SLURM_JOB_ID": "4242", "PYTHON": sys.executable}
+    out = {}
+    for launcher in ("torchrun", "accelerate"):
+        result = subprocess.run(["bash", str(TRAIN_SH), "--dry-run", str(ROOT / "configs" / "tiny.yaml"), "run.name=x"],
+                                env={**allocation, "LAUNCHER": launcher}, cwd=tmp_path, capture_output=True,
+                                text=True, timeout=120, check=False)
+        assert result.returncode == 0, result.stdout + result.stderr
+        out[launcher] = result.stdout
+    header, node_line = out["torchrun"].splitlines()[0], out["torchrun"].splitlines()[-1]
+    assert "4 node(s) [gpu[07-10]], 8 process(es) per node (32 in all" in header
+    assert "srun --nodes=4 --ntasks-per-node=1 --kill-on-bad-exit=1" in out["torchrun"]
+    port = header.split("master gpu07:")[1].split(",")[0]
+    for expected in ("-m torch.distributed.run", "--nproc_per_node 8", "--nnodes 4", "--rdzv_backend c10d",
+                     f"--rdzv_endpoint gpu07:{port}", "--rdzv_id gan_dist-4242", "SIGUSR1", "--shutdown-timeout 120",
+                     "train.py --config", "run.name=x"):
+        assert expected in node_line, f"{expected!r} missing from: {node_line}"
+    accelerate_line = out["accelerate"].splitlines()[-1]
+    for expected in ("accelerate.commands.launch", "--num_machines 4", "--num_processes 32", "--machine_rank 0",
+                     "--main_process_ip gpu07"):
+        assert expected in accelerate_line, f"{expected!r} missing from: {accelerate_line}"
+
+
+def test_two_cpu_processes_train_to_the_end(slurm_env, tmp_path, digits_dir):
+    args = _train_args(digits_dir, tmp_path / "runs", "train.max_steps=20")
+    code, log = _finish(_submit(slurm_env, tmp_path, ["--gpus-per-node=0"], args, NPROC_PER_NODE="2"), tmp_path)
+    assert code == 0, log[-4000:]
+    assert "1 node(s) [" in log and "2 process(es) per node (2 in all, 0 GPU(s) per node)" in log, log[-4000:]
+    assert "2 process(es) on cpu (MULTI_CPU)" in log, "the ranks did not see world size 2:\n" + log[-4000:]
+    checkpoints = tmp_path / "runs" / "tiny" / "checkpoints"
+    assert (checkpoints / "latest").read_text().strip() == "step_00000020"
+    assert (checkpoints / "step_00000020" / "state.json").is_file()
+
+
+def test_config_error_fails_the_job_with_its_message(slurm_env, tmp_path, digits_dir):
+    args = _train_args(digits_dir, tmp_path / "runs", "train.batch_sise=3")
+    code, log = _finish(_submit(slurm_env, tmp_path, ["--gpus-per-node=0"], args), tmp_path)
+    assert code == 2, log
+    assert "unknown config key 'train.batch_sise'" in log, log
+    assert "nothing was launched" in log, log
+    assert not (tmp_path / "runs").exists()
+
+
+def _wait_for_first_checkpoint(run_dir, proc, timeout_s: float = 180) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not (run_dir / "checkpoints" / "latest").is_file():
+        assert proc.poll() is None, "the job ended before its first checkpoint"
+        assert time.monotonic() < deadline, "no checkpoint within the time limit"
+        time.sleep(0.2)
+
+
+@pytest.mark.parametrize("launcher", ["torchrun", "accelerate"])
+def test_preemption_checkpoints_requeues_and_resumes(launcher, slurm_env, tmp_path, digits_dir):
+    """USR1 to the batch shell: checkpoint, REQUEUE marker, scontrol requeue, resume, finish."""
+    total_steps = 600
+    args = _train_args(digits_dir, tmp_path / "runs", f"train.max_steps={total_steps}", "train.total_kimg=1000",
+                       "checkpoint.every_kimg=1", "log.every_steps=1", "log.sample_every_kimg=1000")
+    proc = _submit(slurm_env, tmp_path, ["--gpus-per-node=2"], args, LAUNCHER=launcher)
+    run_dir = tmp_path / "runs" / "tiny"
+    try:
+        _wait_for_first_checkpoint(run_dir, proc)
+        job_id = proc.stdout.readline().strip()
+        subprocess.run(["scancel", "--signal=USR1", "--batch", job_id], env=slurm_env, check=True, timeout=30)
+    except BaseException:
+        proc.kill()
+        raise
+    code, log = _finish(proc, tmp_path)
+    (tmp_path.parent / f"preemption-{launcher}.log").write_text(log)  # kept for the docs
+    assert code == 0, log[-6000:]
+    assert "SLURM_RESTART_COUNT=0" in log and "SLURM_RESTART_COUNT=1" in log, log[-6000:]
+    assert "2 process(es) per node (2 in all, 2 GPU(s) per node)" in log, log[-6000:]
+    assert f"requeued job {job_id}" in log, log[-6000:]
+    stopped_at = int(log.split("stopped by SIGUSR1 after step ")[1].split(":")[0])
+    assert f"resumed from {run_dir / 'checkpoints' / f'step_{stopped_at:08d}'} at step {stopped_at}" in log
+    assert 0 < stopped_at < total_steps
+    steps = [json.loads(line)["step"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert steps == list(range(1, total_steps + 1)), "a step was logged twice or not at all"
+    assert (run_dir / "checkpoints" / "latest").read_text().strip() == f"step_{total_steps:08d}"
+    assert not (run_dir / "REQUEUE").exists()
