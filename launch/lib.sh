@@ -1,3 +1,4 @@
+# shellcheck shell=bash
 # Shared by the launch scripts (sourced, not run).
 
 # Run a command in place of this shell, or with DRY_RUN=1 print it, quoted for copying.

@@ -173,7 +173,7 @@ status() {
 }
 
 case "${1:-}" in
-  install) have_slurm && echo "local_cluster.sh: SLURM and munge are installed" || install_slurm ;;
+  install) if have_slurm; then echo "local_cluster.sh: SLURM and munge are installed"; else install_slurm; fi ;;
   start) shift; start "$@" ;;
   stop) stop ;;
   status) status ;;
