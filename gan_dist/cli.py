@@ -10,16 +10,27 @@ from gan_dist.errors import run_reporting_errors
 
 
 def _check(args) -> int:
-    """Validate a config the way training would (plugins, registries), without starting."""
+    """Validate a config as training would before its first step, without starting a run:
+    keys and types, plugins, model and loss names, the batch split over --world-size
+    processes, and (when it exists already) the dataset and the models built for it."""
     from gan_dist import config as config_mod
+    from gan_dist import dist
+    from gan_dist.data.stream import open_dataset
     from gan_dist.losses import get_loss
-    from gan_dist.models import get_builder
+    from gan_dist.models import build_models, get_builder
+    from gan_dist.run import dataset_path
     from gan_dist.train import import_plugins
 
     cfg = config_mod.load_config(args.config, args.overrides)
     import_plugins(cfg.plugins)
     get_builder(cfg.model.name)
     get_loss(cfg.loss.name)
+    dist.batch_per_device(cfg.train.batch_size, args.world_size, cfg.train.num_micro_batches)
+    # A built-in dataset that is not there yet is prepared by the run itself; an explicit
+    # data.path must exist now.
+    if cfg.data.path or Path(dataset_path(cfg)).exists():
+        info = open_dataset(dataset_path(cfg))
+        build_models(cfg.model, info.shape, info.num_classes or cfg.data.num_classes)
     if args.print_run_dir:
         print(Path(cfg.run.root) / cfg.run.name)  # for launch scripts, which look for the REQUEUE marker
     else:
@@ -47,6 +58,8 @@ def main(argv: list[str] | None = None) -> int:
     check.add_argument("config")
     check.add_argument("overrides", nargs="*", metavar="key=value")
     check.add_argument("--print-run-dir", action="store_true", help="print only the run directory")
+    check.add_argument("--world-size", type=int, default=1, metavar="N",
+                       help="check that the batch splits over N processes (default 1)")
     for p in sub.choices.values():
         p.add_argument("--debug", action="store_true", help="show tracebacks")
     args = parser.parse_args(argv)

@@ -76,7 +76,7 @@ echo "gan_dist slurm job ${SLURM_JOB_ID:-(dry run)}: SLURM_RESTART_COUNT=${SLURM
   "${gpus:-0} GPU(s) per node), launcher $launcher, master $master:$port, config $(quoted "$config" "$@")"
 
 # A bad config fails the job now, with its one-line message here, not after N nodes started.
-run_dir="$("$python" -m gan_dist.cli check --print-run-dir "$config" "$@")" \
+run_dir="$("$python" -m gan_dist.cli check --print-run-dir --world-size "$((nnodes * nproc))" "$config" "$@")" \
   || die "the config check failed (see above); nothing was launched" 2
 step=(srun --nodes="$nnodes" --ntasks-per-node=1 --kill-on-bad-exit=1 bash "$root/slurm/node.sh" --config "$config" "$@")
 if [[ -n "$dry_run" ]]; then

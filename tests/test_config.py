@@ -101,3 +101,20 @@ def test_invalid_yaml_is_a_user_error(tmp_path):
     path.write_text("train: [unclosed\n")
     with pytest.raises(UserError, match="broken.yaml' is not valid YAML"):
         load_config(str(path), [])
+
+
+def test_gan_dist_check_sees_batch_split_data_and_model_fit(capsys, digits_dir, tmp_path):
+    """What slurm/train.sh relies on to fail a job before any node starts."""
+    from gan_dist.cli import main
+
+    tiny = str(ROOT / "configs" / "tiny.yaml")
+    good = [f"data.path={digits_dir}", f"run.root={tmp_path}"]
+    assert main(["check", "--print-run-dir", "--world-size", "4", tiny, *good]) == 0
+    assert capsys.readouterr().out.strip() == str(tmp_path / "tiny")
+    assert main(["check", "--world-size", "3", tiny, *good]) == 2
+    assert "not divisible by 3 processes" in capsys.readouterr().err
+    assert main(["check", tiny, f"data.path={tmp_path / 'missing'}"]) == 2
+    assert "missing" in capsys.readouterr().err
+    assert main(["check", tiny, *good, "model.name=dcgan"]) == 2
+    assert "needs square images of 16, 32, 64 px" in capsys.readouterr().err
+    assert not any(tmp_path.iterdir()), "check must not create anything"
