@@ -1,4 +1,4 @@
-"""`gan-dist train|prepare|export|sample|check`: the console script."""
+"""`gan-dist train|prepare|export|sample|eval|check`: the console script."""
 
 from __future__ import annotations
 
@@ -54,6 +54,9 @@ def main(argv: list[str] | None = None) -> int:
 
     export.add_export_arguments(sub.add_parser("export", help="write a run's G_ema as a standalone model"))
     export.add_sample_arguments(sub.add_parser("sample", help="draw samples from a run or an exported model"))
+    from gan_dist.eval import cli as eval_cli
+
+    eval_cli.add_arguments(sub.add_parser("eval", help="FID/KID/IS, mode coverage or classifier scores of a run"))
     check = sub.add_parser("check", help="validate a config and print it resolved")
     check.add_argument("config")
     check.add_argument("overrides", nargs="*", metavar="key=value")
@@ -63,7 +66,8 @@ def main(argv: list[str] | None = None) -> int:
     for p in sub.choices.values():
         p.add_argument("--debug", action="store_true", help="show tracebacks")
     args = parser.parse_args(argv)
-    handlers = {"prepare": prepare.run, "check": _check, "export": export.run_export, "sample": export.run_sample}
+    handlers = {"prepare": prepare.run, "check": _check, "export": export.run_export, "sample": export.run_sample,
+                "eval": eval_cli.run}
     return run_reporting_errors(lambda: handlers[args.command](args), args.debug)
 
 

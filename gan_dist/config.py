@@ -187,6 +187,24 @@ class LogConfig:
 
 
 @dataclass
+class EvalConfig:
+    """Quality metrics during training; `gan-dist eval` computes them for any checkpoint."""
+
+    every_kimg: float = 0.0
+    """Evaluate eval.metrics every this many thousand images and at the end (0: off); keeps checkpoints/best."""
+    metrics: list[str] = field(default_factory=list)
+    """Any of fid, kid, is, modes2d, cls; the first one picks the best checkpoint."""
+    num: int = 10_000
+    """Generated samples per evaluation (FID is biased upward for small counts: compare equal counts)."""
+    inception_weights: str = ""
+    """Local path of weights-inception-2015-12-05-6726825d.pth (FID/KID/IS on offline machines)."""
+    allow_download: bool = False
+    """Let torch-fidelity download the Inception weights when no local file is found."""
+    cache_dir: str = ""
+    """Where reference features and digit classifiers are cached ('' = ~/.cache/gan_dist/eval)."""
+
+
+@dataclass
 class Config:
     run: RunConfig = field(default_factory=RunConfig)
     """Where outputs go."""
@@ -206,6 +224,8 @@ class Config:
     """Multi-process behaviour: timeouts."""
     log: LogConfig = field(default_factory=LogConfig)
     """Console, metrics and samples."""
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    """Periodic quality metrics."""
     plugins: list[str] = field(default_factory=list)
     """Python modules imported at start, e.g. to register models: plugins=[my_models]."""
 
@@ -335,6 +355,14 @@ def validate(cfg: Config) -> None:
     _require(cfg.data.resolution >= 0, "data.resolution", "must be >= 0 (0 = native size)")
     _require(cfg.data.cache_mb >= 0, "data.cache_mb", "must be >= 0 (0 = off)")
     _require(cfg.data.num_classes >= 0, "data.num_classes", "must be >= 0")
+    _require(cfg.eval.every_kimg >= 0, "eval.every_kimg", "must be >= 0 (0 = off)")
+    _require(cfg.eval.num >= 2, "eval.num", "must be >= 2")
+    _require(not cfg.eval.every_kimg or bool(cfg.eval.metrics), "eval.metrics", "must name a metric when "
+             "eval.every_kimg > 0, e.g. eval.metrics=[fid]")
+    from gan_dist.eval.run import check_metrics
+
+    if cfg.eval.metrics:
+        check_metrics(list(cfg.eval.metrics))
     from gan_dist.augment import parse_policy
 
     parse_policy(cfg.data.diffaugment)

@@ -1,0 +1,212 @@
+"""One evaluation of a generator: the requested metrics, computed over every process.
+
+Every process generates and extracts its share (gan_dist.eval.collect); rank 0 computes the
+numbers and broadcasts them, so every rank returns the same dict. Each result records the
+tool, the sample counts and the reference it was compared with.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from gan_dist.data.stream import DatasetInfo
+from gan_dist.errors import UserError
+from gan_dist.eval import classifier as cls_mod
+from gan_dist.eval import collect, scores
+from gan_dist.eval.modes2d import NUM_SAMPLES as MODES2D_SAMPLES
+from gan_dist.eval.modes2d import mode_coverage
+
+METRICS = ("fid", "kid", "is", "modes2d", "cls")
+INCEPTION_METRICS = {"fid", "kid", "is"}
+MIXTURES = ("ring8", "grid25")
+
+
+@dataclass
+class EvalOptions:
+    metrics: list[str] = field(default_factory=lambda: ["fid"])
+    num: int = 10_000
+    batch: int = 250
+    seed: int = 0
+    reference_num: int = 50_000
+    inception_weights: str = ""
+    allow_download: bool = False
+    cache_dir: str = ""
+
+
+@dataclass
+class Target:
+    """What is evaluated: G (eval mode) and what it was trained on."""
+
+    G: torch.nn.Module
+    latent_dim: int
+    num_classes: int
+    data: DatasetInfo
+    dataset_name: str  # the built-in name (ring8, digits, ...) or '' for other data
+
+
+def check_metrics(metrics: list[str]) -> list[str]:
+    unknown = [m for m in metrics if m not in METRICS]
+    if unknown or not metrics:
+        raise UserError(f"unknown metric(s) {', '.join(unknown) or '(none given)'}; choose from {', '.join(METRICS)}")
+    return metrics
+
+
+def cache_dir(opts: EvalOptions) -> Path:
+    if opts.cache_dir:
+        return Path(opts.cache_dir)
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base) / "gan_dist" / "eval"
+
+
+def evaluate(target: Target, opts: EvalOptions, accelerator, extractors: dict | None = None) -> dict[str, dict]:
+    """{metric: {value(s), tool, counts, reference}}; the same on every rank."""
+    check_metrics(opts.metrics)
+    extractors = extractors or {}
+    ctx = (accelerator.process_index, accelerator.num_processes, accelerator.device)
+    results: dict[str, dict] = {}
+    if "modes2d" in opts.metrics:
+        results["modes2d"] = _modes2d(target, opts, ctx)
+    if INCEPTION_METRICS & set(opts.metrics):
+        results.update(_inception_metrics(target, opts, ctx, extractors.get("inception")))
+    if "cls" in opts.metrics:
+        results["cls"] = _classifier_metrics(target, opts, ctx, extractors.get("classifier"))
+    return results
+
+
+def _modes2d(target: Target, opts: EvalOptions, ctx) -> dict:
+    if target.dataset_name not in MIXTURES or target.data.shape != (2,):
+        raise UserError(f"modes2d scores the 2-D mixtures ({', '.join(MIXTURES)}); this run trained on "
+                        f"{target.dataset_name or 'other data'} of shape {list(target.data.shape)}")
+    points = collect.generated(target.G, target.latent_dim, 0, MODES2D_SAMPLES, opts.batch, opts.seed, *ctx, None)
+    result = _on_rank0(ctx, lambda: mode_coverage(points["samples"].cpu().numpy(), target.dataset_name))
+    return {**result, "tool": "gan_dist modes2d (PacGAN protocol: HQ within 3 std)", "reference": target.dataset_name}
+
+
+def _inception_metrics(target: Target, opts: EvalOptions, ctx, extractor) -> dict[str, dict]:
+    from gan_dist.eval.features import InceptionFeatures
+
+    if len(target.data.shape) != 3:
+        raise UserError("FID, KID and IS need images; for the 2-D mixtures use --metrics modes2d")
+    extractor = extractor or InceptionFeatures(opts.inception_weights, opts.allow_download).to(ctx[2])
+    gen = collect.generated(target.G, target.latent_dim, target.num_classes, opts.num, opts.batch, opts.seed,
+                            *ctx, extractor)
+    wanted = set(opts.metrics)
+    reference, ref_note = None, ""
+    if wanted & {"fid", "kid"}:
+        limit = min(opts.reference_num, target.data.count or opts.reference_num)
+        reference = _cached_reference(target.data, extractor, "all", limit, lambda i: i < limit, opts, ctx)
+        ref_note = f"{len(reference['features'])} real samples (the first in dataset order)"
+    tool = f"torch-fidelity, {getattr(extractor, 'name', 'custom extractor')}"
+
+    def compute() -> dict[str, dict]:
+        out = {}
+        counts = {"num_generated": len(gen["features"]), "tool": tool}
+        if "fid" in wanted:
+            value = scores.frechet_distance(scores.statistics(gen["features"]), scores.statistics(reference["features"]))
+            out["fid"] = {"value": value, **counts, "reference": ref_note}
+        if "kid" in wanted:
+            mean, std = scores.kernel_distance(gen["features"], reference["features"])
+            subset = min(scores.KID_SUBSET_SIZE, len(gen["features"]), len(reference["features"]))
+            out["kid"] = {"value": mean, "std": std, **counts, "reference": ref_note,
+                          "subsets": scores.KID_SUBSETS, "subset_size": subset}
+        if "is" in wanted:
+            mean, std = scores.inception_score(gen["logits"])
+            out["is"] = {"value": mean, "std": std, **counts, "splits": scores.IS_SPLITS, "reference": "none"}
+        return out
+
+    return _on_rank0(ctx, compute)
+
+
+def _cached_reference(data: DatasetInfo, extractor, split: str, limit: int, keep, opts, ctx) -> dict:
+    """Real features, extracted once per (dataset, extractor, split, count) and cached."""
+    rank, world, device = ctx
+    name = getattr(extractor, "name", "")
+    path = cache_dir(opts) / f"{collect.dataset_key(data)}-{name}-{split}-{limit}.pt" if name else None
+    have = torch.tensor([1 if path is not None and path.is_file() else 0], device=device)
+    _broadcast_tensor(have)  # rank 0 decides, so no rank waits in a gather the others skip
+    if have.item():
+        return torch.load(path, map_location="cpu", weights_only=True) if rank == 0 else {}
+    features = collect.real(data, keep, opts.batch, rank, world, device, extractor)
+    features = {k: v.cpu() for k, v in features.items()}
+    if rank == 0 and path is not None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        torch.save(features, path.with_suffix(".tmp"))
+        path.with_suffix(".tmp").replace(path)
+    return features
+
+
+def _classifier_metrics(target: Target, opts: EvalOptions, ctx, model) -> dict:
+    if len(target.data.shape) != 3 or target.data.num_classes < 2:
+        raise UserError("cls needs a labelled image dataset (digits, mnist, fashionmnist)")
+    rank, world, device = ctx
+    model = (model or _classifier(target.data, opts, ctx)).to(device)
+    gen = collect.generated(target.G, target.latent_dim, target.num_classes, opts.num, opts.batch, opts.seed,
+                            *ctx, model)
+    train_part = _cached_reference(target.data, model, "train", 0, lambda i: not cls_mod.held_out(i), opts, ctx)
+    test_part = _cached_reference(target.data, model, "heldout", 0, cls_mod.held_out, opts, ctx)
+
+    def summary(features: dict) -> dict:
+        is_mean, is_std = scores.inception_score(features["logits"])
+        fd = scores.frechet_distance(scores.statistics(features["features"]),
+                                     scores.statistics(train_part["features"]))
+        histogram = torch.bincount(features["logits"].argmax(1).cpu(), minlength=target.data.num_classes)
+        return {"is": is_mean, "is_std": is_std, "fd": fd, "num": len(features["features"]),
+                "class_fractions": (histogram / histogram.sum()).tolist()}
+
+    def compute() -> dict:
+        return {**summary(gen), "real_heldout": summary(test_part), "tool": f"gan_dist {getattr(model, 'name', '')}",
+                "reference": f"{len(train_part['features'])} real training samples (FD); ceiling on "
+                             f"{len(test_part['features'])} held-out real samples"}
+
+    return _on_rank0(ctx, compute)
+
+
+def _classifier(data: DatasetInfo, opts: EvalOptions, ctx) -> torch.nn.Module:
+    """The dataset's classifier: rank 0's cached one, or trained on rank 0; sent to the others."""
+    import hashlib
+
+    rank, world, device = ctx
+    path = cache_dir(opts) / f"{collect.dataset_key(data)}-classifier.safetensors"
+    have = torch.tensor([1 if path.is_file() else 0], device=device)
+    _broadcast_tensor(have)
+    model = cls_mod.load(path) if have.item() and rank == 0 else None
+    if not have.item():
+        real = collect.real(data, lambda i: True, opts.batch, rank, world, device, None)
+        if rank == 0:
+            train = ~torch.tensor([cls_mod.held_out(i) for i in range(len(real["samples"]))], dtype=torch.bool)
+            samples, labels = real["samples"].to(torch.uint8).cpu(), real["labels"].cpu()
+            model = cls_mod.train_classifier(samples[train], labels[train], data.num_classes)
+            acc = cls_mod.accuracy(model, samples[~train], labels[~train])
+            cls_mod.save(model, path, {"channels": data.shape[0], "num_classes": data.num_classes,
+                                       "heldout_accuracy": acc, "dataset_key": collect.dataset_key(data)})
+    model = _broadcast_object(model, rank)
+    # Cached real features are keyed by the weights, so a retrained classifier gets new ones.
+    digest = hashlib.sha256(b"".join(t.cpu().numpy().tobytes() for t in model.state_dict().values()))
+    model.name = f"classifier-{digest.hexdigest()[:12]}"
+    return model
+
+
+def _on_rank0(ctx, compute):
+    """Rank 0 computes (the others may hold only their share of the inputs), all get it."""
+    return _broadcast_object(compute() if ctx[0] == 0 else None, ctx[0])
+
+
+def _broadcast_object(obj, rank: int):
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return obj
+    box = [obj if rank == 0 else None]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def _broadcast_tensor(tensor: torch.Tensor) -> None:
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        dist.broadcast(tensor, src=0)

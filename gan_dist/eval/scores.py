@@ -1,0 +1,44 @@
+"""The metric arithmetic, from torch-fidelity so that numbers compare with published ones.
+
+Every function takes features already extracted (float tensors [N, D], or logits [N, K]).
+Statistics are computed in float64.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from torch_fidelity.metric_fid import fid_features_to_statistics, fid_statistics_to_metric
+from torch_fidelity.metric_isc import isc_features_to_metric
+from torch_fidelity.metric_kid import kid_features_to_metric
+
+KID_SUBSETS = 100
+KID_SUBSET_SIZE = 1000
+IS_SPLITS = 10
+
+
+def statistics(features: torch.Tensor) -> dict[str, np.ndarray]:
+    """Mean and covariance (float64), what FID compares; small enough to cache."""
+    return fid_features_to_statistics(features.detach().double().cpu())
+
+
+def frechet_distance(stats_a: dict[str, np.ndarray], stats_b: dict[str, np.ndarray]) -> float:
+    return float(fid_statistics_to_metric(stats_a, stats_b, verbose=False)["frechet_inception_distance"])
+
+
+def kernel_distance(features_a: torch.Tensor, features_b: torch.Tensor, seed: int = 0) -> tuple[float, float]:
+    """KID (unbiased MMD^2 with the cubic polynomial kernel): mean and std over random subsets.
+
+    The subset size shrinks to the smaller set when there are fewer than 1,000 samples, and
+    is recorded with the result by the caller."""
+    subset_size = min(KID_SUBSET_SIZE, len(features_a), len(features_b))
+    out = kid_features_to_metric(features_a.detach().double().cpu(), features_b.detach().double().cpu(),
+                                 kid_subsets=KID_SUBSETS, kid_subset_size=subset_size, verbose=False,
+                                 kid_degree=3, kid_gamma=None, kid_coef0=1, rng_seed=seed, kid_kernel="poly")
+    return out["kernel_inception_distance_mean"], out["kernel_inception_distance_std"]
+
+
+def inception_score(logits: torch.Tensor, splits: int = IS_SPLITS) -> tuple[float, float]:
+    """exp(E KL(p(y|x) || p(y))) over `splits` parts: mean and std."""
+    out = isc_features_to_metric(logits.detach().cpu(), splits=splits, shuffle=True, rng_seed=2020)
+    return out["inception_score_mean"], out["inception_score_std"]
