@@ -359,7 +359,7 @@ def validate(cfg: Config) -> None:
     _require(cfg.eval.num >= 2, "eval.num", "must be >= 2")
     _require(not cfg.eval.every_kimg or bool(cfg.eval.metrics), "eval.metrics", "must name a metric when "
              "eval.every_kimg > 0, e.g. eval.metrics=[fid]")
-    from gan_dist.eval.run import check_metrics
+    from gan_dist.eval import check_metrics
 
     if cfg.eval.metrics:
         check_metrics(list(cfg.eval.metrics))

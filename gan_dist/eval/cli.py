@@ -27,7 +27,8 @@ def add_arguments(parser) -> None:
 
 def run(args) -> int:
     from gan_dist import dist
-    from gan_dist.eval.run import EvalOptions, check_metrics, evaluate
+    from gan_dist.eval import check_metrics
+    from gan_dist.eval.run import EvalOptions, evaluate
 
     metrics = check_metrics([m.strip() for m in args.metrics.split(",") if m.strip()])
     if args.num < 2 or args.batch < 1:

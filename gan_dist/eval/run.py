@@ -15,12 +15,12 @@ import torch
 
 from gan_dist.data.stream import DatasetInfo
 from gan_dist.errors import UserError
+from gan_dist.eval import check_metrics
 from gan_dist.eval import classifier as cls_mod
 from gan_dist.eval import collect, scores
 from gan_dist.eval.modes2d import NUM_SAMPLES as MODES2D_SAMPLES
 from gan_dist.eval.modes2d import mode_coverage
 
-METRICS = ("fid", "kid", "is", "modes2d", "cls")
 INCEPTION_METRICS = {"fid", "kid", "is"}
 MIXTURES = ("ring8", "grid25")
 
@@ -46,13 +46,6 @@ class Target:
     num_classes: int
     data: DatasetInfo
     dataset_name: str  # the built-in name (ring8, digits, ...) or '' for other data
-
-
-def check_metrics(metrics: list[str]) -> list[str]:
-    unknown = [m for m in metrics if m not in METRICS]
-    if unknown or not metrics:
-        raise UserError(f"unknown metric(s) {', '.join(unknown) or '(none given)'}; choose from {', '.join(METRICS)}")
-    return metrics
 
 
 def cache_dir(opts: EvalOptions) -> Path:
