@@ -27,7 +27,7 @@ def test_a_collapsed_generator_is_one_mode(mixture):
 
 
 def test_points_off_the_modes_are_low_quality_and_uneven_shares_raise_kl():
-    modes_fn, std = MIXTURES["ring8"]
+    modes_fn, _std = MIXTURES["ring8"]
     modes = modes_fn()
     between = (modes[0] + modes[1]) / 2  # far from both
     two_modes = np.concatenate([np.repeat(modes[:1], 300, 0), np.repeat(modes[1:2], 100, 0)])

@@ -15,9 +15,8 @@ import torch
 
 from gan_dist.data.stream import DatasetInfo
 from gan_dist.errors import UserError
-from gan_dist.eval import check_metrics
+from gan_dist.eval import check_metrics, collect, scores
 from gan_dist.eval import classifier as cls_mod
-from gan_dist.eval import collect, scores
 from gan_dist.eval.modes2d import NUM_SAMPLES as MODES2D_SAMPLES
 from gan_dist.eval.modes2d import mode_coverage
 
@@ -135,7 +134,7 @@ def _cached_reference(data: DatasetInfo, extractor, split: str, limit: int, keep
 def _classifier_metrics(target: Target, opts: EvalOptions, ctx, model) -> dict:
     if len(target.data.shape) != 3 or target.data.num_classes < 2:
         raise UserError("cls needs a labelled image dataset (digits, mnist, fashionmnist)")
-    rank, world, device = ctx
+    device = ctx[2]
     model = (model or _classifier(target.data, opts, ctx)).to(device)
     gen = collect.generated(target.G, target.latent_dim, target.num_classes, opts.num, opts.batch, opts.seed,
                             *ctx, model)
