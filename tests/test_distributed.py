@@ -45,8 +45,8 @@ def harness(digits_dir, tmp_path_factory):
     env = {k: v for k, v in os.environ.items() if not k.startswith(("ACCELERATE_", "WORLD_SIZE", "RANK"))}
     env.update(PYTHONPATH=f"{HELPERS}{os.pathsep}{ROOT}", OMP_NUM_THREADS="1")
     args = [str(HELPERS / "harness.py"), str(digits_dir), str(digits16), str(out)]
-    for prefix, cases in (([sys.executable], EQ_CASES + list(MICRO_CASES)),
-                          (LAUNCHERS["torchrun"](_free_port()), EQ_CASES + TWO_RANK_ONLY)):
+    for prefix, cases in (([sys.executable], [*EQ_CASES, *MICRO_CASES, "eval"]),
+                          (LAUNCHERS["torchrun"](_free_port()), [*EQ_CASES, *TWO_RANK_ONLY, "eval"])):
         result = subprocess.run([*prefix, *args, *cases], env=env, cwd=out, capture_output=True, text=True,
                                 timeout=400, check=False)
         assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
@@ -124,3 +124,18 @@ def test_two_processes_with_two_workers_resume_exactly(harness):
     positions = [json.loads((harness.out / "runs" / "resume-split" / "checkpoints" / "step_00000021" /
                              f"rank{r}.json").read_text())["stream"] for r in (0, 1)]
     assert all(len(p["workers"]) == 2 for p in positions)
+
+
+def test_two_process_evaluation_equals_one_process(harness):
+    """Generation, feature extraction and the classifier's training split by rank, gathered."""
+    one, ranks = harness("eval", 1), [harness("eval", 2, r) for r in (0, 1)]
+    assert ranks[0] == ranks[1], "ranks returned different results"
+    assert set(one) == {"fid", "kid", "is", "cls"}
+    for metric in ("fid", "kid", "is"):
+        assert one[metric]["num_generated"] == ranks[0][metric]["num_generated"] == 301
+        assert ranks[0][metric]["value"] == pytest.approx(one[metric]["value"], rel=1e-5, abs=1e-9), metric
+    assert one["fid"]["value"] > 0
+    for key in ("is", "fd"):
+        assert ranks[0]["cls"][key] == pytest.approx(one["cls"][key], rel=1e-5), key
+        assert ranks[0]["cls"]["real_heldout"][key] == pytest.approx(one["cls"]["real_heldout"][key], rel=1e-5)
+    assert ranks[0]["cls"]["class_fractions"] == one["cls"]["class_fractions"]

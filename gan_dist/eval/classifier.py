@@ -17,6 +17,7 @@ from torch import nn
 
 HOLDOUT_EVERY = 10
 EPOCHS = 8
+MIN_STEPS = 1500  # small datasets (the 8x8 digits) need more passes than 8
 BATCH = 128
 FEATURES = 128
 
@@ -49,7 +50,8 @@ def train_classifier(samples: torch.Tensor, labels: torch.Tensor, num_classes: i
     opt = torch.optim.Adam(model.parameters(), lr=1e-3)
     gen = torch.Generator().manual_seed(seed)
     model.train()
-    for _ in range(EPOCHS):
+    steps_per_epoch = -(-len(samples) // BATCH)
+    for _ in range(max(EPOCHS, -(-MIN_STEPS // steps_per_epoch))):
         order = torch.randperm(len(samples), generator=gen)
         for start in range(0, len(samples), BATCH):
             take = order[start:start + BATCH]

@@ -22,6 +22,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from tiny_extractor import TinyExtractor
 
 from gan_dist import trainer as trainer_mod
 from gan_dist.data.stream import Batch
@@ -178,6 +179,24 @@ def fit(self) -> None:
 trainer_mod.Trainer.fit = fit
 
 
+def evaluate_case(digits8: str, out: str, world: int) -> dict:
+    """FID/KID/IS with the tiny extractor and cls with the real classifier, for a seeded G."""
+    from gan_dist import dist
+    from gan_dist.config import ModelConfig
+    from gan_dist.data.stream import open_dataset
+    from gan_dist.eval.run import EvalOptions, Target, evaluate
+    from gan_dist.models import build_models
+
+    accelerator = dist.build_accelerator("no", Path(out), tensorboard=False)
+    data = open_dataset(digits8)
+    torch.manual_seed(0)
+    G, _ = build_models(ModelConfig(name="mlp", width_mult=0.125, latent_dim=16), data.shape, 0)
+    opts = EvalOptions(metrics=["fid", "kid", "is", "cls"], num=301, batch=40,
+                       cache_dir=f"{out}/eval-cache-w{world}")
+    target = Target(G.eval(), 16, 0, data, "digits")
+    return evaluate(target, opts, accelerator, {"inception": TinyExtractor()})
+
+
 def main() -> None:
     from accelerate import Accelerator
     from accelerate.state import AcceleratorState, GradientState
@@ -193,6 +212,12 @@ def main() -> None:
     world = int(os.environ.get("WORLD_SIZE", "1"))
     images = {False: digits().samples, True: digits(16).samples}
     for case in sys.argv[4:]:
+        if case == "eval":
+            rank = int(os.environ.get("RANK", "0"))
+            (Path(out) / case).mkdir(parents=True, exist_ok=True)
+            torch.save(evaluate_case(digits8, out, world), Path(out) / case / f"w{world}-rank{rank}.pt")
+            AcceleratorState._reset_state(reset_partial_state=True)
+            continue
         dcgan = "model.name=dcgan" in CASES[case]
         torch.set_default_dtype(torch.float64 if case.startswith("eq-") else torch.float32)
         CURRENT.update(case=case, images=images[dcgan], state={})
