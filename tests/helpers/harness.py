@@ -213,6 +213,7 @@ def main() -> None:
     images = {False: digits().samples, True: digits(16).samples}
     for case in sys.argv[4:]:
         if case == "eval":
+            torch.set_default_dtype(torch.float32)
             rank = int(os.environ.get("RANK", "0"))
             (Path(out) / case).mkdir(parents=True, exist_ok=True)
             torch.save(evaluate_case(digits8, out, world), Path(out) / case / f"w{world}-rank{rank}.pt")
