@@ -63,11 +63,11 @@ class DataConfig:
 @dataclass
 class ModelConfig:
     name: str = "mlp"
-    """Architecture from the model registry: mlp, dcgan, mlp2d, or one registered by a plugin."""
+    """Architecture from the model registry: mlp, dcgan, resnet, mlp2d, or one registered by a plugin."""
     latent_dim: int = 100
     """Length of the noise vector z fed to G."""
     width_mult: float = 1.0
-    """Multiplier on every hidden width (mlp: 256/512/1024 units; dcgan: 64 base channels)."""
+    """Multiplier on every hidden width (mlp: 256/512/1024 units; dcgan: 64 base channels; resnet: see its docstring)."""
     g_norm: Literal["batch", "none"] = "batch"
     """Normalisation in G's hidden layers."""
     d_norm: Literal["none", "batch", "spectral"] = "none"
@@ -191,9 +191,9 @@ class EvalConfig:
     """Quality metrics during training; `gan-dist eval` computes them for any checkpoint."""
 
     every_kimg: float = 0.0
-    """Evaluate eval.metrics every this many thousand images and at the end (0: off); keeps checkpoints/best."""
+    """Evaluate eval.metrics on G_ema every this many thousand images and at the end (0: off)."""
     metrics: list[str] = field(default_factory=list)
-    """Any of fid, kid, is, modes2d, cls; the first one picks the best checkpoint."""
+    """Any of fid, kid, is, modes2d, cls; the first one picks checkpoints/best."""
     num: int = 10_000
     """Generated samples per evaluation (FID is biased upward for small counts: compare equal counts)."""
     inception_weights: str = ""
@@ -357,11 +357,11 @@ def validate(cfg: Config) -> None:
     _require(cfg.data.num_classes >= 0, "data.num_classes", "must be >= 0")
     _require(cfg.eval.every_kimg >= 0, "eval.every_kimg", "must be >= 0 (0 = off)")
     _require(cfg.eval.num >= 2, "eval.num", "must be >= 2")
-    _require(not cfg.eval.every_kimg or bool(cfg.eval.metrics), "eval.metrics", "must name a metric when "
-             "eval.every_kimg > 0, e.g. eval.metrics=[fid]")
-    from gan_dist.eval import check_metrics
-
+    _require(not cfg.eval.every_kimg or bool(cfg.eval.metrics), "eval.metrics",
+             "must name a metric when eval.every_kimg > 0, e.g. eval.metrics=[fid]")
     if cfg.eval.metrics:
+        from gan_dist.eval import check_metrics
+
         check_metrics(list(cfg.eval.metrics))
     from gan_dist.augment import parse_policy
 

@@ -89,6 +89,17 @@ class Console:
                             f"Loss/D {loss_d} Loss/G {loss_g} data_wait {wait:.0%} "
                             f"elapsed {time.strftime('%H:%M:%S', time.gmtime(record['time_s']))}")
 
+    def log_eval(self, record: dict) -> None:
+        """An evaluation's numbers: metrics.jsonl and trackers like a log record, and one line."""
+        if self.accelerator is not None and self.accelerator.trackers:
+            self.accelerator.log({k: v for k, v in record.items() if k != "step"}, step=record["step"])
+        if not self.enabled:
+            return
+        self._metrics_file.write(json.dumps(record) + "\n")
+        self._metrics_file.flush()
+        numbers = ", ".join(f"{k[5:]} {_fmt(v)}" for k, v in record.items() if k.startswith("Eval/"))
+        self.print(f"eval after step {record['step']} ({record['kimg']:.1f} kimg): {numbers}")
+
     def image(self, tag: str, grid_chw, step: int) -> None:
         if self.accelerator is not None and self.accelerator.trackers and self.enabled:
             tracker = self.accelerator.get_tracker("tensorboard", unwrap=True)

@@ -36,7 +36,7 @@ STATE_FORMAT = "gan_dist.checkpoint/1"
 # itself, and is refused.
 MAY_CHANGE = ("run.", "log.", "checkpoint.", "dist.", "train.total_kimg", "train.max_steps", "train.resume",
               "train.max_skipped_in_row", "train.rollback_on_divergence", "data.num_workers", "data.path", "data.root", "data.cache_mb",
-              "data.on_error", "train.num_threads")
+              "data.on_error", "train.num_threads", "eval.")
 # Test-only: called with the file just written, to inject a crash between files.
 _after_file_hook = None
 
@@ -132,9 +132,12 @@ def _commit(tmp: Path, final: Path) -> None:
 
 
 def _prune(final: Path, keep_last: int) -> None:
-    """Keep the newest checkpoint and the keep_last - 1 before it; never the one just written."""
+    """Keep the newest checkpoint and the keep_last - 1 before it; never the one just written,
+    nor the best one (checkpoints/best.json, periodic evaluation)."""
+    best_file = final.parent / "best.json"
+    best = json.loads(best_file.read_text()).get("checkpoint") if best_file.is_file() else None
     older = sorted(p for p in final.parent.glob("step_*")
-                   if p.is_dir() and p.name < final.name and p.name[5:].isdigit())
+                   if p.is_dir() and p.name < final.name and p.name[5:].isdigit() and p.name != best)
     for old in older[: max(0, len(older) - (keep_last - 1))] if keep_last > 0 else []:
         shutil.rmtree(old, ignore_errors=True)
 

@@ -29,6 +29,7 @@ from gan_dist.data.health import DataHealth
 from gan_dist.data.stream import DatasetInfo
 from gan_dist.ema import EMA
 from gan_dist.errors import UserError
+from gan_dist.eval.periodic import PeriodicEval
 from gan_dist.losses import (
     AdversarialLoss,
     at_least_fp32,
@@ -148,6 +149,7 @@ class Trainer:
         self.stats = Stats()
         self.data_health = DataHealth(cfg.data.on_error, accelerator, console)
         self.progress = Progress()
+        self.periodic_eval = PeriodicEval(cfg, run_dir)
 
     # ----------------------------------------------------------------- the loop
     def fit(self) -> None:
@@ -208,6 +210,8 @@ class Trainer:
         every = int(self.cfg.checkpoint.every_kimg * 1000)
         if (every and self.num_images // every > images_before // every) or self.checkpoint_due:
             self.checkpoint()
+        if self.periodic_eval.due(images_before, self.num_images):
+            self.periodic_eval.run(self)
 
     def checkpoint(self) -> Path:
         """Every rank, same step: buffers synced and checked first (as for a grid), then saved."""
@@ -275,6 +279,7 @@ class Trainer:
             self.log()
         self.sample_grid(name="final")  # also syncs buffers across ranks before the snapshot
         snapshot = save_checkpoint(self)
+        self.periodic_eval.run(self, snapshot)
         samples = self.run_dir / "samples"
         self.console.print(f"done: {self.progress.step} steps, {self.num_images / 1000:.1f} kimg\n"
                            f"  samples: {samples} (final grid: {samples / 'final.png'})\n"

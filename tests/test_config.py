@@ -114,7 +114,7 @@ def test_gan_dist_check_sees_batch_split_data_and_model_fit(capsys, digits_dir, 
     assert main(["check", "--world-size", "3", tiny, *good]) == 2
     assert "not divisible by 3 processes" in capsys.readouterr().err
     assert main(["check", tiny, f"data.path={tmp_path / 'missing'}"]) == 2
-    assert "missing" in capsys.readouterr().err
+    assert "does not exist" in capsys.readouterr().err
     assert main(["check", tiny, *good, "model.name=dcgan"]) == 2
     assert "needs square images of 16, 32, 64 px" in capsys.readouterr().err
     assert not any(tmp_path.iterdir()), "check must not create anything"

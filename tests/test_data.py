@@ -155,7 +155,7 @@ def test_stream_is_endless_and_batches_are_uint8(digits_dir):
 
 
 @pytest.mark.parametrize("setup, match", [
-    (lambda p: None, "has no index.json|shards are missing"),
+    (lambda p: None, "does not exist; write the dataset there"),
     (lambda p: p.mkdir(), "has no index.json"),
 ])
 def test_missing_data_is_a_user_error(tmp_path, setup, match):

@@ -92,3 +92,20 @@ def test_gan_dist_eval_on_runs(train_main, tmp_path, capsys):
     assert "FID, KID and IS need images" in capsys.readouterr().err
     assert main(["eval", "--run", "runs/ring8", "--metrics", "fod"]) == 2
     assert "unknown metric(s) fod" in capsys.readouterr().err
+
+
+def test_periodic_evaluation_logs_and_keeps_the_best_checkpoint(train_main, digits_dir, tmp_path):
+    from conftest import tiny_args
+
+    code, out, err = train_main(*tiny_args(digits_dir, "train.total_kimg=1.2", "eval.every_kimg=0.4",
+                                           "eval.metrics=[cls]", "eval.num=200", f"eval.cache_dir={tmp_path / 'c'}",
+                                           "checkpoint.every_kimg=0.2", "checkpoint.keep_last=1"))
+    assert code == 0, err
+    run_dir = tmp_path / "runs" / "tiny"
+    evals = [r for r in map(json.loads, (run_dir / "metrics.jsonl").read_text().splitlines()) if "Eval/cls_fd" in r]
+    assert [round(r["kimg"], 1) for r in evals] == [0.4, 0.8, 1.2]
+    assert "eval after step" in out
+    best = json.loads((run_dir / "checkpoints" / "best.json").read_text())
+    assert best["metric"] == "cls"
+    assert best["value"] == min(r["Eval/cls_fd"] for r in evals)
+    assert (run_dir / "checkpoints" / best["checkpoint"] / "G_ema.safetensors").is_file(), "best was pruned"

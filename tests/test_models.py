@@ -8,7 +8,8 @@ from gan_dist.errors import UserError
 from gan_dist.models import MODELS, build_models, count_parameters, register_model
 
 CASES = [("mlp", (1, 8, 8)), ("mlp", (1, 28, 28)), ("mlp2d", (2,)),
-         ("dcgan", (1, 16, 16)), ("dcgan", (3, 32, 32)), ("dcgan", (3, 64, 64))]
+         ("dcgan", (1, 16, 16)), ("dcgan", (3, 32, 32)), ("dcgan", (3, 64, 64)),
+         ("resnet", (3, 32, 32)), ("resnet", (1, 64, 64))]
 
 
 @pytest.mark.parametrize("name, shape", CASES)
@@ -65,6 +66,7 @@ def test_g_norm_none_removes_batchnorm():
     ("dcgan", (1, 8, 8), "model.name=dcgan needs square images of 16, 32, 64 px"),
     ("mlp2d", (1, 8, 8), "model.name=mlp2d generates 2-D points"),
     ("mlpp", (1, 8, 8), "unknown model 'mlpp'; did you mean 'mlp'"),
+    ("resnet", (1, 16, 16), "model.name=resnet needs square images of 32 or 64 px"),
 ])
 def test_unfit_data_or_name_is_a_user_error(name, shape, match):
     with pytest.raises(UserError, match=match):
@@ -105,3 +107,19 @@ def test_minibatch_std_sees_a_lack_of_variety():
     assert torch.equal(varied[0::2, 5], varied[0, 5].expand(4))  # samples 0, 2, 4, 6 form one group
     _, D = build_models(ModelConfig(name="mlp", d_minibatch_std=4), (1, 8, 8), 0)
     assert D(torch.randn(6, 1, 8, 8)).shape == (6,)  # 6 is not a multiple of 4: groups of 3
+
+
+def test_resnet_is_the_sngan_cifar_model():
+    """Residual blocks with shortcuts, spectral norm on every D weight, SNGAN's CIFAR widths."""
+    G, D = build_models(ModelConfig(name="resnet", d_norm="spectral", latent_dim=128), (3, 32, 32), 0)
+    from gan_dist.models.resnet import DownBlock, UpBlock
+
+    assert sum(isinstance(m, UpBlock) for m in G.modules()) == 3
+    assert sum(isinstance(m, DownBlock) for m in D.modules()) == 4
+    weighted = [m for m in D.modules() if isinstance(m, (torch.nn.Conv2d, torch.nn.Linear))]
+    assert all(hasattr(m, "parametrizations") for m in weighted), "every D layer needs spectral norm"
+    # SNGAN's CIFAR ResNet: about 4.3M parameters in G and 1.0M in D.
+    assert 4.0e6 < count_parameters(G) < 4.6e6
+    assert 0.9e6 < count_parameters(D) < 1.1e6
+    with pytest.raises(UserError, match="d_norm=spectral"):
+        build_models(ModelConfig(name="resnet", d_norm="batch"), (3, 32, 32), 0)

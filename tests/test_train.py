@@ -147,7 +147,7 @@ def test_debug_raises_at_first_non_finite_loss(train_main, digits_dir):
 
 # ---------------------------------------------------------------- bad input: exit 2, one line
 BAD_INPUTS = [
-    (["data.path=does/not/exist"], {}, "data.path: 1 of 1 shards are missing, e.g. does/not/exist"),
+    (["data.path=does/not/exist"], {}, "data.path=does/not/exist does not exist; write the dataset there with gan-dist prepare"),
     (["data.path=", "data.dataset="], {}, "data.path is empty and data.dataset='' is not built in"),
     (["data.path=", "data.dataset=celeba"], {}, "data.dataset='celeba' is not built in"),
     (["model.name=dcgan"], {}, "model.name=dcgan needs square images of 16, 32, 64 px"),

@@ -127,6 +127,9 @@ def open_dataset(path: str) -> DatasetInfo:
         if not index_file.is_file():
             raise UserError(f"data.path={path} has no index.json; prepare it with gan-dist prepare")
         return _from_index(str(index_file))
+    if not path.startswith(REMOTE) and not any(c in path for c in "{}*?[") and not local.exists():
+        raise UserError(f"data.path={path} does not exist; write the dataset there with gan-dist prepare "
+                        f"(... --out {path}) or point data.path at it")
     urls = [f"{CURL} {u}" if u.startswith(("http:", "https:")) else u for u in wds.shardlists.expand_urls(path)]
     _check_local(urls)
     first = _first_sample(urls[0])

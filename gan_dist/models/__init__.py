@@ -44,7 +44,7 @@ def build_models(cfg, shape: tuple[int, ...], num_classes: int) -> tuple[nn.Modu
 
 
 def _load_builtins() -> None:
-    from gan_dist.models import dcgan, mlp, toy2d  # noqa: F401  (they register themselves)
+    from gan_dist.models import dcgan, mlp, resnet, toy2d  # noqa: F401  (they register themselves)
 
 
 def count_parameters(module: nn.Module) -> int:
