@@ -13,6 +13,7 @@ import argparse
 import faulthandler
 import importlib
 import signal
+from contextlib import nullcontext
 from pathlib import Path
 
 import torch
@@ -39,7 +40,12 @@ def build_parser(prog: str = "train.py") -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None, prog: str = "train.py") -> int:
     args = build_parser(prog).parse_args(argv)
-    return run_reporting_errors(lambda: train(args.config, args.overrides, args.debug), args.debug)
+    # Stop signals are caught from the start: one that arrives while the run starts up (a
+    # preemption warning during imports or data preparation) stops it at its first check,
+    # with a checkpoint, instead of killing the process with SIGUSR1's default action.
+    with StopRequest() as stop_request:
+        return run_reporting_errors(lambda: train(args.config, args.overrides, args.debug, stop_request),
+                                    args.debug)
 
 
 def apply_debug_mode(cfg) -> None:
@@ -79,7 +85,8 @@ def find_resume(cfg, run_dir: Path):
     return checkpoint, state
 
 
-def train(config_path: str | None, overrides: list[str], debug: bool = False) -> int:
+def train(config_path: str | None, overrides: list[str], debug: bool = False,
+          stop_request: StopRequest | None = None) -> int:
     from gan_dist import resume
     from gan_dist.console import Console
     from gan_dist.ema import EMA
@@ -135,7 +142,7 @@ def train(config_path: str | None, overrides: list[str], debug: bool = False) ->
                       f"({trainer.num_images / 1000:.1f} kimg)")
     if acc.is_main_process:
         clear_requeue_marker(run_dir)
-    with StopRequest() as trainer.stop_request:
+    with (StopRequest() if stop_request is None else nullcontext(stop_request)) as trainer.stop_request:
         trainer.fit()
     acc.end_training()
     return 0

@@ -252,6 +252,9 @@ class Trainer:
         checkpoint = self.checkpoint()
         if self.acc.is_main_process:
             write_requeue_marker(self.run_dir, signal_name, self.progress.step, checkpoint)
+        # No rank exits before the marker is written: the first node whose ranks end makes
+        # srun (--kill-on-bad-exit) kill the others, rank 0's node included.
+        self.acc.wait_for_everyone()
         self.console.print(f"stopped by {signal_name} after step {self.progress.step}: checkpoint {checkpoint}, "
                            f"marker {self.run_dir / REQUEUE_MARKER}; the same command resumes it")
 

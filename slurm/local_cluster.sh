@@ -21,6 +21,7 @@ set -euo pipefail
 dir="${LOCAL_SLURM_DIR:-${TMPDIR:-/tmp}/gan_dist-slurm-$(id -u)}"
 conf="$dir/slurm.conf"
 packages=(slurmctld slurmd slurm-client munge)
+stamp=.gan_dist_local_cluster
 
 die() { echo "local_cluster.sh: $1" >&2; exit "${2:-2}"; }
 
@@ -124,8 +125,13 @@ start() {
   if live_pid "$dir/slurmctld.pid" slurmctld >/dev/null; then
     die "a local cluster already runs from $dir: 'bash slurm/local_cluster.sh stop' first"
   fi
+  # Only a directory we made is ever emptied: LOCAL_SLURM_DIR could name anything.
+  if [[ -d "$dir" && -n "$(ls -A "$dir")" && ! -f "$dir/$stamp" ]]; then
+    die "$dir is not empty and was not made by local_cluster.sh; set LOCAL_SLURM_DIR to a new directory"
+  fi
   rm -rf "$dir"
   mkdir -p "$dir/state" "$dir/spool"
+  touch "$dir/$stamp"
   mungekey --create --keyfile="$dir/munge.key" --force
   munged --key-file="$dir/munge.key" --socket="$dir/munge.socket" --pid-file="$dir/munged.pid" \
     --log-file="$dir/munged.log" --seed-file="$dir/munge.seed" --force
@@ -148,6 +154,20 @@ start() {
 
 stop() {
   local name pid stopped=()
+  # Jobs first: their processes would outlive the daemons and keep the cores busy.
+  if live_pid "$dir/slurmctld.pid" slurmctld >/dev/null; then
+    export SLURM_CONF="$conf"
+    local jobs
+    jobs="$(squeue -h -o %i 2>/dev/null | tr '\n' ' ')"
+    if [[ -n "${jobs// /}" ]]; then
+      # shellcheck disable=SC2086
+      scancel --full --signal=KILL $jobs 2>/dev/null
+      # shellcheck disable=SC2086
+      scancel $jobs 2>/dev/null
+      for _ in $(seq 100); do [[ -z "$(squeue -h -o %i 2>/dev/null)" ]] && break; sleep 0.2; done
+      echo "local_cluster.sh: cancelled job(s) $jobs"
+    fi
+  fi
   for name in slurmd slurmctld munged; do
     if pid="$(live_pid "$dir/$name.pid" "$name")"; then
       kill -TERM "$pid"

@@ -2,7 +2,7 @@
 # Train under SLURM, on one node or many: one launcher per node, one process per GPU.
 #
 #   sbatch [sbatch options] slurm/train.sh CONFIG [key=value ...]
-#   sbatch --nodes=2 --gpus-per-node=8 --partition=gpu slurm/train.sh configs/dcgan64.yaml run.name=big
+#   sbatch --nodes=2 --gpus-per-node=8 --partition=gpu slurm/train.sh configs/dcgan_mnist32.yaml run.name=big
 #   bash slurm/train.sh --dry-run CONFIG [key=value ...]    # print what the job would run
 #
 # Submit from the project root (or set GAN_DIST_ROOT); the job inherits your environment.
@@ -14,7 +14,10 @@
 #
 # Preemption: SLURM sends SIGUSR1 120 s before the time limit (or `scancel --signal=USR1
 # --batch JOB`); it is forwarded to every rank, which checkpoint and leave the REQUEUE marker
-# in the run directory; this script then requeues the job, and the rerun resumes. See docs/slurm.md.
+# in the run directory; this script then requeues the job, and the rerun resumes. A plain
+# `scancel JOB` (SIGTERM) checkpoints and stops without requeueing. See docs/slurm.md.
+# Ask for GPUs with --gpus-per-node (or --gres=gpu:N) and CPUs with --cpus-per-task: --gpus
+# and --cpus-per-gpu clash with the defaults below.
 #
 #SBATCH --job-name=gan_dist
 #SBATCH --nodes=1
@@ -47,7 +50,7 @@ signalled=""
 trap 'signalled=USR1' USR1  # until the real handler below: the default action would kill the job
 dry_run=""
 [[ "${1:-}" == --dry-run ]] && { dry_run=1; shift; }
-[[ "${1:-}" == -h || "${1:-}" == --help ]] && { sed -n '2,17p' "$root/slurm/train.sh"; exit 0; }
+[[ "${1:-}" == -h || "${1:-}" == --help ]] && { sed -n '2,20p' "$root/slurm/train.sh"; exit 0; }
 (($#)) || die "usage: sbatch [sbatch options] slurm/train.sh CONFIG [key=value ...]"
 config="$1"; shift
 [[ -n "${SLURM_JOB_ID:-}" || -n "$dry_run" ]] || die "not inside a SLURM job: submit with 'sbatch slurm/train.sh $config ...' (or add --dry-run)"
@@ -58,10 +61,12 @@ launcher="${LAUNCHER:-torchrun}"
 nnodes="${SLURM_JOB_NUM_NODES:-${SLURM_NNODES:-1}}"
 command -v scontrol >/dev/null || die "scontrol not found: this needs SLURM's client commands on PATH"
 # sed, not head: head would close the pipe early and pipefail would kill the script on large node lists.
-master="$(scontrol show hostnames "${SLURM_JOB_NODELIST:?SLURM_JOB_NODELIST is not set}" | sed -n 1p)"
+[[ -n "${SLURM_JOB_NODELIST:-}" ]] || die "SLURM_JOB_NODELIST is not set (for --dry-run, set it, e.g. SLURM_JOB_NODELIST='gpu[01-04]')"
+master="$(scontrol show hostnames "$SLURM_JOB_NODELIST" | sed -n 1p)"
 [[ -n "$master" ]] || die "cannot read the head node from SLURM_JOB_NODELIST='$SLURM_JOB_NODELIST'"
+# The job's own GPUs only: a CUDA_VISIBLE_DEVICES inherited from the submitting shell is not ours.
 gpus="${SLURM_GPUS_ON_NODE:-}"
-if [[ -z "$gpus" && -n "${CUDA_VISIBLE_DEVICES:-}" ]]; then gpus="$(tr ',' '\n' <<<"$CUDA_VISIBLE_DEVICES" | grep -c .)"; fi
+if [[ -z "$gpus" && -n "${SLURM_JOB_GPUS:-}" ]]; then gpus="$(tr ',' '\n' <<<"$SLURM_JOB_GPUS" | grep -c .)"; fi
 nproc="${NPROC_PER_NODE:-${gpus:-0}}"
 ((nproc > 0)) || nproc=1  # no GPU allocated: one CPU process per node unless NPROC_PER_NODE says more
 # The batch script runs on the head node, so a port free here is free where the rendezvous listens.
@@ -89,39 +94,57 @@ fi
 # The marker belongs to this attempt: one left by an earlier one must not requeue us.
 rm -f "$run_dir/REQUEUE"
 step_pid=""
+traps=0
 forward() {
   signalled="$1"
+  traps=$((traps + 1))
   echo "slurm/train.sh: got SIG$1; forwarding it to the ranks, which checkpoint and stop"
   [[ -n "$step_pid" ]] && kill -s "$1" "$step_pid" 2>/dev/null
+  return 0
 }
 trap 'forward USR1' USR1
 trap 'forward TERM' TERM
-if [[ -n "$signalled" ]]; then  # preempted before anything started: nothing to save
-  scontrol requeue "$SLURM_JOB_ID" && exit 0
-  exit 1
-fi
-# srun in the background: bash runs traps only between commands, and `wait` is one it can interrupt.
-"${step[@]}" &
-step_pid=$!
-rc=0
-wait "$step_pid" || rc=$?
-while kill -0 "$step_pid" 2>/dev/null; do  # woken by a trap: wait again for the real exit code
-  rc=0
-  wait "$step_pid" || rc=$?
-done
 
-if [[ -f "$run_dir/REQUEUE" ]]; then
-  echo "slurm/train.sh: the run checkpointed and stopped: $(cat "$run_dir/REQUEUE")"
-  echo "slurm/train.sh: (a SignalException traceback above is how the launcher reports the forwarded signal; it is expected)"
+requeue() {
+  echo "slurm/train.sh: $1"
   if [[ "${REQUEUE:-1}" == 0 ]]; then
     echo "slurm/train.sh: REQUEUE=0, so not requeueing; submit the same command again to resume"
     exit 0
   fi
-  if scontrol requeue "$SLURM_JOB_ID"; then
-    echo "slurm/train.sh: requeued job $SLURM_JOB_ID; it resumes from the checkpoint when it starts again"
-    exit 0
-  fi
-  die "scontrol requeue failed (was the job submitted with --no-requeue?); submit the same command again to resume" 1
+  scontrol requeue "$SLURM_JOB_ID" \
+    || die "scontrol requeue failed (was the job submitted with --no-requeue?); submit the same command again to resume" 1
+  echo "slurm/train.sh: requeued job $SLURM_JOB_ID; it resumes from its latest checkpoint when it starts again"
+  exit 0
+}
+
+case "$signalled" in  # a signal before anything started: nothing to save
+  USR1) requeue "preempted (SIGUSR1) before the launchers started" ;;
+  TERM) echo "slurm/train.sh: got SIGTERM before the launchers started; stopping"; exit 143 ;;
+esac
+# srun in the background: bash runs traps only between commands, and `wait` is one it can interrupt.
+"${step[@]}" &
+step_pid=$!
+[[ -n "$signalled" ]] && kill -s "$signalled" "$step_pid" 2>/dev/null  # arrived while srun started
+while :; do  # a trap interrupts `wait`; wait again for srun's own exit code (bash keeps it once reaped)
+  seen=$traps
+  rc=0
+  wait "$step_pid" || rc=$?
+  [[ $traps == "$seen" ]] && break
+done
+
+marker="$(cat "$run_dir/REQUEUE" 2>/dev/null)"
+[[ -n "$marker" ]] && echo "slurm/train.sh: the run checkpointed and stopped: $marker" \
+  "(a SignalException traceback above is how the launcher reports the forwarded signal)"
+# SIGTERM is `scancel` (or a time limit without warning): stop, never requeue, or the job
+# could not be cancelled. SIGUSR1 is the preemption warning: requeue, even if the ranks died
+# before they could checkpoint (the run then resumes from its last periodic checkpoint).
+if [[ "$signalled" == TERM || "$marker" == SIGTERM* ]]; then
+  echo "slurm/train.sh: stopped by SIGTERM: not requeueing${marker:+; the same command resumes from the checkpoint}"
+  exit "$rc"
 fi
-[[ -n "$signalled" ]] && echo "slurm/train.sh: got SIG$signalled but the run left no checkpoint marker; exit code $rc"
+if [[ "$marker" == SIGUSR1* ]]; then
+  requeue "preempted (SIGUSR1)"
+elif [[ "$signalled" == USR1 && $rc != 0 ]]; then
+  requeue "preempted (SIGUSR1), but the ranks left no checkpoint marker (exit code $rc): they had not started training"
+fi
 exit "$rc"

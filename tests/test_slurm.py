@@ -14,6 +14,8 @@ import pytest
 from conftest import ROOT
 
 pytestmark = pytest.mark.launch
+LONG_RUN = ["train.max_steps=600", "train.total_kimg=1000", "checkpoint.every_kimg=1", "log.every_steps=1",
+            "log.sample_every_kimg=1000"]
 
 CLUSTER = ROOT / "slurm" / "local_cluster.sh"
 TRAIN_SH = ROOT / "slurm" / "train.sh"
@@ -58,9 +60,13 @@ def _finish(proc: subprocess.Popen, tmp_path, timeout_s: int = 300) -> tuple[int
     return proc.returncode, log.read_text() if log.is_file() else "(no job log)"
 
 
-def test_scripts_parse_and_dry_run_shows_a_four_node_launch(slurm_env, tmp_path):
-    for script in ("train.sh", "node.sh", "local_cluster.sh"):
-        assert subprocess.run(["bash", "-n", str(ROOT / "slurm" / script)], check=False).returncode == 0
+def test_scripts_parse():
+    """Needs no SLURM, so it runs everywhere."""
+    for script in ("slurm/train.sh", "slurm/node.sh", "slurm/local_cluster.sh", "launch/torchrun.sh", "launch/lib.sh"):
+        assert subprocess.run(["bash", "-n", str(ROOT / script)], check=False).returncode == 0, script
+
+
+def test_dry_run_shows_a_four_node_launch(slurm_env, tmp_path):
     allocation = {**slurm_env, "SLURM_JOB_NODELIST": "gpu[07-10]", "SLURM_JOB_NUM_NODES": "4",
                   "SLURM_GPUS_ON_NODE": "8", "SLURM_JOB_ID": "4242", "PYTHON": sys.executable}
     out = {}
@@ -116,8 +122,7 @@ def _wait_for_first_checkpoint(run_dir, proc, timeout_s: float = 180) -> None:
 def test_preemption_checkpoints_requeues_and_resumes(launcher, slurm_env, tmp_path, digits_dir):
     """USR1 to the batch shell: checkpoint, REQUEUE marker, scontrol requeue, resume, finish."""
     total_steps = 600
-    args = _train_args(digits_dir, tmp_path / "runs", f"train.max_steps={total_steps}", "train.total_kimg=1000",
-                       "checkpoint.every_kimg=1", "log.every_steps=1", "log.sample_every_kimg=1000")
+    args = _train_args(digits_dir, tmp_path / "runs", *LONG_RUN)
     proc = _submit(slurm_env, tmp_path, ["--gpus-per-node=2"], args, LAUNCHER=launcher)
     run_dir = tmp_path / "runs" / "tiny"
     try:
@@ -140,3 +145,49 @@ def test_preemption_checkpoints_requeues_and_resumes(launcher, slurm_env, tmp_pa
     assert steps == list(range(1, total_steps + 1)), "a step was logged twice or not at all"
     assert (run_dir / "checkpoints" / "latest").read_text().strip() == f"step_{total_steps:08d}"
     assert not (run_dir / "REQUEUE").exists()
+
+
+def test_plain_scancel_stops_without_requeueing(slurm_env, tmp_path, digits_dir):
+    """SIGTERM (scancel) must end the job: requeueing it would make it impossible to cancel."""
+    proc = _submit(slurm_env, tmp_path, ["--gpus-per-node=0"], _train_args(digits_dir, tmp_path / "runs", *LONG_RUN),
+                   NPROC_PER_NODE="2")
+    try:
+        _wait_for_first_checkpoint(tmp_path / "runs" / "tiny", proc)
+        job_id = proc.stdout.readline().strip()
+        subprocess.run(["scancel", job_id], env=slurm_env, check=True, timeout=30)
+    except BaseException:
+        proc.kill()
+        raise
+    _, log = _finish(proc, tmp_path, timeout_s=120)
+    # sbatch --wait returns once the job is marked cancelled; the batch script still has
+    # SLURM's KillWait (30 s) to let the ranks checkpoint and to write its last lines.
+    deadline = time.monotonic() + 60
+    while "not requeueing" not in log and time.monotonic() < deadline:
+        time.sleep(0.5)
+        log = (tmp_path / "job.log").read_text()
+    assert "stopped by SIGTERM: not requeueing" in log, log[-4000:]
+    assert "SLURM_RESTART_COUNT=1" not in log and "requeued job" not in log, log[-4000:]
+    queue = subprocess.run(["squeue", "-h", "-j", job_id, "-o", "%T"], env=slurm_env, capture_output=True, text=True,
+                           check=False)
+    assert queue.stdout.strip() in ("", "CANCELLED", "COMPLETING"), queue.stdout
+
+
+def test_preemption_during_start_up_still_requeues(slurm_env, tmp_path, digits_dir):
+    """USR1 as soon as the job runs, before any checkpoint: the job comes back and finishes."""
+    args = _train_args(digits_dir, tmp_path / "runs", "train.max_steps=30")
+    proc = _submit(slurm_env, tmp_path, ["--gpus-per-node=0"], args, NPROC_PER_NODE="2")
+    try:
+        job_id = proc.stdout.readline().strip()
+        deadline = time.monotonic() + 120
+        while "SLURM_RESTART_COUNT=0" not in ((tmp_path / "job.log").read_text() if (tmp_path / "job.log").is_file()
+                                               else ""):
+            assert time.monotonic() < deadline and proc.poll() is None, "the job did not start"
+            time.sleep(0.1)
+        subprocess.run(["scancel", "--signal=USR1", "--batch", job_id], env=slurm_env, check=True, timeout=30)
+    except BaseException:
+        proc.kill()
+        raise
+    code, log = _finish(proc, tmp_path)
+    assert code == 0, log[-6000:]
+    assert "SLURM_RESTART_COUNT=1" in log and f"requeued job {job_id}" in log, log[-6000:]
+    assert (tmp_path / "runs" / "tiny" / "checkpoints" / "latest").read_text().strip() == "step_00000030"
