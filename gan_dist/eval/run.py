@@ -162,7 +162,7 @@ def _classifier(data: DatasetInfo, opts: EvalOptions, ctx) -> torch.nn.Module:
     import hashlib
 
     rank, world, device = ctx
-    path = cache_dir(opts) / f"{collect.dataset_key(data)}-classifier.safetensors"
+    path = cache_dir(opts) / f"{collect.dataset_key(data)}-classifier-{cls_mod.ARCHITECTURE}.safetensors"
     have = torch.tensor([1 if path.is_file() else 0], device=device)
     _broadcast_tensor(have)
     model = cls_mod.load(path) if have.item() and rank == 0 else None
