@@ -202,6 +202,12 @@ class EvalConfig:
     """Let torch-fidelity download the Inception weights when no local file is found."""
     cache_dir: str = ""
     """Where reference features and digit classifiers are cached ('' = ~/.cache/gan_dist/eval)."""
+    reference_num: int = 50_000
+    """Real samples (the first in dataset order) that FID and KID compare with."""
+    batch: int = 250
+    """Samples per generator and feature-extractor call."""
+    seed: int = 0
+    """Seed of the evaluation latents (the same samples at every evaluation)."""
 
 
 @dataclass

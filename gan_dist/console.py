@@ -70,14 +70,20 @@ class Console:
         if self.progress is not None:
             self.progress.update(self._task, completed=num_images, step=step)
 
-    def log(self, record: dict) -> None:
-        """One record per log interval: metrics.jsonl, trackers, and the console."""
+    def _record(self, record: dict) -> bool:
+        """Trackers (every rank that has them) and metrics.jsonl; True where the console prints."""
         if self.accelerator is not None and self.accelerator.trackers:
             self.accelerator.log({k: v for k, v in record.items() if k != "step"}, step=record["step"])
         if not self.enabled:
-            return
+            return False
         self._metrics_file.write(json.dumps(record) + "\n")
         self._metrics_file.flush()
+        return True
+
+    def log(self, record: dict) -> None:
+        """One record per log interval: metrics.jsonl, trackers, and the console."""
+        if not self._record(record):
+            return
         loss_d, loss_g = _fmt(record.get("Loss/D", float("nan"))), _fmt(record.get("Loss/G", float("nan")))
         speed = f"{record['Speed/img_per_s']:.0f}"
         if self.progress is not None:
@@ -91,12 +97,8 @@ class Console:
 
     def log_eval(self, record: dict) -> None:
         """An evaluation's numbers: metrics.jsonl and trackers like a log record, and one line."""
-        if self.accelerator is not None and self.accelerator.trackers:
-            self.accelerator.log({k: v for k, v in record.items() if k != "step"}, step=record["step"])
-        if not self.enabled:
+        if not self._record(record):
             return
-        self._metrics_file.write(json.dumps(record) + "\n")
-        self._metrics_file.flush()
         numbers = ", ".join(f"{k[5:]} {_fmt(v)}" for k, v in record.items() if k.startswith("Eval/"))
         self.print(f"eval after step {record['step']} ({record['kimg']:.1f} kimg): {numbers}")
 

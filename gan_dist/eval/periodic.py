@@ -10,7 +10,7 @@ import json
 import math
 from pathlib import Path
 
-from gan_dist.eval.run import EvalOptions, Target, _broadcast_object, evaluate
+from gan_dist.eval.run import Target, _broadcast_object, evaluate
 
 LOWER_IS_BETTER = {"fid": True, "kid": True, "is": False, "modes2d": True, "cls": True}
 
@@ -54,14 +54,13 @@ class PeriodicEval:
         self.last_step = trainer.progress.step
         trainer.watchdog.arm(f"the evaluation after step {trainer.progress.step}")
         trainer.sync_buffers()
-        opts = EvalOptions(metrics=list(self.cfg.metrics), num=self.cfg.num, inception_weights=self.cfg.inception_weights,
-                           allow_download=self.cfg.allow_download, cache_dir=self.cfg.cache_dir)
+        opts = self.cfg
         info = trainer.info
         target = Target(trainer.ema.module, trainer.cfg.model.latent_dim,  # G_ema stays in eval mode
                         info.num_classes if self.conditional else 0, info, self.dataset_name)
         results = evaluate(target, opts, trainer.acc)
         trainer.console.log_eval({"step": trainer.progress.step, "kimg": trainer.num_images / 1000, **flat(results)})
-        metric = opts.metrics[0]
+        metric = next(iter(opts.metrics))
         value = primary(metric, results)
         improved = _broadcast_object(self._improves(metric, value) if trainer.acc.is_main_process else None,
                                      trainer.acc.process_index)

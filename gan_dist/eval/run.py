@@ -8,11 +8,12 @@ tool, the sample counts and the reference it was compared with.
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
+from gan_dist.config import EvalConfig as EvalOptions  # the options of one evaluation
 from gan_dist.data.stream import DatasetInfo
 from gan_dist.errors import UserError
 from gan_dist.eval import check_metrics, collect, scores
@@ -22,18 +23,6 @@ from gan_dist.eval.modes2d import mode_coverage
 
 INCEPTION_METRICS = {"fid", "kid", "is"}
 MIXTURES = ("ring8", "grid25")
-
-
-@dataclass
-class EvalOptions:
-    metrics: list[str] = field(default_factory=lambda: ["fid"])
-    num: int = 10_000
-    batch: int = 250
-    seed: int = 0
-    reference_num: int = 50_000
-    inception_weights: str = ""
-    allow_download: bool = False
-    cache_dir: str = ""
 
 
 @dataclass
