@@ -130,6 +130,8 @@ def test_two_process_evaluation_equals_one_process(harness):
     """Generation, feature extraction and the classifier's training split by rank, gathered."""
     one, ranks = harness("eval", 1), [harness("eval", 2, r) for r in (0, 1)]
     assert ranks[0] == ranks[1], "ranks returned different results"
+    for result in (one, *ranks):
+        assert result.pop("again") == result, "a second evaluation, from the cached reference, differs"
     assert set(one) == {"fid", "kid", "is", "cls"}
     for metric in ("fid", "kid", "is"):
         assert one[metric]["num_generated"] == ranks[0][metric]["num_generated"] == 301

@@ -76,16 +76,17 @@ def _inception_metrics(target: Target, opts: EvalOptions, ctx, extractor) -> dic
     gen = collect.generated(target.G, target.latent_dim, target.num_classes, opts.num, opts.batch, opts.seed,
                             *ctx, extractor)
     wanted = set(opts.metrics)
-    reference, ref_note = None, ""
+    reference = None
     if wanted & {"fid", "kid"}:
         limit = min(opts.reference_num, target.data.count or opts.reference_num)
         reference = _cached_reference(target.data, extractor, "all", limit, lambda i: i < limit, opts, ctx)
-        ref_note = f"{len(reference['features'])} real samples (the first in dataset order)"
     tool = f"torch-fidelity, {getattr(extractor, 'name', 'custom extractor')}"
 
     def compute() -> dict[str, dict]:
         out = {}
         counts = {"num_generated": len(gen["features"]), "tool": tool}
+        # Only rank 0 holds cached reference features, so the note is made here.
+        ref_note = f"{len(reference['features'])} real samples (the first in dataset order)" if reference else ""
         if "fid" in wanted:
             value = scores.frechet_distance(scores.statistics(gen["features"]), scores.statistics(reference["features"]))
             out["fid"] = {"value": value, **counts, "reference": ref_note}
