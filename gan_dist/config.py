@@ -140,8 +140,8 @@ class TrainConfig:
     """CPU threads per process for torch (0 keeps torch's default); results depend on it, so pin it to reproduce."""
     mixed_precision: Literal["no", "bf16", "fp16"] = "no"
     """Autocast precision of G and D forwards; master weights stay fp32."""
-    backend: Literal["ddp"] = "ddp"
-    """Data-parallel backend."""
+    backend: Literal["ddp", "deepspeed"] = "ddp"
+    """ddp: accelerate's DDP; deepspeed: one DeepSpeed ZeRO engine per network (deepspeed.*, docs/deepspeed.md)."""
     ema_half_life_kimg: float = 10.0
     """Half-life of G_ema in thousands of images."""
     ema_rampup: float = 0.05
@@ -152,6 +152,18 @@ class TrainConfig:
     """Abort when this many optimizer steps in a row had non-finite gradients (fp16 scaler skips do not count)."""
     rollback_on_divergence: bool = False
     """Instead of aborting after max_skipped_in_row, reload the latest checkpoint and go on with new noise (3 tries)."""
+
+
+@dataclass
+class DeepSpeedConfig:
+    """train.backend=deepspeed only (pip install gan_dist[deepspeed]; docs/deepspeed.md)."""
+
+    zero_stage: int = 1
+    """ZeRO stage of both engines: 0 (plain data parallel), 1 (optimizer state sharded), 2 (+ gradients)."""
+    generator_json: str = ""
+    """Optional DeepSpeed JSON merged into G's engine config, e.g. launch/deepspeed/zero2-overlap.json."""
+    discriminator_json: str = ""
+    """The same for D's engine."""
 
 
 @dataclass
@@ -228,6 +240,8 @@ class Config:
     """When to save full checkpoints and how many to keep."""
     dist: DistConfig = field(default_factory=DistConfig)
     """Multi-process behaviour: timeouts."""
+    deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
+    """ZeRO settings under train.backend=deepspeed."""
     log: LogConfig = field(default_factory=LogConfig)
     """Console, metrics and samples."""
     eval: EvalConfig = field(default_factory=EvalConfig)
@@ -350,6 +364,7 @@ def validate(cfg: Config) -> None:
     _require(cfg.train.ema_rampup >= 0, "train.ema_rampup", "must be >= 0 (0 = off)")
     _require(cfg.train.max_skipped_in_row >= 1, "train.max_skipped_in_row", "must be >= 1")
     _require(cfg.dist.timeout_s > 0, "dist.timeout_s", "must be > 0 seconds")
+    _check_deepspeed(cfg)
     _require(cfg.checkpoint.every_kimg >= 0, "checkpoint.every_kimg", "must be >= 0 (0 = only at the end)")
     _require(cfg.checkpoint.every_minutes >= 0, "checkpoint.every_minutes", "must be >= 0 (0 = off)")
     _require(cfg.checkpoint.keep_last >= 0, "checkpoint.keep_last", "must be >= 0 (0 = keep all)")
@@ -382,6 +397,17 @@ def validate(cfg: Config) -> None:
         _require(opt.grad_clip_norm >= 0, f"optim.{net}.grad_clip_norm", "must be >= 0 (0 = off)")
         _require(opt.warmup_kimg >= 0, f"optim.{net}.warmup_kimg", "must be >= 0 (0 = off)")
         _require(opt.rampdown_kimg >= 0, f"optim.{net}.rampdown_kimg", "must be >= 0 (0 = off)")
+
+
+def _check_deepspeed(cfg: Config) -> None:
+    _require(cfg.deepspeed.zero_stage in (0, 1, 2), "deepspeed.zero_stage",
+             f"must be 0, 1 or 2, got {cfg.deepspeed.zero_stage} (stage 3 is not supported: docs/deepspeed.md)")
+    if cfg.train.backend != "deepspeed":
+        return
+    # One engine.backward per engine per step: DeepSpeed owns accumulation and counts it itself.
+    _require(cfg.train.num_micro_batches == 1, "train.num_micro_batches",
+             "must be 1 under train.backend=deepspeed (raise the number of processes, or use train.backend=ddp)")
+    _require(not cfg.model.sync_bn, "model.sync_bn", "must be false under train.backend=deepspeed")
 
 
 def to_yaml(cfg: Config) -> str:

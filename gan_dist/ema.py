@@ -9,6 +9,8 @@ unwrapped G after each G step, so all ranks hold the same G_ema.
 
 from __future__ import annotations
 
+import copy
+
 import torch
 from torch import nn
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
@@ -31,6 +33,11 @@ class EMA:
         # fp32 even when G trains under half precision; a float64 G (tests) stays float64.
         if next(G.parameters()).dtype in (torch.float16, torch.bfloat16):
             self.averaged.module.float()
+        # A half-precision G (DeepSpeed's bf16/fp16 engines) is averaged through an fp32 copy:
+        # the averaging kernels need both sides in one dtype.
+        self._float_G = None
+        if next(G.parameters()).dtype != next(self.module.parameters()).dtype:
+            self._float_G = copy.deepcopy(self.module)
 
     @property
     def module(self) -> nn.Module:
@@ -45,4 +52,7 @@ class EMA:
     def update(self, G: nn.Module, num_images: int, batch_size: int) -> None:
         decay = ema_decay(num_images, batch_size, self.half_life_kimg, self.rampup)
         self.averaged.multi_avg_fn = get_ema_multi_avg_fn(decay)
+        if self._float_G is not None:
+            torch._foreach_copy_(list(self._float_G.parameters()), list(G.parameters()))
+            G = self._float_G
         self.averaged.update_parameters(G)

@@ -2,8 +2,10 @@
 
 A checkpoint is a snapshot directory (checkpoint.py: G, D, G_ema as safetensors plus
 model.json, so export and sampling read it as they are) with the rest of the state beside:
-- `optimizers.pt`: both Adam states and the fp16 scaler (tensors and numbers only, loaded
-  with `weights_only=True`);
+- the optimizer state, written by the backend: `optimizers.pt` with both Adam states and the
+  fp16 scaler (train.backend=ddp; tensors and numbers only, loaded with `weights_only=True`),
+  or `deepspeed/G` and `deepspeed/D`, each engine's own checkpoint with one optimizer
+  partition per rank (train.backend=deepspeed);
 - `state.json`: counters, the EMA's update count, the resolved config and its hash, the
   world size, worker and thread counts, and the format version;
 - `rank<R>.pt` / `rank<R>.json`, written by each rank: its RNG states (torch, CUDA, and our
@@ -85,6 +87,9 @@ def save_checkpoint(trainer) -> Path:
     torch.save(tensors, tmp / f"rank{rank}.pt")
     (tmp / f"rank{rank}.json").write_text(json.dumps(plain))
     _written(tmp / f"rank{rank}.json")
+    # Every rank: a DeepSpeed engine writes its own optimizer partition (and hangs without all).
+    for path in trainer.backend.save(tmp, acc.is_main_process):
+        _written(path)
     if acc.is_main_process:
         _write_shared(trainer, tmp)
     acc.wait_for_everyone()
@@ -99,10 +104,6 @@ def _write_shared(trainer, tmp: Path) -> None:
     for name, module in (("G", trainer.G_raw), ("D", trainer.D_raw), ("G_ema", trainer.ema.module)):
         save_file(_module_state(module), str(tmp / f"{name}.safetensors"))
         _written(tmp / f"{name}.safetensors")
-    optim = {"G": trainer.opt_G.state_dict(), "D": trainer.opt_D.state_dict(),
-             "scaler": trainer.acc.scaler.state_dict() if trainer.acc.scaler is not None else None}
-    torch.save(optim, tmp / "optimizers.pt")
-    _written(tmp / "optimizers.pt")
     (tmp / "model.json").write_text(json.dumps({"format": SNAPSHOT_FORMAT, "step": trainer.progress.step,
                                                 **trainer.model_info()}, indent=1))
     state = {"format": STATE_FORMAT, "progress": trainer.progress.counters(),
@@ -183,9 +184,12 @@ def _flat(tree: dict, prefix: str = "") -> dict:
 
 def check_compatible(checkpoint: Path, saved_config: dict, config: dict) -> None:
     """Refuse a resume whose config changes tensor shapes or the training; list every difference."""
-    saved, new = _flat(saved_config), _flat(config)
+    from gan_dist.config import Config, to_dict
+
+    saved, new, defaults = _flat(saved_config), _flat(config), _flat(to_dict(Config()))
+    # A key added after the checkpoint was written is fine at its default value.
     differ = [k for k in sorted(set(saved) | set(new))
-              if not k.startswith(MAY_CHANGE) and saved.get(k) != new.get(k)]
+              if not k.startswith(MAY_CHANGE) and saved.get(k, defaults.get(k)) != new.get(k)]
     if differ:
         listed = "; ".join(f"{k}: {saved.get(k)!r} -> {new.get(k)!r}" for k in differ)
         raise UserError(f"cannot resume from {checkpoint}: {listed}. Set these back, or start a new run "
@@ -232,11 +236,7 @@ def restore(trainer, checkpoint: Path, state: dict) -> None:
     for name, module in (("G", trainer.G_raw), ("D", trainer.D_raw), ("G_ema", trainer.ema.module)):
         module.load_state_dict(load_file(str(checkpoint / f"{name}.safetensors")))
     trainer.ema.averaged.n_averaged.fill_(state["ema_num_averaged"])
-    optim = load_tensors(checkpoint / "optimizers.pt")
-    trainer.opt_G.load_state_dict(optim["G"])
-    trainer.opt_D.load_state_dict(optim["D"])
-    if trainer.acc.scaler is not None and optim["scaler"] is not None:
-        trainer.acc.scaler.load_state_dict(optim["scaler"])
+    trainer.backend.load(checkpoint, load_tensors)
     trainer.progress.restore(state["progress"])
     acc = trainer.acc
     if same_layout(state, acc.num_processes, trainer.cfg.data.num_workers):

@@ -114,12 +114,13 @@ def write_provenance(run_dir: Path, accelerator) -> None:
     (run_dir / RUN_MARKER).write_text(json.dumps(record, indent=1))
 
 
-def describe_run(cfg, accelerator, info: DatasetInfo, G, D, batch_per_device: int) -> dict[str, str]:
-    G_raw, D_raw = accelerator.unwrap_model(G), accelerator.unwrap_model(D)
+def describe_run(cfg, accelerator, info: DatasetInfo, backend, batch_per_device: int) -> dict[str, str]:
+    G_raw, D_raw = backend.raw["G"], backend.raw["D"]
     return {
         "devices": f"{accelerator.num_processes} process(es) on {accelerator.device.type} "
                    f"({dist.distributed_name(accelerator)})",
-        "precision": accelerator.mixed_precision,
+        "precision": backend.precision,
+        "backend": backend.description,
         "model": f"{cfg.model.name}: G {count_parameters(G_raw):,} params, D {count_parameters(D_raw):,} params",
         "loss": cfg.loss.name + (f", R1 gamma {cfg.loss.r1_gamma}" if cfg.loss.r1_gamma else "")
         + (f", GP {cfg.loss.gp_weight}" if cfg.loss.gp_weight else ""),

@@ -99,7 +99,7 @@ def train(config_path: str | None, overrides: list[str], debug: bool = False,
         open_data,
         prepare_run_dir,
     )
-    from gan_dist.trainer import Networks, Trainer
+    from gan_dist.trainer import Trainer
 
     cfg = config_mod.load_config(config_path, overrides)
     if debug:
@@ -112,7 +112,7 @@ def train(config_path: str | None, overrides: list[str], debug: bool = False,
     faulthandler.register(signal.SIGUSR2, file=dist.stack_dump_file(), all_threads=True)
     # The step watchdog (dist.timeout_s) fires first, so a hang shows every rank's stacks.
     acc = dist.build_accelerator(cfg.train.mixed_precision, run_dir, cfg.log.tensorboard,
-                                 timeout_s=cfg.dist.timeout_s * 1.1 + 60)
+                                 timeout_s=cfg.dist.timeout_s * 1.1 + 60, backend=cfg.train.backend)
     per_device = dist.batch_per_device(cfg.train.batch_size, acc.num_processes, cfg.train.num_micro_batches)
     start = (resume.stream_start(checkpoint, state, acc.process_index, acc.num_processes, cfg.data.num_workers)
              if checkpoint else None)
@@ -127,15 +127,15 @@ def train(config_path: str | None, overrides: list[str], debug: bool = False,
     # Only now, with config, data and models known to be good, is the run directory touched.
     if checkpoint is None or not (run_dir / RUN_MARKER).is_file():
         prepare_run_dir(run_dir, cfg, acc)
-    G, D, opt_G, opt_D = acc.prepare(G, D, *build_optimizers(cfg, G, D))
-    nets = Networks(G, D, opt_G, opt_D, EMA(acc.unwrap_model(G), cfg.train.ema_half_life_kimg, cfg.train.ema_rampup))
+    backend = dist.build_backend(cfg, acc, G, D, *build_optimizers(cfg, G, D), per_device)
+    ema = EMA(backend.raw["G"], cfg.train.ema_half_life_kimg, cfg.train.ema_rampup)
     console = Console(acc.is_main_process, int(cfg.train.total_kimg * 1000), run_dir, acc)
-    console.summary(f"gan_dist run '{cfg.run.name}'", describe_run(cfg, acc, info, G, D, per_device))
+    console.summary(f"gan_dist run '{cfg.run.name}'", describe_run(cfg, acc, info, backend, per_device))
     if debug:
-        console.print(f"G: {acc.unwrap_model(G)}\nD: {acc.unwrap_model(D)}")
+        console.print(f"G: {backend.raw['G']}\nD: {backend.raw['D']}")
     if cfg.log.tensorboard:
         acc.init_trackers("tensorboard", config=config_mod.flat_dict(cfg))
-    trainer = Trainer(cfg, acc, nets, loss, loader, info, console, run_dir, debug)
+    trainer = Trainer(cfg, acc, backend, ema, loss, loader, info, console, run_dir, debug)
     if checkpoint is not None:
         resume.restore(trainer, checkpoint, state)
         console.print(f"resumed from {checkpoint} at step {trainer.progress.step} "

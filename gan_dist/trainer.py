@@ -75,17 +75,6 @@ class RollbackRequested(Exception):
 
 
 @dataclass
-class Networks:
-    """G and D as prepared by accelerate, their optimizers, and G's moving average."""
-
-    G: torch.nn.Module
-    D: torch.nn.Module
-    opt_G: torch.optim.Optimizer
-    opt_D: torch.optim.Optimizer
-    ema: EMA
-
-
-@dataclass
 class Progress:
     step: int = 0
     """G steps (iterations) done."""
@@ -119,10 +108,13 @@ class Progress:
 
 
 class Trainer:
-    def __init__(self, cfg, accelerator, nets: Networks, loss: AdversarialLoss, data, info: DatasetInfo,
+    def __init__(self, cfg, accelerator, backend, ema: EMA, loss: AdversarialLoss, data, info: DatasetInfo,
                  console, run_dir: Path, debug: bool = False):
+        """`backend` (dist.build_backend) owns G's and D's forward modules, backward passes and
+        optimizer steps; `accelerator` the processes and collectives."""
         self.cfg, self.acc, self.debug = cfg, accelerator, debug
-        self.G, self.D, self.opt_G, self.opt_D, self.ema = nets.G, nets.D, nets.opt_G, nets.opt_D, nets.ema
+        self.backend, self.ema = backend, ema
+        self.G, self.D = backend.forward["G"], backend.forward["D"]
         self.loss, self.data, self.info, self.console, self.run_dir = loss, data, info, console, run_dir
         self.num_classes = info.num_classes if cfg.model.conditional else 0
         self.batch_per_device = dist.batch_per_device(cfg.train.batch_size, accelerator.num_processes,
@@ -136,10 +128,11 @@ class Trainer:
         self.fixed_z = torch.randn(cfg.log.num_samples, cfg.model.latent_dim, generator=fixed_gen).to(device)
         self.fixed_labels = (torch.arange(cfg.log.num_samples, device=device) % self.num_classes
                              if self.num_classes else None)
-        self.G_raw, self.D_raw = accelerator.unwrap_model(self.G), accelerator.unwrap_model(self.D)
-        self.dtype = next(self.G_raw.parameters()).dtype  # float32, or float64 in the equivalence tests
-        self.params = {"G": [p for p in self.G.parameters() if p.requires_grad],
-                       "D": [p for p in self.D.parameters() if p.requires_grad]}
+        self.G_raw, self.D_raw = backend.raw["G"], backend.raw["D"]
+        # float32 (float64 in the equivalence tests; bf16/fp16 under DeepSpeed's half precision)
+        self.dtype = next(self.D_raw.parameters()).dtype
+        self.params = {"G": [p for p in self.G_raw.parameters() if p.requires_grad],
+                       "D": [p for p in self.D_raw.parameters() if p.requires_grad]}
         self.augment = Augment(cfg.data.hflip, cfg.data.diffaugment, cfg.train.seed, rank, device)
         self.config_dict = config_to_dict(cfg)
         self.stream_workers = {}  # this rank's data position: worker -> (epoch, records read), from the batches
@@ -293,14 +286,14 @@ class Trainer:
         cfg = self.cfg.loss
         r1_due = cfg.r1_gamma > 0 and self.progress.num_d_steps % cfg.r1_interval == 0
         num_micro = self.cfg.train.num_micro_batches
-        self.opt_D.zero_grad(set_to_none=True)
+        self.backend.zero_grad("D")
         label_chunks = labels.chunk(num_micro) if labels is not None else [None] * num_micro
         for i, (x, y) in enumerate(zip(real.chunk(num_micro), label_chunks)):
-            with dist.micro_batch_sync(self.acc, self.D, i, num_micro):
+            with self.backend.micro_batch_sync("D", i, num_micro):
                 loss = self._d_loss(x, y, r1_due)
                 self._check_finite(loss, "D")
-                self.acc.backward(loss / num_micro)
-        self._step(self.opt_D, "D", self.cfg.optim.discriminator)
+                self.backend.backward("D", loss / num_micro)
+        self._step("D", self.cfg.optim.discriminator)
         self.progress.num_d_steps += 1
 
     def _d_loss(self, real: torch.Tensor, labels, r1_due: bool) -> torch.Tensor:
@@ -316,12 +309,12 @@ class Trainer:
         self.stats.report("Logits/real", real_logits.mean())
         self.stats.report("Logits/fake", fake_logits.mean())
         if r1_due:
-            r1 = r1_penalty(real_logits, real, self.acc.scaler)
+            r1 = r1_penalty(real_logits, real, self.backend.scaler)
             self.stats.report("Loss/D/r1", r1)
             loss = loss + r1 * (self.cfg.loss.r1_gamma / 2 * self.cfg.loss.r1_interval)
         if self.cfg.loss.gp_weight > 0:
             mixed = interpolate(real, fake, self.penalty_gen)
-            gp = gradient_penalty(at_least_fp32(self.D(mixed, labels)), mixed, self.acc.scaler)
+            gp = gradient_penalty(at_least_fp32(self.D(mixed, labels)), mixed, self.backend.scaler)
             self.stats.report("Loss/D/gp", gp)
             loss = loss + self.cfg.loss.gp_weight * gp
         self.stats.report("Loss/D", loss)
@@ -329,50 +322,45 @@ class Trainer:
 
     def g_phase(self) -> None:
         num_micro = self.cfg.train.num_micro_batches
-        self.opt_G.zero_grad(set_to_none=True)
+        self.backend.zero_grad("G")
         with dist.frozen(self.params["D"]):
             for i in range(num_micro):
-                with dist.micro_batch_sync(self.acc, self.G, i, num_micro):
+                with self.backend.micro_batch_sync("G", i, num_micro):
                     z, fake_labels = self._noise(self.batch_per_device // num_micro)
                     fake_logits = at_least_fp32(self.D(self.augment.before_d(self.G(z, fake_labels)), fake_labels))
                     loss = self.loss.g_loss(fake_logits)
                     self.stats.report("Loss/G", loss)
                     self._check_finite(loss, "G")
-                    self.acc.backward(loss / num_micro)
-        self._step(self.opt_G, "G", self.cfg.optim.generator)
+                    self.backend.backward("G", loss / num_micro)
+        self._step("G", self.cfg.optim.generator)
 
-    def _step(self, optimizer, name: str, opt_cfg) -> None:
-        grad_norm = dist.grad_norm(self.acc, optimizer, self.params[name], opt_cfg.grad_clip_norm)
-        self.stats.report(f"GradNorm/{name}", grad_norm)
-        if self.acc.scaler is None and not self._gradients_finite(grad_norm, name):
-            return
+    def _step(self, name: str, opt_cfg) -> None:
+        lr = None
         if opt_cfg.warmup_kimg > 0 or opt_cfg.rampdown_kimg > 0:
-            for group in optimizer.param_groups:
-                group["lr"] = opt_cfg.lr * lr_factor(self.num_images, self.total_images, self.cfg.train.batch_size,
-                                                     opt_cfg.warmup_kimg, opt_cfg.rampdown_kimg)
-        optimizer.step()
-        # Under fp16 the scaler skips steps with inf/NaN gradients itself, and lowers its scale.
-        if self.acc.scaler is not None and optimizer.step_was_skipped:
+            lr = opt_cfg.lr * lr_factor(self.num_images, self.total_images, self.cfg.train.batch_size,
+                                        opt_cfg.warmup_kimg, opt_cfg.rampdown_kimg)
+        grad_norm, outcome = self.backend.step(name, opt_cfg.grad_clip_norm, lr)
+        self.stats.report(f"GradNorm/{name}", torch.as_tensor(grad_norm, dtype=torch.float32, device=self.acc.device))
+        if outcome == dist.SKIPPED:
+            self._count_skip(name)
+        elif outcome == dist.FP16_OVERFLOW:
+            # The loss scaler skips steps with inf/NaN gradients itself, and lowers its scale.
             self.progress.num_fp16_overflows[name] += 1
             # Calibration halves the scale from 65536 and needs a few dozen skips at most; a
             # scale this small means the gradients are not finite at any scale: divergence.
-            if self.acc.scaler.get_scale() < FP16_DIVERGED_SCALE:
+            if self.backend.loss_scale(name) < FP16_DIVERGED_SCALE:
                 raise TrainingDivergedError(
                     f"the fp16 grad scaler fell below {FP16_DIVERGED_SCALE:g} after {name} step "
                     f"{self.progress.step + 1}: the gradients are not finite at any scale. Lower the "
                     "learning rates, add loss.r1_gamma or optim.*.grad_clip_norm, or use bf16")
+        else:
+            self.progress.num_skipped_in_row[name] = 0
 
-    def _gradients_finite(self, grad_norm: torch.Tensor, name: str) -> bool:
-        """Skip the step when the gradient norm is not finite.
-
-        The gradients were all-reduced by DDP, so grad_norm is the same on every rank and every
-        rank takes the same decision without another collective. Reading it costs one host
-        sync per optimizer step (the fp16 scaler makes the same sync).
-        """
+    def _count_skip(self, name: str) -> None:
+        """A step skipped for a non-finite gradient norm. The backend decided on the synchronised
+        gradients (after DDP's all-reduce, or DeepSpeed's reduced partitions), so every rank
+        counts the same skips and stops or rolls back together."""
         progress = self.progress
-        if bool(torch.isfinite(grad_norm)):
-            progress.num_skipped_in_row[name] = 0
-            return True
         progress.num_skipped[name] += 1
         progress.num_skipped_in_row[name] += 1
         limit = self.cfg.train.max_skipped_in_row
@@ -383,7 +371,6 @@ class Trainer:
                 f"{limit} {name} optimizer steps in a row had non-finite gradients (the last at step "
                 f"{progress.step + 1}); training has diverged. Lower the learning rates, add "
                 "loss.r1_gamma or optim.*.grad_clip_norm, or raise train.max_skipped_in_row")
-        return False
 
     # ----------------------------------------------------------------- inputs
     def _noise(self, count: int) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -430,7 +417,7 @@ class Trainer:
         # Skip counters are the same on every rank (decided on synchronised gradients).
         skips = {f"Skipped/{k}": v for k, v in self.progress.num_skipped.items()}
         skips["Rollbacks"] = self.progress.num_rollbacks
-        if self.acc.scaler is not None:
+        if self.backend.scaler is not None or self.cfg.train.mixed_precision == "fp16":
             skips.update({f"Skipped/{k}_fp16_overflow": v for k, v in self.progress.num_fp16_overflows.items()})
         new_skips = sum(self.progress.num_skipped.values()) - self.progress.num_skipped_at_last_log
         if new_skips:

@@ -7,7 +7,10 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
+# Extras stick: once installed with --deepspeed, a plain re-run (launch/test.sh) keeps them.
+stamp=.venv/.gan_dist-installed
 extras=test
+if [ -f "$stamp" ] && grep -q "deepspeed" "$stamp"; then extras=test,deepspeed; fi
 for arg in "$@"; do
   case "$arg" in
     --deepspeed) extras=test,deepspeed ;;
@@ -17,7 +20,6 @@ done
 
 python=${PYTHON:-python3}
 [ -x .venv/bin/python ] || "$python" -m venv .venv
-stamp=.venv/.gan_dist-installed
 want="$(sha256sum pyproject.toml | cut -c1-16) $extras"
 if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ]; then
   exit 0
@@ -31,3 +33,7 @@ fi
 echo "setup: installing gan_dist[$extras] into .venv"
 pip install -q -e ".[$extras]"
 echo "$want" > "$stamp"
+if [[ $extras == *deepspeed* ]] && ! command -v g++ >/dev/null; then
+  echo "setup: DeepSpeed compiles a small op at its first start and needs a C++ compiler: install g++" \
+       "(Debian/Ubuntu: apt-get install g++)" >&2
+fi

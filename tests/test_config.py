@@ -118,3 +118,29 @@ def test_gan_dist_check_sees_batch_split_data_and_model_fit(capsys, digits_dir, 
     assert main(["check", tiny, *good, "model.name=dcgan"]) == 2
     assert "needs square images of 16, 32, 64 px" in capsys.readouterr().err
     assert not any(tmp_path.iterdir()), "check must not create anything"
+
+
+def test_deepspeed_engine_config_merges_the_json_and_refuses_keys_we_own(tmp_path):
+    from gan_dist.dist.zero import engine_config
+
+    cfg = load_config(str(ROOT / "configs" / "tiny.yaml"),
+                      ["train.backend=deepspeed", "deepspeed.zero_stage=2", "optim.generator.grad_clip_norm=5",
+                       f"deepspeed.generator_json={ROOT / 'launch' / 'deepspeed' / 'zero2-buckets.json'}"])
+    G = engine_config(cfg, "G", batch_per_device=16, world_size=2)
+    assert G["train_batch_size"] == 32 and G["gradient_clipping"] == 5.0
+    assert G["zero_optimization"]["stage"] == 2 and G["zero_optimization"]["overlap_comm"] is True
+    assert "overlap_comm" not in engine_config(cfg, "D", 16, 2)["zero_optimization"]
+    bad = tmp_path / "bad.json"
+    bad.write_text('{"optimizer": {"type": "Adam"}, "zero_optimization": {"stage": 3}}')
+    cfg.deepspeed.generator_json = str(bad)
+    with pytest.raises(UserError, match="'optimizer' .set optim.*'zero_optimization.stage' .set deepspeed.zero_stage"):
+        engine_config(cfg, "G", 16, 2)
+
+
+@pytest.mark.parametrize("override, message", [
+    ("deepspeed.zero_stage=3", "must be 0, 1 or 2"),
+    ("train.num_micro_batches=2", "must be 1 under train.backend=deepspeed"),
+])
+def test_deepspeed_settings_we_cannot_honour_are_refused(override, message):
+    with pytest.raises(UserError, match=message):
+        load_config(str(ROOT / "configs" / "tiny.yaml"), ["train.backend=deepspeed", override])

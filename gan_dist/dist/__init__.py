@@ -1,4 +1,6 @@
-"""Everything that knows about the launcher, accelerate and DDP lives here.
+"""Everything that knows about the launcher, accelerate, DDP and DeepSpeed lives in this package:
+this module holds the launch checks and what keeps ranks together; ddp.py and zero.py hold
+the two backends that own G's and D's gradients and optimizer steps (`build_backend`).
 
 Three silent failures this module turns into errors or fixes (see docs/training.md):
 - torchrun / `accelerate launch --multi_gpu` on a machine without CUDA starts independent
@@ -20,7 +22,7 @@ import itertools
 import os
 import sys
 from collections.abc import Iterator
-from contextlib import contextmanager, nullcontext
+from contextlib import contextmanager
 
 import torch
 from torch import nn
@@ -35,6 +37,22 @@ OWNED_BY_CONFIG = {
     "ACCELERATE_USE_MEGATRON_LM": ("train.backend", "false"),
     "ACCELERATE_DYNAMO_BACKEND": ("train.compile (not available yet)", "no"),
 }
+
+
+# What a backend's step() did with the gradients it was given.
+APPLIED, SKIPPED, FP16_OVERFLOW = "applied", "skipped", "fp16_overflow"
+
+
+def build_backend(cfg, accelerator, G: nn.Module, D: nn.Module, opt_G, opt_D, batch_per_device: int):
+    """The object that owns G's and D's forward modules, backward passes and optimizer steps:
+    accelerate's DDP (train.backend=ddp) or one DeepSpeed engine per network (deepspeed)."""
+    if cfg.train.backend == "deepspeed":
+        from gan_dist.dist.zero import DeepSpeedBackend
+
+        return DeepSpeedBackend(cfg, accelerator, G, D, opt_G, opt_D, batch_per_device)
+    from gan_dist.dist.ddp import DDPBackend
+
+    return DDPBackend(accelerator, G, D, opt_G, opt_D)
 
 
 def env_world_size() -> int:
@@ -62,12 +80,20 @@ def check_launch_env(mixed_precision: str) -> None:
                         "several processes with torchrun or accelerate launch, or unset WORLD_SIZE")
 
 
-def build_accelerator(mixed_precision: str, run_dir, tensorboard: bool, timeout_s: float = 1800):
-    """One Accelerator for G and D, really distributed whenever the launcher started several processes."""
+def build_accelerator(mixed_precision: str, run_dir, tensorboard: bool, timeout_s: float = 1800,
+                      backend: str = "ddp"):
+    """One Accelerator for G and D, really distributed whenever the launcher started several processes.
+
+    Under train.backend=deepspeed it only sets up the processes and collectives: the engines own
+    precision, so accelerate runs in fp32 and never wraps the networks."""
     from accelerate import Accelerator
     from accelerate.utils import InitProcessGroupKwargs, ProjectConfiguration
 
     check_launch_env(mixed_precision)
+    if backend == "deepspeed":  # a missing package fails here, before the run directory is touched
+        from gan_dist.dist.zero import import_deepspeed
+
+        import_deepspeed()
     # Without CUDA, accelerate must be told CPU mode or a multi-process launch runs undistributed.
     cpu = not _cuda_available()
     if mixed_precision == "fp16" and cpu:
@@ -75,7 +101,7 @@ def build_accelerator(mixed_precision: str, run_dir, tensorboard: bool, timeout_
                         "use train.mixed_precision=bf16 or no")
     accelerator = Accelerator(
         cpu=cpu,
-        mixed_precision=mixed_precision,
+        mixed_precision=mixed_precision if backend == "ddp" else "no",
         gradient_accumulation_steps=1,
         log_with="tensorboard" if tensorboard else None,
         project_config=ProjectConfiguration(project_dir=str(run_dir), logging_dir=str(run_dir)),
@@ -132,20 +158,6 @@ def sync_buffers(accelerator, *modules: nn.Module) -> None:
     for module in modules:
         for buffer in module.buffers():
             torch_dist.broadcast(buffer.data, src=0)
-
-
-def micro_batch_sync(accelerator, model: nn.Module, index: int, count: int):
-    """No gradient all-reduce until the last micro-batch of a phase."""
-    return nullcontext() if index == count - 1 else accelerator.no_sync(model)
-
-
-def grad_norm(accelerator, optimizer, parameters: list[nn.Parameter], max_norm: float) -> torch.Tensor:
-    """Total gradient norm of one network, clipped to `max_norm` when > 0 (after unscaling under fp16)."""
-    accelerator.unscale_gradients(optimizer=optimizer)
-    grads = [p.grad for p in parameters if p.grad is not None]
-    if max_norm > 0:
-        return torch.nn.utils.clip_grad_norm_(parameters, max_norm)
-    return torch.nn.utils.get_total_norm(grads)
 
 
 def distributed_name(accelerator) -> str:

@@ -1,0 +1,241 @@
+"""train.backend=deepspeed: one DeepSpeed engine per network (ZeRO stage 0, 1 or 2), launched
+like DDP by torchrun, `accelerate launch` with a plain multi-process config, or slurm/train.sh.
+
+How a GAN step goes through two engines (each rule checked on CPU; docs/deepspeed.md):
+- every forward pass calls the raw module (`engine.module`), never the engine. Calling D's
+  engine in G's step leaks G's loss into D's ZeRO-1 partitions, or asserts "Gradient computed
+  twice" under ZeRO-2 (DeepSpeed #4923); R1's double backward through the engine fails;
+- D is frozen during G's step (the trainer freezes it for every backend);
+- exactly one `engine.backward` per engine per step (real and fake D losses are summed first);
+- our torch Adam is handed to each engine: DeepSpeed's own "Adam" JIT-compiles FusedAdam;
+- a non-finite step is skipped by DeepSpeed's overflow check, which runs on the reduced
+  gradient partitions with an all-reduce (MAX), so every rank skips the same steps. Stage 0
+  has no such check in fp32: there we test the norm of the all-reduced gradients ourselves.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+from contextlib import nullcontext
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from gan_dist.dist import APPLIED, FP16_OVERFLOW, SKIPPED
+from gan_dist.dist.ddp import set_lr
+from gan_dist.errors import UserError
+
+CHECKPOINT_TAG = "engine"
+# Keys of a user's DeepSpeed JSON that gan_dist's config owns: key -> what to set instead.
+OWNED_KEYS = {
+    "train_batch_size": "train.batch_size", "train_micro_batch_size_per_gpu": "train.batch_size",
+    "gradient_accumulation_steps": "train.num_micro_batches (1 under DeepSpeed)",
+    "optimizer": "optim.* (gan_dist passes its own torch Adam)", "scheduler": "optim.*.warmup_kimg/rampdown_kimg",
+    "fp16": "train.mixed_precision", "bf16": "train.mixed_precision",
+    "gradient_clipping": "optim.*.grad_clip_norm",
+}
+
+
+def import_deepspeed():
+    if not torch.cuda.is_available():
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")  # no guessing, no warning about it
+    try:
+        import deepspeed
+    except ImportError as err:
+        raise UserError(f"train.backend=deepspeed needs the deepspeed package ({err}); install it with "
+                        "`bash launch/setup.sh --deepspeed` (or pip install 'gan_dist[deepspeed]'), "
+                        "or set train.backend=ddp") from err
+    return deepspeed
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def ensure_process_group(device: torch.device) -> None:
+    """DeepSpeed wants a process group even in one process; a launcher already made one."""
+    import torch.distributed as torch_dist
+
+    for var in ("LOCAL_RANK", "RANK"):  # DeepSpeed asserts LOCAL_RANK is set; a launcher sets both
+        os.environ.setdefault(var, "0")
+    if not torch_dist.is_initialized():
+        torch_dist.init_process_group("nccl" if device.type == "cuda" else "gloo",
+                                      init_method=f"tcp://127.0.0.1:{_free_port()}", rank=0, world_size=1)
+
+
+def _user_json(path: str, key: str) -> dict:
+    if not path:
+        return {}
+    try:
+        user = json.loads(Path(path).read_text())
+    except (OSError, ValueError) as err:
+        raise UserError(f"config key '{key}': cannot read DeepSpeed JSON {path} ({err}); fix the path or the file") from err
+    owned = [f"'{k}' (set {OWNED_KEYS[k]})" for k in user if k in OWNED_KEYS]
+    if "stage" in user.get("zero_optimization", {}):
+        owned.append("'zero_optimization.stage' (set deepspeed.zero_stage)")
+    if owned:
+        raise UserError(f"config key '{key}': {path} sets {', '.join(owned)}, which gan_dist's config owns; "
+                        "remove them from the JSON")
+    return user
+
+
+def engine_config(cfg, name: str, batch_per_device: int, world_size: int) -> dict:
+    """One engine's DeepSpeed config: ours, with the network's optional JSON merged in."""
+    network = "generator" if name == "G" else "discriminator"
+    precision = cfg.train.mixed_precision
+    config = {
+        "train_micro_batch_size_per_gpu": batch_per_device,
+        "train_batch_size": batch_per_device * world_size,
+        "gradient_accumulation_steps": 1,
+        "gradient_clipping": getattr(cfg.optim, network).grad_clip_norm,
+        "zero_optimization": {"stage": cfg.deepspeed.zero_stage},
+        "zero_allow_untested_optimizer": True,  # our torch Adam: no FusedAdam compile
+        "bf16": {"enabled": precision == "bf16"},
+        "fp16": {"enabled": precision == "fp16", "loss_scale": 0, "initial_scale_power": 16},
+        "steps_per_print": 2**62,  # gan_dist's console prints progress
+        "wall_clock_breakdown": False,
+    }
+    user = _user_json(getattr(cfg.deepspeed, f"{network}_json"), f"deepspeed.{network}_json")
+    for key, value in user.items():
+        if isinstance(value, dict) and isinstance(config.get(key), dict):
+            config[key] = {**config[key], **value}
+        else:
+            config[key] = value
+    return config
+
+
+class CastInputs(nn.Module):
+    """The raw module with its floating inputs cast to the engine's dtype (bf16/fp16 engines
+    hold half-precision weights, and the raw module skips the engine's own casting)."""
+
+    def __init__(self, module: nn.Module, dtype: torch.dtype):
+        super().__init__()
+        self.module, self.dtype = module, dtype
+
+    def forward(self, x: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
+        return self.module(x.to(self.dtype), labels)
+
+
+def _cast_float_buffers(module: nn.Module, dtype: torch.dtype) -> None:
+    """DeepSpeed's bf16/fp16 modes cast the parameters only; BatchNorm refuses fp32 running
+    statistics beside half-precision weights, so the buffers follow the parameters."""
+    for sub in module.modules():
+        for name, buffer in sub._buffers.items():
+            if buffer is not None and buffer.is_floating_point() and buffer.dtype != dtype:
+                sub._buffers[name] = buffer.to(dtype)
+
+
+class DeepSpeedBackend:
+    name = "deepspeed"
+    scaler = None  # each engine keeps its own fp16 loss scaler
+
+    def __init__(self, cfg, accelerator, G: nn.Module, D: nn.Module, opt_G, opt_D, batch_per_device: int):
+        deepspeed = import_deepspeed()
+        ensure_process_group(accelerator.device)
+        self.acc, self.stage, self.precision = accelerator, cfg.deepspeed.zero_stage, cfg.train.mixed_precision
+        self.engines = {}
+        for name, module, optimizer in (("G", G, opt_G), ("D", D, opt_D)):
+            config = engine_config(cfg, name, batch_per_device, accelerator.num_processes)
+            self.engines[name], *_ = deepspeed.initialize(model=module, optimizer=optimizer, config=config,
+                                                          dist_init_required=False)
+        self.raw = {name: engine.module for name, engine in self.engines.items()}
+        dtype = next(self.raw["G"].parameters()).dtype
+        for module in self.raw.values():
+            _cast_float_buffers(module, dtype)
+        self.forward = {name: module if dtype in (torch.float32, torch.float64) else CastInputs(module, dtype)
+                        for name, module in self.raw.items()}
+        self.description = f"deepspeed {deepspeed.__version__}: ZeRO-{self.stage}, one engine per network"
+
+    def loss_scale(self, name: str) -> float:
+        optimizer = self.engines[name].optimizer
+        return float(getattr(optimizer, "loss_scale", getattr(optimizer, "cur_scale", 1.0)))
+
+    def zero_grad(self, name: str) -> None:
+        engine = self.engines[name]
+        engine.zero_grad()
+        if self.stage > 0:
+            engine.optimizer.zero_grad(set_to_none=True)
+
+    def micro_batch_sync(self, name: str, index: int, count: int):
+        return nullcontext()  # config validation keeps one micro-batch under DeepSpeed
+
+    def backward(self, name: str, loss: torch.Tensor) -> None:
+        self.engines[name].backward(loss)
+
+    def step(self, name: str, max_norm: float, lr: float | None) -> tuple[torch.Tensor, str]:
+        """(gradient norm before clipping, outcome); clipping is the engine's (gradient_clipping)."""
+        engine = self.engines[name]
+        set_lr(engine.optimizer, lr)
+        own_norm = None
+        if self.stage == 0:
+            grads = [p.grad for p in engine.module.parameters() if p.grad is not None]
+            own_norm = torch.nn.utils.get_total_norm(grads) if grads else None
+            if own_norm is not None and self.precision == "no" and not bool(torch.isfinite(own_norm)):
+                engine.zero_grad()
+                return own_norm, SKIPPED
+        engine.step()
+        norm = own_norm if own_norm is not None else engine.get_global_grad_norm()
+        norm = torch.as_tensor(float("nan") if norm is None else norm, dtype=torch.float32)
+        if engine.was_step_applied():
+            return norm, APPLIED
+        return norm, FP16_OVERFLOW if self.precision == "fp16" else SKIPPED
+
+    def save(self, directory: Path, is_main: bool) -> list[Path]:
+        """deepspeed/G and deepspeed/D: each engine's checkpoint, written by every rank (each
+        holds one optimizer partition). Returns the files this rank wrote."""
+        before = set((directory / "deepspeed").rglob("*")) if (directory / "deepspeed").exists() else set()
+        for name, engine in self.engines.items():
+            engine.save_checkpoint(str(directory / "deepspeed" / name), tag=CHECKPOINT_TAG, save_latest=False)
+        self.acc.wait_for_everyone()
+        written = set((directory / "deepspeed").rglob("*")) - before
+        return sorted(p for p in written if p.is_file() and (is_main or f"rank_{self.acc.process_index:02d}" in p.name))
+
+    def load(self, checkpoint: Path, load_tensors=None) -> None:
+        for name, engine in self.engines.items():
+            folder = checkpoint / "deepspeed" / name / CHECKPOINT_TAG
+            if not folder.is_dir():
+                raise UserError(f"cannot resume from {checkpoint}: it has no DeepSpeed state for {name} "
+                                f"({folder} is missing); it was written by train.backend=ddp or is incomplete")
+            num_partitions = len(list(folder.glob("*optim_states.pt")))
+            if num_partitions and num_partitions != self.acc.num_processes:
+                raise UserError(f"cannot resume from {checkpoint}: its ZeRO optimizer state is split over "
+                                f"{num_partitions} processes and this run has {self.acc.num_processes}; resume "
+                                f"with {num_partitions} processes (DeepSpeed checkpoints are not resharded)")
+            path, _ = engine.load_checkpoint(str(folder.parent), tag=CHECKPOINT_TAG, load_optimizer_states=True,
+                                             load_lr_scheduler_states=False)
+            if path is None:
+                raise UserError(f"cannot resume from {checkpoint}: DeepSpeed could not load {folder}")
+
+
+def memory_per_rank(engine) -> dict[str, int]:
+    """Bytes this rank holds for one engine, counted from the tensors themselves.
+
+    parameters: the module's weights (all of them on every rank below ZeRO-3);
+    gradients: what holds gradients after a backward pass, before the step (the parameters'
+        .grad and ZeRO's reduced partitions);
+    optimizer_state: Adam's moments (of this rank's partition under ZeRO);
+    master_weights: the fp32 copy of this rank's partition that ZeRO optimizers keep.
+    """
+    def nbytes(tensors) -> int:
+        # Counted per tensor (views of one flat buffer each count their own part), each once.
+        seen = {(t.data_ptr(), t.numel()): t.numel() * t.element_size() for t in tensors if t is not None}
+        return sum(seen.values())
+
+    params = list(engine.module.parameters())
+    optimizer = engine.optimizer
+    inner = getattr(optimizer, "optimizer", optimizer)
+    state = [v for s in inner.state.values() for v in s.values() if torch.is_tensor(v) and v.dim() > 0]
+    param_ptrs = {p.data_ptr() for p in params}
+    # ZeRO-1/2 keep fp32 master partitions here; DeepSpeed's bf16 optimizer (stage 0) keeps its own.
+    masters = (getattr(optimizer, "single_partition_of_fp32_groups", None)
+               or getattr(optimizer, "fp32_groups_flat_partition", None) or [])
+    masters = [m for m in masters if m.data_ptr() not in param_ptrs]
+    averaged = getattr(optimizer, "averaged_gradients", {}) or {}
+    grads = [p.grad for p in params] + [g for group in averaged.values() if group for g in group]
+    return {"parameters": nbytes(params), "gradients": nbytes(grads), "optimizer_state": nbytes(state),
+            "master_weights": nbytes(masters)}
