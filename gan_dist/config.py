@@ -120,6 +120,8 @@ class OptimConfig:
     """Optimizer of G."""
     discriminator: OptimizerConfig = field(default_factory=OptimizerConfig)
     """Optimizer of D."""
+    fused: bool = True
+    """Fused Adam kernels (CPU and GPU): skips a non-finite step on the device, with no host sync; false: foreach."""
 
 
 @dataclass
@@ -140,6 +142,12 @@ class TrainConfig:
     """CPU threads per process for torch (0 keeps torch's default); results depend on it, so pin it to reproduce."""
     mixed_precision: Literal["no", "bf16", "fp16"] = "no"
     """Autocast precision of G and D forwards; master weights stay fp32."""
+    channels_last: bool = False
+    """Convolution weights and images in channels-last memory format (faster convolutions on recent GPUs)."""
+    compile: bool = False
+    """torch.compile G's and D's forward passes (R1 and the gradient penalty run uncompiled: no double backward)."""
+    tf32: bool = True
+    """Allow TF32 matmuls and convolutions on Ampere and newer GPUs (float32 runs only; no effect on CPUs)."""
     backend: Literal["ddp", "deepspeed"] = "ddp"
     """ddp: accelerate's DDP; deepspeed: one DeepSpeed ZeRO engine per network (deepspeed.*, docs/deepspeed.md)."""
     ema_half_life_kimg: float = 10.0
@@ -161,7 +169,7 @@ class DeepSpeedConfig:
     zero_stage: int = 1
     """ZeRO stage of both engines: 0 (plain data parallel), 1 (optimizer state sharded), 2 (+ gradients)."""
     generator_json: str = ""
-    """Optional DeepSpeed JSON merged into G's engine config, e.g. launch/deepspeed/zero2-overlap.json."""
+    """Optional DeepSpeed JSON merged into G's engine config, e.g. launch/deepspeed/zero2-buckets.json."""
     discriminator_json: str = ""
     """The same for D's engine."""
 
@@ -408,6 +416,11 @@ def _check_deepspeed(cfg: Config) -> None:
     _require(cfg.train.num_micro_batches == 1, "train.num_micro_batches",
              "must be 1 under train.backend=deepspeed (raise the number of processes, or use train.backend=ddp)")
     _require(not cfg.model.sync_bn, "model.sync_bn", "must be false under train.backend=deepspeed")
+    _require(not cfg.train.compile, "train.compile", "must be false under train.backend=deepspeed (not supported yet)")
+    from gan_dist.dist.zero import check_user_json
+
+    for network in ("generator", "discriminator"):  # read now: a bad file must not touch the run directory
+        check_user_json(getattr(cfg.deepspeed, f"{network}_json"), f"deepspeed.{network}_json")
 
 
 def to_yaml(cfg: Config) -> str:

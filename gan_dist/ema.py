@@ -35,6 +35,8 @@ class EMA:
             self.averaged.module.float()
         # A half-precision G (DeepSpeed's bf16/fp16 engines) is averaged through an fp32 copy:
         # the averaging kernels need both sides in one dtype.
+        self.started = False  # host-side: has the first update (a copy) happened
+        self._source, self._lists = None, ()
         self._float_G = None
         if next(G.parameters()).dtype != next(self.module.parameters()).dtype:
             self._float_G = copy.deepcopy(self.module)
@@ -51,8 +53,27 @@ class EMA:
     @torch.no_grad()
     def update(self, G: nn.Module, num_images: int, batch_size: int) -> None:
         decay = ema_decay(num_images, batch_size, self.half_life_kimg, self.rampup)
-        self.averaged.multi_avg_fn = get_ema_multi_avg_fn(decay)
         if self._float_G is not None:
             torch._foreach_copy_(list(self._float_G.parameters()), list(G.parameters()))
+            for mine, theirs in zip(self._float_G.buffers(), G.buffers(), strict=True):
+                mine.copy_(theirs)
             G = self._float_G
-        self.averaged.update_parameters(G)
+        if not self.started:  # the library's first update: an exact copy of G
+            self.averaged.update_parameters(G)
+            self.started = True
+            return
+        # Later updates call the library's EMA kernel directly: update_parameters() reads its
+        # device-side counter (`n_averaged == 0`) on the host every step, a sync in the hot loop.
+        if self._source is not G:  # tensor lists built once per source module, not every step
+            self._source = G
+            self._lists = (list(self.module.parameters()), list(G.parameters()),
+                           list(self.module.buffers()), list(G.buffers()))
+        mine, theirs, my_buffers, their_buffers = self._lists
+        get_ema_multi_avg_fn(decay)(mine, theirs, None)
+        if my_buffers:  # as update_parameters(use_buffers=False) does: buffers follow G
+            torch._foreach_copy_(my_buffers, their_buffers)
+        self.averaged.n_averaged += 1
+
+    def restore(self, num_averaged: int) -> None:
+        self.averaged.n_averaged.fill_(num_averaged)
+        self.started = num_averaged > 0

@@ -38,7 +38,8 @@ STATE_FORMAT = "gan_dist.checkpoint/1"
 # itself, and is refused.
 MAY_CHANGE = ("run.", "log.", "checkpoint.", "dist.", "train.total_kimg", "train.max_steps", "train.resume",
               "train.max_skipped_in_row", "train.rollback_on_divergence", "data.num_workers", "data.path", "data.root", "data.cache_mb",
-              "data.on_error", "train.num_threads", "eval.")
+              "data.on_error", "train.num_threads", "eval.", "train.channels_last", "train.compile", "train.tf32",
+              "optim.fused")
 # Test-only: called with the file just written, to inject a crash between files.
 _after_file_hook = None
 
@@ -235,7 +236,7 @@ def restore(trainer, checkpoint: Path, state: dict) -> None:
     """Load everything into a freshly built trainer (every rank)."""
     for name, module in (("G", trainer.G_raw), ("D", trainer.D_raw), ("G_ema", trainer.ema.module)):
         module.load_state_dict(load_file(str(checkpoint / f"{name}.safetensors")))
-    trainer.ema.averaged.n_averaged.fill_(state["ema_num_averaged"])
+    trainer.ema.restore(state["ema_num_averaged"])
     trainer.backend.load(checkpoint, load_tensors)
     trainer.progress.restore(state["progress"])
     acc = trainer.acc

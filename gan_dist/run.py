@@ -82,8 +82,9 @@ def open_data(cfg, accelerator, batch_per_device: int,
 
 def build_optimizers(cfg, G, D) -> tuple[torch.optim.Optimizer, torch.optim.Optimizer]:
     def adam(module, opt_cfg):
+        implementation = {"fused": True} if cfg.optim.fused else {"foreach": True}
         return torch.optim.Adam(module.parameters(), lr=opt_cfg.lr, betas=(opt_cfg.beta1, opt_cfg.beta2),
-                                eps=opt_cfg.eps, weight_decay=opt_cfg.weight_decay, foreach=True)
+                                eps=opt_cfg.eps, weight_decay=opt_cfg.weight_decay, **implementation)
 
     return adam(G, cfg.optim.generator), adam(D, cfg.optim.discriminator)
 

@@ -106,6 +106,7 @@ def train(config_path: str | None, overrides: list[str], debug: bool = False,
         apply_debug_mode(cfg)
     import_plugins(cfg.plugins)
     dist.configure_threads(cfg.train.num_threads, cfg.data.num_workers)
+    dist.configure_gpu_math(cfg.train.tf32)
     run_dir = Path(cfg.run.root) / cfg.run.name
     checkpoint, state = find_resume(cfg, run_dir)
     # `kill -USR2 PID` prints where a rank is (USR1 and TERM ask for a checkpoint and a stop).
@@ -124,10 +125,12 @@ def train(config_path: str | None, overrides: list[str], debug: bool = False,
     G, D = build_models(cfg.model, info.shape, info.num_classes)
     if cfg.model.sync_bn:
         G, D = dist.convert_sync_batchnorm(G, D)
-    # Only now, with config, data and models known to be good, is the run directory touched.
+    if cfg.train.channels_last:  # conv weights; the trainer converts the images to match
+        G, D = G.to(memory_format=torch.channels_last), D.to(memory_format=torch.channels_last)
+    backend = dist.build_backend(cfg, acc, G, D, *build_optimizers(cfg, G, D), per_device)
+    # Only now, with config, data, models and engines known to be good, is the run directory touched.
     if checkpoint is None or not (run_dir / RUN_MARKER).is_file():
         prepare_run_dir(run_dir, cfg, acc)
-    backend = dist.build_backend(cfg, acc, G, D, *build_optimizers(cfg, G, D), per_device)
     ema = EMA(backend.raw["G"], cfg.train.ema_half_life_kimg, cfg.train.ema_rampup)
     console = Console(acc.is_main_process, int(cfg.train.total_kimg * 1000), run_dir, acc)
     console.summary(f"gan_dist run '{cfg.run.name}'", describe_run(cfg, acc, info, backend, per_device))

@@ -115,6 +115,7 @@ class Trainer:
         self.cfg, self.acc, self.debug = cfg, accelerator, debug
         self.backend, self.ema = backend, ema
         self.G, self.D = backend.forward["G"], backend.forward["D"]
+        self.D_eager = backend.eager["D"]  # R1 and GP need a double backward (never compiled)
         self.loss, self.data, self.info, self.console, self.run_dir = loss, data, info, console, run_dir
         self.num_classes = info.num_classes if cfg.model.conditional else 0
         self.batch_per_device = dist.batch_per_device(cfg.train.batch_size, accelerator.num_processes,
@@ -142,6 +143,9 @@ class Trainer:
         self.stats = Stats()
         self.data_health = DataHealth(cfg.data.on_error, accelerator, console)
         self.progress = Progress()
+        # (network, step, skipped) of each optimizer step not yet counted, in the order they ran;
+        # `skipped` may be a device tensor (fused Adam decides on the device), read once per log interval.
+        self.pending_skips = []
         self.periodic_eval = PeriodicEval(cfg, run_dir)
 
     # ----------------------------------------------------------------- the loop
@@ -164,10 +168,10 @@ class Trainer:
                 images_before = self.num_images
                 try:
                     self._step_once(batches)
+                    self._at_intervals(images_before)  # skips are counted here, at log and checkpoint
                 except RollbackRequested as why:
                     self._rollback(str(why))
                     continue
-                self._at_intervals(images_before)
                 stop_signal = self.stop_request.decided(self.acc, self.progress.step) if self.stop_request else ""
                 if stop_signal:
                     self._stop_for(stop_signal)
@@ -209,6 +213,7 @@ class Trainer:
     def checkpoint(self) -> Path:
         """Every rank, same step: buffers synced and checked first (as for a grid), then saved."""
         self.watchdog.arm(f"the checkpoint after step {self.progress.step}")
+        self.settle_skips()  # the checkpoint's counters are the real ones (this may roll back instead)
         self.sync_buffers()
         dist.check_rank_consistency(self.acc, {"G": self.G_raw, "D": self.D_raw, "G_ema": self.ema.module})
         path = save_checkpoint(self)
@@ -234,6 +239,7 @@ class Trainer:
             raise TrainingDivergedError(f"{why}, and {reason}: training has diverged. Lower the learning rates, "
                                         "add loss.r1_gamma or optim.*.grad_clip_norm")
         total = self.progress.num_rollbacks + 1
+        self.pending_skips = []
         resume.restore(self, checkpoint, resume.read_state(checkpoint))
         self.progress.num_rollbacks, self.progress.num_rollbacks_in_row = total, tries
         self.progress.num_skipped_in_row = {"G": 0, "D": 0}  # the checkpoint may have been mid-streak
@@ -271,6 +277,7 @@ class Trainer:
             gen.manual_seed(derive_seed(seed, rank, purpose, salt))
 
     def _finish(self) -> None:
+        self.settle_skips()
         if self.progress.step % self.cfg.log.every_steps:
             self.log()
         self.sample_grid(name="final")  # also syncs buffers across ranks before the snapshot
@@ -302,7 +309,7 @@ class Trainer:
             fake = self.G(z, fake_labels)
         if r1_due:
             real = real.detach().requires_grad_(True)
-        real_logits = at_least_fp32(self.D(self.augment.before_d(real), labels))
+        real_logits = at_least_fp32((self.D_eager if r1_due else self.D)(self.augment.before_d(real), labels))
         fake_logits = at_least_fp32(self.D(self.augment.before_d(fake), fake_labels))
         loss = self.loss.d_loss(real_logits, fake_logits)
         self.stats.report("Loss/D/adversarial", loss)
@@ -314,7 +321,7 @@ class Trainer:
             loss = loss + r1 * (self.cfg.loss.r1_gamma / 2 * self.cfg.loss.r1_interval)
         if self.cfg.loss.gp_weight > 0:
             mixed = interpolate(real, fake, self.penalty_gen)
-            gp = gradient_penalty(at_least_fp32(self.D(mixed, labels)), mixed, self.backend.scaler)
+            gp = gradient_penalty(at_least_fp32(self.D_eager(mixed, labels)), mixed, self.backend.scaler)
             self.stats.report("Loss/D/gp", gp)
             loss = loss + self.cfg.loss.gp_weight * gp
         self.stats.report("Loss/D", loss)
@@ -339,11 +346,10 @@ class Trainer:
         if opt_cfg.warmup_kimg > 0 or opt_cfg.rampdown_kimg > 0:
             lr = opt_cfg.lr * lr_factor(self.num_images, self.total_images, self.cfg.train.batch_size,
                                         opt_cfg.warmup_kimg, opt_cfg.rampdown_kimg)
-        grad_norm, outcome = self.backend.step(name, opt_cfg.grad_clip_norm, lr)
+        grad_norm, skipped, fp16_overflow = self.backend.step(name, opt_cfg.grad_clip_norm, lr)
         self.stats.report(f"GradNorm/{name}", torch.as_tensor(grad_norm, dtype=torch.float32, device=self.acc.device))
-        if outcome == dist.SKIPPED:
-            self._count_skip(name)
-        elif outcome == dist.FP16_OVERFLOW:
+        self.pending_skips.append((name, self.progress.step + 1, skipped))
+        if fp16_overflow:
             # The loss scaler skips steps with inf/NaN gradients itself, and lowers its scale.
             self.progress.num_fp16_overflows[name] += 1
             # Calibration halves the scale from 65536 and needs a few dozen skips at most; a
@@ -353,10 +359,22 @@ class Trainer:
                     f"the fp16 grad scaler fell below {FP16_DIVERGED_SCALE:g} after {name} step "
                     f"{self.progress.step + 1}: the gradients are not finite at any scale. Lower the "
                     "learning rates, add loss.r1_gamma or optim.*.grad_clip_norm, or use bf16")
-        else:
-            self.progress.num_skipped_in_row[name] = 0
 
-    def _count_skip(self, name: str) -> None:
+    def settle_skips(self) -> None:
+        """Count the steps skipped since the last call (one host sync for all of them) and stop
+        or roll back on too many in a row. Called at every log line, checkpoint and the end, so
+        a divergence is acted on within one log interval; skipped steps change no weights."""
+        if not self.pending_skips:
+            return
+        pending, self.pending_skips = self.pending_skips, []
+        flags = torch.stack([torch.as_tensor(s, device=self.acc.device).reshape(()) for _, _, s in pending]).tolist()
+        for (name, step, _), skipped in zip(pending, flags):
+            if skipped:
+                self._count_skip(name, step)
+            else:
+                self.progress.num_skipped_in_row[name] = 0
+
+    def _count_skip(self, name: str, step: int) -> None:
         """A step skipped for a non-finite gradient norm. The backend decided on the synchronised
         gradients (after DDP's all-reduce, or DeepSpeed's reduced partitions), so every rank
         counts the same skips and stops or rolls back together."""
@@ -369,7 +387,7 @@ class Trainer:
                 raise RollbackRequested(f"{limit} {name} steps in a row with non-finite gradients")
             raise TrainingDivergedError(
                 f"{limit} {name} optimizer steps in a row had non-finite gradients (the last at step "
-                f"{progress.step + 1}); training has diverged. Lower the learning rates, add "
+                f"{step}); training has diverged. Lower the learning rates, add "
                 "loss.r1_gamma or optim.*.grad_clip_norm, or raise train.max_skipped_in_row")
 
     # ----------------------------------------------------------------- inputs
@@ -389,6 +407,8 @@ class Trainer:
         x = batch.samples.to(self.acc.device, non_blocking=True)
         # uint8 images travel as bytes and become [-1, 1] floats on the device.
         x = x.to(self.dtype).div_(127.5).sub_(1.0) if x.dtype == torch.uint8 else x.to(self.dtype)
+        if self.cfg.train.channels_last and x.dim() == 4:
+            x = x.contiguous(memory_format=torch.channels_last)
         y = batch.labels.to(self.acc.device, non_blocking=True) if self.num_classes else None
         return self.augment.flip_real(x), y
 
@@ -406,6 +426,7 @@ class Trainer:
         # Reduced with the rest: the mean over ranks of the time each spent waiting for data.
         self.stats.report("Speed/data_wait_fraction", torch.tensor(min(1.0, self.progress.data_wait_s / elapsed),
                                                                    device=self.acc.device))
+        self.settle_skips()
         self.data_health.report(self.stats)
         # Wall-clock checkpoints: rank 0's clock decides, and the reduce tells every rank.
         minutes = self.cfg.checkpoint.every_minutes

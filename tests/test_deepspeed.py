@@ -21,7 +21,7 @@ if os.environ.get("CI") != "true":  # CI installs the extra; elsewhere say why t
     pytest.importorskip("deepspeed", reason="install the extra: bash launch/setup.sh --deepspeed")
 
 CASES = ["ddp", "zero1", "zero2", "zero1-unfrozen", "resume-full", "resume-leg1", "resume-leg2", "bf16-zero2",
-         "bf16-dcgan-zero1",
+         "bf16-dcgan-zero1", "nan-zero0", "nan-zero1", "nan-zero2",
          "memory-zero0", "memory-zero1", "memory-zero2"]
 NETS = ("G", "D")
 
@@ -71,6 +71,14 @@ def test_g_loss_never_reaches_d(ds, stage):
 def test_the_leak_probe_sees_an_unfrozen_d(ds):
     """The negative control: with D left trainable in G's step, the probe reports its gradients."""
     assert all(leak > 0 for leak in ds("zero1-unfrozen")["leak"])
+
+
+@pytest.mark.parametrize("stage", [0, 1, 2])
+def test_a_nan_on_one_rank_makes_every_rank_skip_the_step(ds, stage):
+    ranks = [ds(f"nan-zero{stage}", rank) for rank in (0, 1)]
+    assert [r["skipped"] for r in ranks] == [{"G": 0, "D": 1}] * 2
+    assert _max_diff(ranks[0], ranks[1]) == 0
+    assert all(torch.isfinite(v).all() for net in NETS for v in ranks[0][net].values())
 
 
 def test_stop_after_ten_and_resume_equals_twenty_in_one_go(ds):

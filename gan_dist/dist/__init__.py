@@ -39,10 +39,6 @@ OWNED_BY_CONFIG = {
 }
 
 
-# What a backend's step() did with the gradients it was given.
-APPLIED, SKIPPED, FP16_OVERFLOW = "applied", "skipped", "fp16_overflow"
-
-
 def build_backend(cfg, accelerator, G: nn.Module, D: nn.Module, opt_G, opt_D, batch_per_device: int):
     """The object that owns G's and D's forward modules, backward passes and optimizer steps:
     accelerate's DDP (train.backend=ddp) or one DeepSpeed engine per network (deepspeed)."""
@@ -52,7 +48,16 @@ def build_backend(cfg, accelerator, G: nn.Module, D: nn.Module, opt_G, opt_D, ba
         return DeepSpeedBackend(cfg, accelerator, G, D, opt_G, opt_D, batch_per_device)
     from gan_dist.dist.ddp import DDPBackend
 
-    return DDPBackend(accelerator, G, D, opt_G, opt_D)
+    return DDPBackend(accelerator, G, D, opt_G, opt_D, compile_forward=cfg.train.compile)
+
+
+def configure_gpu_math(tf32: bool) -> None:
+    """train.tf32: TF32 tensor cores for float32 matmuls and convolutions (Ampere and newer).
+    PyTorch leaves matmuls at full fp32 by default; GAN training is insensitive to the
+    difference, and float32 runs on such GPUs are several times faster with it."""
+    if _cuda_available():
+        torch.backends.cuda.matmul.allow_tf32 = tf32
+        torch.backends.cudnn.allow_tf32 = tf32
 
 
 def env_world_size() -> int:

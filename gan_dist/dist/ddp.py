@@ -2,7 +2,9 @@
 torch optimizer each, and accelerate's grad scaler under fp16.
 
 The skip decision on a non-finite step is taken on the gradient norm after DDP's all-reduce,
-so every rank takes the same one without another collective.
+so every rank takes the same one without another collective. With fused Adam (optim.fused)
+it is taken on the device: the kernel skips the update when `found_inf` is set, so the hot
+loop never waits for the host to read the norm.
 """
 
 from __future__ import annotations
@@ -13,7 +15,6 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from gan_dist.dist import APPLIED, FP16_OVERFLOW, SKIPPED
 
 
 def set_lr(optimizer, lr: float | None) -> None:
@@ -25,12 +26,16 @@ def set_lr(optimizer, lr: float | None) -> None:
 class DDPBackend:
     name = "ddp"
 
-    def __init__(self, accelerator, G: nn.Module, D: nn.Module, opt_G, opt_D):
+    def __init__(self, accelerator, G: nn.Module, D: nn.Module, opt_G, opt_D, compile_forward: bool = False):
         self.acc = accelerator
         G, D, opt_G, opt_D = accelerator.prepare(G, D, opt_G, opt_D)
-        self.forward = {"G": G, "D": D}
+        # `eager` serves R1 and the gradient penalty: compiled graphs have no double backward.
+        self.eager = {"G": G, "D": D}
+        self.forward = {name: torch.compile(module) if compile_forward else module for name, module in self.eager.items()}
         self.raw = {"G": accelerator.unwrap_model(G), "D": accelerator.unwrap_model(D)}
         self.optimizers = {"G": opt_G, "D": opt_D}
+        # Built once: walking the module tree every step costs more than the small ops it feeds.
+        self.params = {name: [p for p in raw.parameters() if p.requires_grad] for name, raw in self.raw.items()}
         self.precision = accelerator.mixed_precision
         self.description = "ddp: accelerate, one torch optimizer per network"
 
@@ -52,23 +57,35 @@ class DDPBackend:
     def backward(self, name: str, loss: torch.Tensor) -> None:
         self.acc.backward(loss)
 
-    def step(self, name: str, max_norm: float, lr: float | None) -> tuple[torch.Tensor, str]:
-        """(gradient norm before clipping, outcome): the step is skipped when the norm of the
-        synchronised gradients is not finite (under fp16 the scaler decides instead)."""
+    def step(self, name: str, max_norm: float, lr: float | None):
+        """(gradient norm before clipping, skipped, fp16 overflow). `skipped` says the norm of the
+        synchronised gradients was not finite and the update was not made: a bool, or a bool
+        tensor on the device with fused Adam (read it at the log interval). Under fp16 the grad
+        scaler decides instead and reports an overflow."""
         optimizer = self.optimizers[name]
         self.acc.unscale_gradients(optimizer=optimizer)
-        params = [p for p in self.raw[name].parameters() if p.grad is not None]
+        params = [p for p in self.params[name] if p.grad is not None]
         if max_norm > 0:
             norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
         else:
             norm = torch.nn.utils.get_total_norm([p.grad for p in params])
-        if self.acc.scaler is None and not bool(torch.isfinite(norm)):
-            return norm, SKIPPED
         set_lr(optimizer, lr)
+        if self.acc.scaler is not None:
+            optimizer.step()
+            return norm, False, bool(optimizer.step_was_skipped)
+        skipped = ~torch.isfinite(norm)
+        inner = getattr(optimizer, "optimizer", optimizer)
+        if inner.defaults.get("fused"):
+            inner.found_inf = skipped.float()  # read by Adam.step, passed to the fused kernel
+            try:
+                optimizer.step()
+            finally:
+                del inner.found_inf
+            return norm, skipped, False
+        if bool(skipped):  # a host sync per step: the foreach path (optim.fused=false)
+            return norm, True, False
         optimizer.step()
-        if self.acc.scaler is not None and optimizer.step_was_skipped:
-            return norm, FP16_OVERFLOW
-        return norm, APPLIED
+        return norm, False, False
 
     def save(self, directory: Path, is_main: bool) -> list[Path]:
         """optimizers.pt: both Adam states and the fp16 scaler (rank 0: they are the same everywhere).

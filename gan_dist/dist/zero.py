@@ -17,14 +17,13 @@ from __future__ import annotations
 
 import json
 import os
-import socket
+import warnings
 from contextlib import nullcontext
 from pathlib import Path
 
 import torch
 from torch import nn
 
-from gan_dist.dist import APPLIED, FP16_OVERFLOW, SKIPPED
 from gan_dist.dist.ddp import set_lr
 from gan_dist.errors import UserError
 
@@ -32,16 +31,25 @@ CHECKPOINT_TAG = "engine"
 # Keys of a user's DeepSpeed JSON that gan_dist's config owns: key -> what to set instead.
 OWNED_KEYS = {
     "train_batch_size": "train.batch_size", "train_micro_batch_size_per_gpu": "train.batch_size",
-    "gradient_accumulation_steps": "train.num_micro_batches (1 under DeepSpeed)",
-    "optimizer": "optim.* (gan_dist passes its own torch Adam)", "scheduler": "optim.*.warmup_kimg/rampdown_kimg",
+    "gradient_accumulation_steps": "train.num_micro_batches, 1 under DeepSpeed",
+    "optimizer": "optim.*; gan_dist passes its own torch Adam", "scheduler": "optim.*.warmup_kimg/rampdown_kimg",
     "fp16": "train.mixed_precision", "bf16": "train.mixed_precision",
     "gradient_clipping": "optim.*.grad_clip_norm",
+}
+# zero_optimization keys we cannot honour: key -> why.
+REFUSED_ZERO_KEYS = {
+    "stage": "set deepspeed.zero_stage",
+    "offload_optimizer": "ZeRO-Offload needs DeepSpeed's own CPU Adam, and gan_dist passes torch's Adam",
+    "offload_param": "parameter offload is ZeRO-3, which gan_dist does not support",
+    "compute_grad_norm": "the skip of non-finite steps relies on it",
 }
 
 
 def import_deepspeed():
     if not torch.cuda.is_available():
         os.environ.setdefault("DS_ACCELERATOR", "cpu")  # no guessing, no warning about it
+    # DeepSpeed's ZeRO calls a collective that torch deprecates: one warning per rank, not ours to fix.
+    warnings.filterwarnings("ignore", message=".*all_gather_into_tensor. is deprecated", category=FutureWarning)
     try:
         import deepspeed
     except ImportError as err:
@@ -51,24 +59,17 @@ def import_deepspeed():
     return deepspeed
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def ensure_process_group(device: torch.device) -> None:
     """DeepSpeed wants a process group even in one process; a launcher already made one."""
     import torch.distributed as torch_dist
 
-    for var in ("LOCAL_RANK", "RANK"):  # DeepSpeed asserts LOCAL_RANK is set; a launcher sets both
-        os.environ.setdefault(var, "0")
-    if not torch_dist.is_initialized():
-        torch_dist.init_process_group("nccl" if device.type == "cuda" else "gloo",
-                                      init_method=f"tcp://127.0.0.1:{_free_port()}", rank=0, world_size=1)
+    os.environ.setdefault("LOCAL_RANK", "0")  # DeepSpeed asserts it is set; launchers set it
+    if not torch_dist.is_initialized():  # one process: an in-memory store, no port to race for
+        torch_dist.init_process_group("nccl" if device.type == "cuda" else "gloo", store=torch_dist.HashStore(),
+                                      rank=0, world_size=1)
 
 
-def _user_json(path: str, key: str) -> dict:
+def check_user_json(path: str, key: str) -> dict:
     if not path:
         return {}
     try:
@@ -76,11 +77,11 @@ def _user_json(path: str, key: str) -> dict:
     except (OSError, ValueError) as err:
         raise UserError(f"config key '{key}': cannot read DeepSpeed JSON {path} ({err}); fix the path or the file") from err
     owned = [f"'{k}' (set {OWNED_KEYS[k]})" for k in user if k in OWNED_KEYS]
-    if "stage" in user.get("zero_optimization", {}):
-        owned.append("'zero_optimization.stage' (set deepspeed.zero_stage)")
+    owned += [f"'zero_optimization.{k}' ({why})" for k, why in REFUSED_ZERO_KEYS.items()
+              if k in user.get("zero_optimization", {})]
     if owned:
-        raise UserError(f"config key '{key}': {path} sets {', '.join(owned)}, which gan_dist's config owns; "
-                        "remove them from the JSON")
+        raise UserError(f"config key '{key}': {path} sets {', '.join(owned)}: gan_dist's config owns or "
+                        "cannot honour these; remove them from the JSON")
     return user
 
 
@@ -100,7 +101,7 @@ def engine_config(cfg, name: str, batch_per_device: int, world_size: int) -> dic
         "steps_per_print": 2**62,  # gan_dist's console prints progress
         "wall_clock_breakdown": False,
     }
-    user = _user_json(getattr(cfg.deepspeed, f"{network}_json"), f"deepspeed.{network}_json")
+    user = check_user_json(getattr(cfg.deepspeed, f"{network}_json"), f"deepspeed.{network}_json")
     for key, value in user.items():
         if isinstance(value, dict) and isinstance(config.get(key), dict):
             config[key] = {**config[key], **value}
@@ -119,6 +120,20 @@ class CastInputs(nn.Module):
 
     def forward(self, x: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
         return self.module(x.to(self.dtype), labels)
+
+
+def _initialize(deepspeed, cfg, name: str, module: nn.Module, optimizer, config: dict):
+    """deepspeed.initialize; a config DeepSpeed refuses is the user's JSON's fault when there is one."""
+    key = f"deepspeed.{'generator' if name == 'G' else 'discriminator'}_json"
+    try:
+        engine, *_ = deepspeed.initialize(model=module, optimizer=optimizer, config=config, dist_init_required=False)
+    except Exception as err:  # noqa: BLE001 - pydantic and DeepSpeed's own errors alike
+        if not getattr(cfg.deepspeed, key.split(".")[1]):
+            raise
+        first = str(err).strip().splitlines()[0][:300] if str(err).strip() else ""
+        raise UserError(f"DeepSpeed refused the engine config of {name} that {key} contributes to "
+                        f"({type(err).__name__}: {first}); fix or remove that key in the JSON") from err
+    return engine
 
 
 def _cast_float_buffers(module: nn.Module, dtype: torch.dtype) -> None:
@@ -141,14 +156,14 @@ class DeepSpeedBackend:
         self.engines = {}
         for name, module, optimizer in (("G", G, opt_G), ("D", D, opt_D)):
             config = engine_config(cfg, name, batch_per_device, accelerator.num_processes)
-            self.engines[name], *_ = deepspeed.initialize(model=module, optimizer=optimizer, config=config,
-                                                          dist_init_required=False)
+            self.engines[name] = _initialize(deepspeed, cfg, name, module, optimizer, config)
         self.raw = {name: engine.module for name, engine in self.engines.items()}
         dtype = next(self.raw["G"].parameters()).dtype
         for module in self.raw.values():
             _cast_float_buffers(module, dtype)
         self.forward = {name: module if dtype in (torch.float32, torch.float64) else CastInputs(module, dtype)
                         for name, module in self.raw.items()}
+        self.eager = self.forward
         self.description = f"deepspeed {deepspeed.__version__}: ZeRO-{self.stage}, one engine per network"
 
     def loss_scale(self, name: str) -> float:
@@ -167,8 +182,10 @@ class DeepSpeedBackend:
     def backward(self, name: str, loss: torch.Tensor) -> None:
         self.engines[name].backward(loss)
 
-    def step(self, name: str, max_norm: float, lr: float | None) -> tuple[torch.Tensor, str]:
-        """(gradient norm before clipping, outcome); clipping is the engine's (gradient_clipping)."""
+    def step(self, name: str, max_norm: float, lr: float | None):
+        """(gradient norm before clipping, skipped, fp16 overflow), as DDPBackend.step; clipping
+        is the engine's (gradient_clipping). DeepSpeed's overflow check reads its verdict on the
+        host, so this path syncs once per step."""
         engine = self.engines[name]
         set_lr(engine.optimizer, lr)
         own_norm = None
@@ -177,23 +194,25 @@ class DeepSpeedBackend:
             own_norm = torch.nn.utils.get_total_norm(grads) if grads else None
             if own_norm is not None and self.precision == "no" and not bool(torch.isfinite(own_norm)):
                 engine.zero_grad()
-                return own_norm, SKIPPED
+                return own_norm, True, False
         engine.step()
         norm = own_norm if own_norm is not None else engine.get_global_grad_norm()
         norm = torch.as_tensor(float("nan") if norm is None else norm, dtype=torch.float32)
         if engine.was_step_applied():
-            return norm, APPLIED
-        return norm, FP16_OVERFLOW if self.precision == "fp16" else SKIPPED
+            return norm, False, False
+        return norm, self.precision != "fp16", self.precision == "fp16"
 
     def save(self, directory: Path, is_main: bool) -> list[Path]:
         """deepspeed/G and deepspeed/D: each engine's checkpoint, written by every rank (each
         holds one optimizer partition). Returns the files this rank wrote."""
-        before = set((directory / "deepspeed").rglob("*")) if (directory / "deepspeed").exists() else set()
+        written = []
         for name, engine in self.engines.items():
-            engine.save_checkpoint(str(directory / "deepspeed" / name), tag=CHECKPOINT_TAG, save_latest=False)
-        self.acc.wait_for_everyone()
-        written = set((directory / "deepspeed").rglob("*")) - before
-        return sorted(p for p in written if p.is_file() and (is_main or f"rank_{self.acc.process_index:02d}" in p.name))
+            folder = directory / "deepspeed" / name
+            engine.save_checkpoint(str(folder), tag=CHECKPOINT_TAG, save_latest=False)
+            written.append(folder / CHECKPOINT_TAG / f"zero_pp_rank_{self.acc.process_index}_mp_rank_00_optim_states.pt")
+            if is_main:
+                written.append(folder / CHECKPOINT_TAG / "mp_rank_00_model_states.pt")
+        return [path for path in written if path.is_file()]
 
     def load(self, checkpoint: Path, load_tensors=None) -> None:
         for name, engine in self.engines.items():

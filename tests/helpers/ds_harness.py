@@ -17,6 +17,7 @@ import sys
 from pathlib import Path
 
 import torch
+from poison import nan_on_rank1
 
 from gan_dist import dist
 from gan_dist import trainer as trainer_mod
@@ -42,6 +43,8 @@ CASES = {
     # BatchNorm in G under half precision (bf16 convolutions are slow on CPUs: 2 steps).
     "bf16-dcgan-zero1": [*DS, *DCGAN, "model.g_norm=batch", "deepspeed.zero_stage=1", "train.mixed_precision=bf16",
                          "train.max_steps=2"],
+    # NaN reals on rank 1 at the 3rd batch: every rank must skip that D step, at every stage.
+    **{f"nan-zero{stage}": [*DS, f"deepspeed.zero_stage={stage}", "train.max_steps=5"] for stage in (0, 1, 2)},
     **{f"memory-zero{stage}": [*DS, *DCGAN, f"deepspeed.zero_stage={stage}", "train.max_steps=2"]
        for stage in (0, 1, 2)},
 }
@@ -81,6 +84,8 @@ def probe(trainer) -> None:
 
 def fit(self) -> None:
     probe(self)
+    if CURRENT["case"].startswith("nan-"):
+        nan_on_rank1(self)
     initial = {k: v.clone() for k, v in self.G_raw.state_dict().items()}
     try:
         _fit(self)
@@ -106,7 +111,7 @@ def main() -> None:
     digits8, digits16, out = sys.argv[1:4]
     world, rank = int(os.environ.get("WORLD_SIZE", "1")), int(os.environ.get("RANK", "0"))
     for case in sys.argv[4:]:
-        CURRENT.update(state={}, leak=[], memory={})
+        CURRENT.update(case=case, state={}, leak=[], memory={})
         # The negative control: no freezing of D (only for that case).
         dist.frozen = (lambda params: _frozen([])) if case.endswith("unfrozen") else _frozen
         data = digits16 if "model.name=dcgan" in CASES[case] else digits8

@@ -22,6 +22,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from poison import nan_on_rank1
 from tiny_extractor import TinyExtractor
 
 from gan_dist import trainer as trainer_mod
@@ -132,17 +133,6 @@ _fit = trainer_mod.Trainer.fit
 _interpolate = trainer_mod.interpolate
 
 
-def _inject_nan_on_rank1(trainer) -> None:
-    next_real, calls = trainer._next_real, [0]
-
-    def poisoned(batches):
-        x, y = next_real(batches)
-        calls[0] += 1
-        return (x * float("nan"), y) if calls[0] == 3 and trainer.acc.process_index == 1 else (x, y)
-
-    trainer._next_real = poisoned
-
-
 def _perturb_rank1_after_step2(trainer) -> None:
     g_phase = trainer.g_phase
 
@@ -164,7 +154,7 @@ def fit(self) -> None:
         trainer_mod.interpolate = draws.interpolate
         self.data = global_batches(self, CURRENT["images"])
     elif case == "nan-on-rank1":
-        _inject_nan_on_rank1(self)
+        nan_on_rank1(self)
     elif case == "perturb-rank1":
         _perturb_rank1_after_step2(self)
     initial_G = _state(self.G_raw)

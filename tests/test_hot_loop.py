@@ -1,0 +1,59 @@
+"""The hot loop's hygiene: no per-step host synchronisation (counted with torch.profiler, as
+bench/profile_loop.py does), and the GPU fast-path options (channels_last, torch.compile with
+R1 kept eager) train like the plain path. On CPU, one process."""
+
+import sys
+
+import pytest
+from conftest import ROOT, tiny_args
+from safetensors.torch import load_file
+
+sys.path.insert(0, str(ROOT / "bench"))
+from profile_loop import count_syncs
+
+STEPS, LOG_EVERY = 40, 10
+
+
+def test_the_loop_syncs_with_the_host_only_at_log_lines(digits_dir, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    short, long = (count_syncs(steps, LOG_EVERY, str(digits_dir))["loop"] for steps in (STEPS, 2 * STEPS))
+    # At most one per log line plus a constant for start-up and the end; not one per step.
+    assert short <= STEPS // LOG_EVERY + 6 and long <= 2 * STEPS // LOG_EVERY + 6, (short, long)
+
+
+def test_the_probe_sees_a_per_step_sync(digits_dir, tmp_path, monkeypatch):
+    """The negative control: foreach Adam reads the skip decision on the host every step."""
+    monkeypatch.chdir(tmp_path)
+    assert count_syncs(STEPS, LOG_EVERY, str(digits_dir), extra=("optim.fused=false",))["loop"] >= 2 * STEPS
+
+
+@pytest.mark.launch  # torch.compile on a CPU takes about a minute
+def test_channels_last_and_compile_train_like_the_plain_path(train_main, digits_dir, tmp_path):
+    dcgan = ["model.name=dcgan", "model.width_mult=0.125", "data.resolution=16", "loss.r1_gamma=1",
+             "loss.r1_interval=2", "train.max_steps=6", "data.num_workers=0", "train.num_threads=1"]
+    from gan_dist.data.prepare import write_shards
+    from gan_dist.data.sources import digits
+
+    data = write_shards(digits(16), tmp_path / "digits16")
+    weights = {}
+    for name, extra in (("plain", []), ("fast", ["train.channels_last=true", "train.compile=true"])):
+        args = [*tiny_args(digits_dir, *dcgan, f"run.name={name}", *extra)]
+        args[3] = f"data.path={data}"
+        code, _, err = train_main(*args)
+        assert code == 0, err
+        weights[name] = load_file(str(tmp_path / "runs" / name / "checkpoints" / "step_00000006" / "G.safetensors"))
+    diff = max((weights["plain"][k] - weights["fast"][k]).abs().max().item() for k in weights["plain"])
+    assert diff < 1e-4, diff
+
+
+def test_the_gpu_benchmark_dry_run_checks_every_configuration(tmp_path):
+    import os
+    import subprocess
+
+    out = tmp_path / "gpu.md"
+    env = {**os.environ, "PYTHON": sys.executable, "PYTHONPATH": str(ROOT)}
+    result = subprocess.run(["bash", str(ROOT / "bench" / "gpu.sh"), "--dry-run", "--out", str(out)], env=env,
+                            capture_output=True, text=True, timeout=300, check=False)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
+    rows = [line for line in out.read_text().splitlines() if "config checked" in line]
+    assert len(rows) == 7 and all("GFLOP/img" in row for row in rows), out.read_text()
