@@ -11,13 +11,18 @@ table is also written to --out. The bf16 rows of gan_dist run their hot loop (th
 between log intervals) under torch.cuda.set_sync_debug_mode("error"): any host
 synchronisation there fails the row.
 
---dry-run builds every configuration on the CPU, checks it, and counts its FLOPs at batch 2,
-without timing: the check that the script is ready before a GPU is borrowed.
+Each row runs in its own process (accelerate allows one precision per process, and the peak
+memory must be the row's own) and is appended to --out as it finishes.
+
+--dry-run checks every row's config and models and counts its FLOPs on the CPU, and trains
+the fp32 rows (bare loop included) for 2 steps at batch 4, without timing: the check that the
+script is ready before a GPU is borrowed (bf16 and compile are too slow to train on a CPU).
 """
 
 from __future__ import annotations
 
 import argparse
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -55,23 +60,36 @@ def flops_per_image(cfg, shape: tuple, batch: int, device) -> float:
     return counter.get_total_flops() / batch
 
 
-def row(model: str, variant: str, args, device) -> str:
+def row(model: str, variant: str, args) -> str:
+    """One row, in this process (a fresh one per row: accelerate's process-wide state takes one
+    precision per process, and peak memory must be the row's own)."""
     from gan_dist.config import load_config
 
     config, shape, model_overrides = MODELS[model]
-    overrides = [*overhead.COMMON, *model_overrides, *VARIANTS.get(variant, []), f"train.batch_size={BATCH}",
+    variant_overrides = VARIANTS.get(variant, [])
+    batch = 4 if args.dry_run else BATCH
+    overrides = [*overhead.COMMON, *model_overrides, *variant_overrides, f"train.batch_size={batch}",
                  "log.every_steps=10"]
+    load_config(str(overhead.ROOT / "configs" / config), [*overrides, *VARIANTS.get(variant, [])])
     cfg = load_config(str(overhead.ROOT / "configs" / config), overrides)
+    device = torch.device("cuda" if torch.cuda.is_available() and not args.dry_run else "cpu")
     flops = flops_per_image(cfg, shape, 2 if args.dry_run else 8, device)
-    if args.dry_run:
-        return f"| {model} | {variant} | (dry run: config checked) | - | {flops / 1e9:.2f} GFLOP/img |"
-    images = torch.randint(0, 256, (BATCH * 4, *shape), dtype=torch.uint8).pin_memory()
-    torch.cuda.reset_peak_memory_stats()
+    steps, warmup = (2, 1) if args.dry_run else (args.steps, args.warmup)
+    if args.dry_run and variant_overrides != ["train.mixed_precision=no"] and variant != "bare loop fp32":
+        # bf16 convolutions are about 20x slower on CPUs, and compiling takes minutes there:
+        # these rows check their config, models and FLOPs, and train only on a GPU.
+        return f"| {model} | {variant} | (dry run: config and models checked) | - | {flops / 1e9:.2f} GFLOP/img |"
+    images = torch.randint(0, 256, (batch * 4, *shape), dtype=torch.uint8)
+    if device.type == "cuda":
+        images = images.pin_memory()
+        torch.cuda.reset_peak_memory_stats()
     if variant == "bare loop fp32":
-        speed = overhead.run_bare(cfg, images, args.steps, args.warmup, device=device)
+        speed = overhead.run_bare(cfg, images, steps, warmup, device=device)
     else:
-        speed = overhead.run_ours(config, overrides, images, args.steps, args.warmup,
-                                  sync_check=variant.startswith("bf16"))
+        speed = overhead.run_ours(config, overrides, images, steps, warmup,
+                                  sync_check=device.type == "cuda" and variant.startswith("bf16"))
+    if args.dry_run:
+        return f"| {model} | {variant} | (dry run: config checked, 2 steps trained on CPU) | - | {flops / 1e9:.2f} GFLOP/img |"
     peak_gib = torch.cuda.max_memory_allocated() / 2**30
     return f"| {model} | {variant} | {speed:,.0f} | {peak_gib:.2f} | {flops * speed / 1e12:.1f} |"
 
@@ -82,27 +100,37 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=40)
     parser.add_argument("--warmup", type=int, default=15)
     parser.add_argument("--out", type=Path, default=Path("bench/results/gpu.md"))
+    parser.add_argument("--row", nargs=2, metavar=("MODEL", "VARIANT"), help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.row:
+        print(row(*args.row, args), flush=True)
+        return
     if not args.dry_run and not torch.cuda.is_available():
         sys.exit("bench/gpu.py: no CUDA GPU visible; use --dry-run to check the configurations on a CPU")
-    device = torch.device("cpu" if args.dry_run else "cuda")
     title = (f"{'dry run on CPU' if args.dry_run else torch.cuda.get_device_name()}, batch {BATCH}, "
              f"{time.strftime('%Y-%m-%d')}")
+    args.out.parent.mkdir(parents=True, exist_ok=True)
     lines = [title, "", "| model | variant | img/s | peak GiB | TFLOP/s |", "|---|---|---|---|---|"]
+    args.out.write_text("\n".join(lines) + "\n")
     print("\n".join(lines), flush=True)
+    failed = False
     for model in MODELS:
         for variant in ["bare loop fp32", *VARIANTS] if model == "DCGAN-64" else list(VARIANTS):
             start = time.perf_counter()
-            try:
-                line = row(model, variant, args, device)
-            except Exception as err:  # noqa: BLE001 - a failed row is reported and the run goes on
-                line = f"| {model} | {variant} | FAILED: {type(err).__name__}: {str(err)[:150]} | | |"
-            lines.append(line)
+            command = [sys.executable, __file__, "--row", model, variant, "--steps", str(args.steps),
+                       "--warmup", str(args.warmup), *(["--dry-run"] if args.dry_run else [])]
+            result = subprocess.run(command, capture_output=True, text=True, check=False)
+            lines_out = [line for line in result.stdout.splitlines() if line.startswith("| ")]
+            if result.returncode or not lines_out:
+                failed = True
+                why = (result.stderr.strip().splitlines() or ["no output"])[-1][:200]
+                line = f"| {model} | {variant} | FAILED: {why} | | |"
+            else:
+                line = lines_out[-1]
+            with args.out.open("a") as table:  # each row as it finishes: a timeout keeps what is done
+                table.write(line + "\n")
             print(f"{line}  ({time.perf_counter() - start:.0f} s)", flush=True)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text("\n".join(lines) + "\n")
-    if any("FAILED" in line for line in lines):
-        sys.exit(1)
+    sys.exit(1 if failed else 0)
 
 
 if __name__ == "__main__":

@@ -62,8 +62,9 @@ class EMA:
             self.averaged.update_parameters(G)
             self.started = True
             return
-        # Later updates call the library's EMA kernel directly: update_parameters() reads its
-        # device-side counter (`n_averaged == 0`) on the host every step, a sync in the hot loop.
+        # Later updates call the library's EMA kernel directly: update_parameters() tests its
+        # counter (`n_averaged == 0`, a tensor that follows the module to the GPU) on the host
+        # every step, a synchronisation in the hot loop.
         if self._source is not G:  # tensor lists built once per source module, not every step
             self._source = G
             self._lists = (list(self.module.parameters()), list(G.parameters()),

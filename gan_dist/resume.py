@@ -38,7 +38,7 @@ STATE_FORMAT = "gan_dist.checkpoint/1"
 # itself, and is refused.
 MAY_CHANGE = ("run.", "log.", "checkpoint.", "dist.", "train.total_kimg", "train.max_steps", "train.resume",
               "train.max_skipped_in_row", "train.rollback_on_divergence", "data.num_workers", "data.path", "data.root", "data.cache_mb",
-              "data.on_error", "train.num_threads", "eval.", "train.channels_last", "train.compile", "train.tf32",
+              "data.on_error", "train.num_threads", "eval.", "train.compile", "train.tf32",
               "optim.fused")
 # Test-only: called with the file just written, to inject a crash between files.
 _after_file_hook = None

@@ -169,10 +169,12 @@ class Trainer:
                 try:
                     self._step_once(batches)
                     self._at_intervals(images_before)  # skips are counted here, at log and checkpoint
+                    stop_signal = self.stop_request.decided(self.acc, self.progress.step) if self.stop_request else ""
+                    if stop_signal or self._done():
+                        self.settle_skips()  # the last chance to roll back before the final checkpoint
                 except RollbackRequested as why:
                     self._rollback(str(why))
                     continue
-                stop_signal = self.stop_request.decided(self.acc, self.progress.step) if self.stop_request else ""
                 if stop_signal:
                     self._stop_for(stop_signal)
                     return

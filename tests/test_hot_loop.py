@@ -46,6 +46,7 @@ def test_channels_last_and_compile_train_like_the_plain_path(train_main, digits_
     assert diff < 1e-4, diff
 
 
+@pytest.mark.launch  # 7 subprocesses, about 2 minutes on a CPU
 def test_the_gpu_benchmark_dry_run_checks_every_configuration(tmp_path):
     import os
     import subprocess
@@ -55,5 +56,6 @@ def test_the_gpu_benchmark_dry_run_checks_every_configuration(tmp_path):
     result = subprocess.run(["bash", str(ROOT / "bench" / "gpu.sh"), "--dry-run", "--out", str(out)], env=env,
                             capture_output=True, text=True, timeout=300, check=False)
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
-    rows = [line for line in out.read_text().splitlines() if "config checked" in line]
+    rows = [line for line in out.read_text().splitlines() if "checked" in line]
     assert len(rows) == 7 and all("GFLOP/img" in row for row in rows), out.read_text()
+    assert sum("2 steps trained" in row for row in rows) == 3  # the bare loop and both fp32 rows

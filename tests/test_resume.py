@@ -209,3 +209,24 @@ def test_resuming_on_data_of_another_shape_is_refused(train_main, digits_dir, tm
     other = write_shards(digits(16), tmp_path / "d16")
     code, _, err = train_main(*tiny_args(digits_dir, "train.max_steps=4", f"data.path={other}"))
     assert code == 2 and "trained on samples of shape [1, 8, 8]" in err and "Traceback" not in err
+
+
+def test_resume_may_switch_between_fused_and_foreach_adam(train_main, digits_dir, tmp_path):
+    """optim.fused may change at resume: the loaded optimizer takes this run's kernels."""
+    code, _, err = train_main(*tiny_args(digits_dir, "optim.fused=false", "train.max_steps=10"))
+    assert code == 0, err
+    code, out, err = train_main(*tiny_args(digits_dir, "optim.fused=true", "train.max_steps=20"))
+    assert code == 0, err
+    assert "resumed from" in out
+    record = json.loads((tmp_path / "runs" / "tiny" / "metrics.jsonl").read_text().splitlines()[-1])
+    assert record["step"] == 20
+
+
+def test_a_divergence_in_the_last_steps_still_rolls_back(train_main, digits_dir, tmp_path, monkeypatch):
+    """Skips are counted at the end too, inside the loop: the last steps may still roll back."""
+    monkeypatch.setenv("NAN_REALS_COUNT", "2")  # batches 3 and 4: steps 3 and 4 of 4 skip D
+    code, out, err = train_main(*tiny_args(digits_dir, "plugins=[nan_reals]", "train.rollback_on_divergence=true",
+                                           "train.max_skipped_in_row=2", "checkpoint.every_kimg=0.096",
+                                           "train.max_steps=4", "log.every_steps=10"))
+    assert code == 0, err
+    assert "rolled back to step_00000003 with new noise (rollback 1)" in out

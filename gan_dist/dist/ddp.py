@@ -71,11 +71,14 @@ class DDPBackend:
             norm = torch.nn.utils.get_total_norm([p.grad for p in params])
         set_lr(optimizer, lr)
         if self.acc.scaler is not None:
+            # With fused Adam the scaler always calls step() (the kernel skips on found_inf), so
+            # step_was_skipped stays False: an overflow shows as the scale going down.
+            scale_before = self.acc.scaler.get_scale()
             optimizer.step()
-            return norm, False, bool(optimizer.step_was_skipped)
+            return norm, False, self.acc.scaler.get_scale() < scale_before
         skipped = ~torch.isfinite(norm)
         inner = getattr(optimizer, "optimizer", optimizer)
-        if inner.defaults.get("fused"):
+        if inner.param_groups[0].get("fused"):
             inner.found_inf = skipped.float()  # read by Adam.step, passed to the fused kernel
             try:
                 optimizer.step()
@@ -99,7 +102,12 @@ class DDPBackend:
 
     def load(self, checkpoint: Path, load_tensors) -> None:
         optim = load_tensors(checkpoint / "optimizers.pt")
-        self.optimizers["G"].load_state_dict(optim["G"])
-        self.optimizers["D"].load_state_dict(optim["D"])
+        for name in ("G", "D"):
+            optimizer = self.optimizers[name]
+            # load_state_dict brings back the saved run's kernel choice; optim.fused is this run's.
+            kernels = {k: optimizer.param_groups[0].get(k) for k in ("fused", "foreach")}
+            optimizer.load_state_dict(optim[name])
+            for group in optimizer.param_groups:
+                group.update(kernels)
         if self.acc.scaler is not None and optim["scaler"] is not None:
             self.acc.scaler.load_state_dict(optim["scaler"])

@@ -127,7 +127,7 @@ def _initialize(deepspeed, cfg, name: str, module: nn.Module, optimizer, config:
     key = f"deepspeed.{'generator' if name == 'G' else 'discriminator'}_json"
     try:
         engine, *_ = deepspeed.initialize(model=module, optimizer=optimizer, config=config, dist_init_required=False)
-    except Exception as err:  # noqa: BLE001 - pydantic and DeepSpeed's own errors alike
+    except Exception as err:  # pydantic and DeepSpeed's own errors alike
         if not getattr(cfg.deepspeed, key.split(".")[1]):
             raise
         first = str(err).strip().splitlines()[0][:300] if str(err).strip() else ""
@@ -209,7 +209,8 @@ class DeepSpeedBackend:
         for name, engine in self.engines.items():
             folder = directory / "deepspeed" / name
             engine.save_checkpoint(str(folder), tag=CHECKPOINT_TAG, save_latest=False)
-            written.append(folder / CHECKPOINT_TAG / f"zero_pp_rank_{self.acc.process_index}_mp_rank_00_optim_states.pt")
+            # this rank's optimizer partition ("bf16_zero_pp_rank_..." under bf16), and rank 0's model file
+            written += (folder / CHECKPOINT_TAG).glob(f"*zero_pp_rank_{self.acc.process_index}_mp_rank_*")
             if is_main:
                 written.append(folder / CHECKPOINT_TAG / "mp_rank_00_model_states.pt")
         return [path for path in written if path.is_file()]
@@ -250,10 +251,9 @@ def memory_per_rank(engine) -> dict[str, int]:
     inner = getattr(optimizer, "optimizer", optimizer)
     state = [v for s in inner.state.values() for v in s.values() if torch.is_tensor(v) and v.dim() > 0]
     param_ptrs = {p.data_ptr() for p in params}
-    # ZeRO-1/2 keep fp32 master partitions here; DeepSpeed's bf16 optimizer (stage 0) keeps its own.
-    masters = (getattr(optimizer, "single_partition_of_fp32_groups", None)
-               or getattr(optimizer, "fp32_groups_flat_partition", None) or [])
-    masters = [m for m in masters if m.data_ptr() not in param_ptrs]
+    # Whatever Adam updates that is not the module's own weights is a master copy (ZeRO's fp32
+    # partitions, or the fp32 copy of DeepSpeed's bf16 optimizer at stage 0).
+    masters = [p for group in inner.param_groups for p in group["params"] if p.data_ptr() not in param_ptrs]
     averaged = getattr(optimizer, "averaged_gradients", {}) or {}
     grads = [p.grad for p in params] + [g for group in averaged.values() if group for g in group]
     return {"parameters": nbytes(params), "gradients": nbytes(grads), "optimizer_state": nbytes(state),
