@@ -1,16 +1,17 @@
 """Quality results for docs/results.md: train configs over seeds and evaluate them.
 
     python bench/quality.py mixtures [--seeds 0 1 2] [--parallel 2] [--root runs/quality]
-    python bench/quality.py mnist --data-root ../shared/data [--models dcgan] [--threads 1] [key=value ...]
+    python bench/quality.py mnist --data-root DIR [--models mlp,dcgan] [--num-threads 1] [key=value ...]
 
 `mixtures` trains configs/ring8.yaml and configs/grid25.yaml once per seed (one thread per
 run, `--parallel` runs at a time, so two runs share a 2-core machine) and scores each with
 `gan-dist eval --metrics modes2d` (PacGAN protocol, 2,500 samples): modes, HQ, reverse KL,
 mean +- sd over seeds, and the training time of each run.
 
-`mnist` trains the tutorial MLP (configs/mlp_mnist.yaml) and the DCGAN
-(configs/dcgan_mnist32.yaml) on MNIST (two torch threads each unless `--threads`; give
-`train.total_kimg=N` to fit a time budget), keeping every checkpoint, then scores each
+`mnist` trains the tutorial MLP (configs/mlp_mnist.yaml) and the CPU DCGAN
+(configs/dcgan_mnist32_cpu.yaml) on MNIST (with the configs' pinned thread counts unless
+`--num-threads`; give `train.total_kimg=N` to fit a time budget), keeping every checkpoint,
+then scores each
 checkpoint with `--metrics cls` (classifier-based IS and Fréchet distance on 10,000
 samples, beside the held-out real data), with the training time at which it was written.
 
@@ -29,17 +30,19 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-import numpy as np
-
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def train(config: str, name: str, root: Path, threads: int, *overrides: str) -> float:
-    """Train in a subprocess; returns wall seconds. A failed run stops the benchmark."""
-    env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
+def train(config: str, name: str, root: Path, num_threads: int | None, *overrides: str) -> float:
+    """Train in a subprocess (num_threads None: the config's own pin); returns wall seconds.
+    A failed run stops the benchmark."""
+    env, threads = dict(os.environ), []
+    if num_threads is not None:
+        env["OMP_NUM_THREADS"] = str(num_threads)
+        threads = [f"train.num_threads={num_threads}"]
     command = [sys.executable, str(ROOT / "train.py"), "--config", str(ROOT / "configs" / config),
                f"run.root={root}", f"run.name={name}", "run.overwrite=true", "train.resume=none",
-               f"train.num_threads={threads}", *overrides]
+               *threads, *overrides]
     start = time.perf_counter()
     result = subprocess.run(command, env=env, capture_output=True, text=True, check=False)
     if result.returncode:
@@ -88,30 +91,48 @@ def _mean_sd(values: list[float]) -> str:
     return f"{statistics.mean(values):.2f} ± {sd:.2f}"
 
 
-MNIST_MODELS = {"mlp": ("mlp_mnist.yaml", "mlp_mnist"), "dcgan": ("dcgan_mnist32.yaml", "dcgan_mnist32")}
+MNIST_MODELS = {"mlp": ("mlp_mnist.yaml", "mlp_mnist"), "dcgan": ("dcgan_mnist32_cpu.yaml", "dcgan_mnist32_cpu")}
 
 
 def mnist(args) -> None:
     """Train each model once, then score every kept checkpoint: the curve shows when the bar is reached."""
     print("| model | step | kimg | training time | classifier IS | FD (classifier features) | classes |"
           " real held-out IS / FD |\n|---|---|---|---|---|---|---|---|", flush=True)
+    walls = []
     for model in args.models:
         config, name = MNIST_MODELS[model]
-        seconds = train(config, name, args.root, args.threads, f"data.root={args.data_root}",
-                        "checkpoint.keep_last=0", *args.overrides)
-        metrics = [json.loads(line) for line in (args.root / name / "metrics.jsonl").read_text().splitlines()]
-        final_kimg = metrics[-1]["kimg"]
-        for snapshot in sorted((args.root / name / "checkpoints").glob("step_*")):
-            step = int(snapshot.name.removeprefix("step_"))
+        walls.append((name, train(config, name, args.root, args.num_threads, f"data.root={args.data_root}",
+                                  "checkpoint.keep_last=0", *args.overrides)))
+        for step, kimg, time_s in _snapshots(args.root / name):
             result = evaluate(args.root / name, "cls", "--num", "10000", "--step", str(step))["cls"]
-            kimg = step * final_kimg / metrics[-1]["step"]
             shares = [100 * f for f in result["class_fractions"]]
             real = result["real_heldout"]
-            # Training time at the checkpoint, interpolated between the logged (kimg, time) points.
-            at = float(np.interp(kimg, [0.0] + [m["kimg"] for m in metrics], [0.0] + [m["time_s"] for m in metrics]))
-            print(f"| {name} | {step} | {kimg:.0f} | {at / 60:.1f} min | {result['is']:.2f} | {result['fd']:.1f} | "
+            print(f"| {name} | {step} | {kimg:.0f} | {time_s / 60:.1f} min | {result['is']:.2f} | {result['fd']:.1f} | "
                   f"{min(shares):.1f}-{max(shares):.1f}% | {real['is']:.2f} / {real['fd']:.1f} |", flush=True)
-        print(f"({name}: {seconds / 60:.1f} min wall for the whole training process)", flush=True)
+    print()  # the process wall times (start-up and final sampling included) stay out of the table
+    for name, seconds in walls:
+        print(f"{name}: {seconds / 60:.1f} min wall for the whole training process", flush=True)
+
+
+def _snapshots(run_dir: Path) -> list[tuple[int, float, float]]:
+    """(step, kimg, training seconds) of each finished checkpoint, read from its own state.json."""
+    found = []
+    for snapshot in sorted((run_dir / "checkpoints").glob("step_*")):
+        digits = snapshot.name.removeprefix("step_")
+        if not (snapshot.is_dir() and digits.isdigit()):  # skips step_*.tmp left by an interrupted save
+            continue
+        state = json.loads((snapshot / "state.json").read_text())
+        kimg = state["progress"]["num_d_steps"] * state["config"]["train"]["batch_size"] / 1000
+        found.append((int(digits), kimg, state["elapsed_s"]))
+    return found
+
+
+def _model_list(text: str) -> list[str]:
+    models = text.split(",")
+    unknown = sorted(set(models) - set(MNIST_MODELS))
+    if unknown:
+        raise argparse.ArgumentTypeError(f"unknown model(s) {unknown}; choose from {sorted(MNIST_MODELS)}")
+    return models
 
 
 def main() -> None:
@@ -120,11 +141,14 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--parallel", type=int, default=2)
     parser.add_argument("--root", type=Path, default=Path("runs/quality"))
-    parser.add_argument("--data-root", default="../shared/data")
-    parser.add_argument("--models", nargs="+", choices=sorted(MNIST_MODELS), default=["mlp", "dcgan"])
-    parser.add_argument("--threads", type=int, default=2, help="torch threads of each MNIST run")
+    parser.add_argument("--data-root", help="mnist: the folder holding MNIST/raw (torchvision's layout)")
+    parser.add_argument("--models", type=_model_list, default=["mlp", "dcgan"],
+                        help=f"mnist: comma-separated, from {','.join(sorted(MNIST_MODELS))}")
+    parser.add_argument("--num-threads", type=int, help="mnist: torch threads per run (default: the config's pin)")
     parser.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides for every run")
     args = parser.parse_intermixed_args()  # options may follow the key=value overrides
+    if args.what == "mnist" and not args.data_root:
+        parser.error("mnist needs --data-root DIR, the folder holding MNIST/raw")
     mixtures(args) if args.what == "mixtures" else mnist(args)
 
 

@@ -14,7 +14,9 @@ import pytest
 from conftest import ROOT
 
 pytestmark = pytest.mark.launch
-LONG_RUN = ["train.max_steps=600", "train.total_kimg=1000", "checkpoint.every_kimg=1", "log.every_steps=1",
+# Long enough that a signal sent after the first checkpoint (step 32) lands mid-run.
+LONG_STEPS = 300
+LONG_RUN = [f"train.max_steps={LONG_STEPS}", "train.total_kimg=1000", "checkpoint.every_kimg=1", "log.every_steps=1",
             "log.sample_every_kimg=1000"]
 
 CLUSTER = ROOT / "slurm" / "local_cluster.sh"
@@ -121,7 +123,7 @@ def _wait_for_first_checkpoint(run_dir, proc, timeout_s: float = 180) -> None:
 @pytest.mark.parametrize("launcher", ["torchrun", "accelerate"])
 def test_preemption_checkpoints_requeues_and_resumes(launcher, slurm_env, tmp_path, digits_dir):
     """USR1 to the batch shell: checkpoint, REQUEUE marker, scontrol requeue, resume, finish."""
-    total_steps = 600
+    total_steps = LONG_STEPS
     args = _train_args(digits_dir, tmp_path / "runs", *LONG_RUN)
     proc = _submit(slurm_env, tmp_path, ["--gpus-per-node=2"], args, LAUNCHER=launcher)
     run_dir = tmp_path / "runs" / "tiny"
