@@ -26,6 +26,7 @@ import argparse
 import subprocess
 import sys
 import time
+import traceback
 from pathlib import Path
 
 import torch
@@ -106,6 +107,7 @@ def _run_row(model: str, variant: str, args, in_process: bool) -> str:
         try:
             return row(model, variant, args)
         except Exception as err:  # noqa: BLE001 - a broken row is reported in the table, the others still run
+            traceback.print_exc()  # the whole story on stderr; the table keeps one line
             return f"| {model} | {variant} | FAILED: {type(err).__name__}: {str(err)[:200]} | | |"
     command = [sys.executable, __file__, "--row", model, variant, "--steps", str(args.steps),
                "--warmup", str(args.warmup), *(["--dry-run"] if args.dry_run else [])]
