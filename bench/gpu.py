@@ -63,8 +63,9 @@ def flops_per_image(cfg, shape: tuple, batch: int, device) -> float:
 
 
 def row(model: str, variant: str, args) -> str:
-    """One row, in this process (a fresh one per row: accelerate's process-wide state takes one
-    precision per process, and peak memory must be the row's own)."""
+    """One row, in this process. On a GPU each row gets a process of its own (accelerate's
+    process-wide state takes one precision per process, and peak memory must be the row's own);
+    dry runs share one, as they all train in fp32 and measure no memory."""
     from gan_dist.config import load_config
 
     config, shape, model_overrides = MODELS[model]
@@ -72,7 +73,6 @@ def row(model: str, variant: str, args) -> str:
     batch = 4 if args.dry_run else BATCH
     overrides = [*overhead.COMMON, *model_overrides, *variant_overrides, f"train.batch_size={batch}",
                  "log.every_steps=10"]
-    load_config(str(overhead.ROOT / "configs" / config), [*overrides, *VARIANTS.get(variant, [])])
     cfg = load_config(str(overhead.ROOT / "configs" / config), overrides)
     device = torch.device("cuda" if torch.cuda.is_available() and not args.dry_run else "cpu")
     flops = flops_per_image(cfg, shape, 2 if args.dry_run else 8, device)
@@ -102,19 +102,20 @@ def _rows() -> list[tuple[str, str]]:
 
 
 def _run_row(model: str, variant: str, args, in_process: bool) -> str:
-    """The row's table line, or a FAILED line with the last error line."""
+    """The row's table line, or a FAILED line naming the error (a `|` in it would split the cell)."""
     if in_process:
         try:
             return row(model, variant, args)
         except Exception as err:  # noqa: BLE001 - a broken row is reported in the table, the others still run
             traceback.print_exc()  # the whole story on stderr; the table keeps one line
-            return f"| {model} | {variant} | FAILED: {type(err).__name__}: {str(err)[:200]} | | |"
+            first_line = (str(err).splitlines() or [""])[0].replace("|", "/")[:200]
+            return f"| {model} | {variant} | FAILED: {type(err).__name__}: {first_line} | | |"
     command = [sys.executable, __file__, "--row", model, variant, "--steps", str(args.steps),
                "--warmup", str(args.warmup), *(["--dry-run"] if args.dry_run else [])]
     result = subprocess.run(command, capture_output=True, text=True, check=False)
     lines_out = [line for line in result.stdout.splitlines() if line.startswith("| ")]
     if result.returncode or not lines_out:
-        why = (result.stderr.strip().splitlines() or ["no output"])[-1][:200]
+        why = (result.stderr.strip().splitlines() or ["no output"])[-1].replace("|", "/")[:200]
         return f"| {model} | {variant} | FAILED: {why} | | |"
     return lines_out[-1]
 

@@ -1,16 +1,15 @@
 """Quality results for docs/results.md: train configs over seeds and evaluate them.
 
-    python bench/quality.py mixtures [--seeds 0 1 2] [--parallel 2] [--root runs/quality]
-    python bench/quality.py mnist --data-root DIR [--models mlp,dcgan] [--num-threads 1] [key=value ...]
+    python bench/quality.py mixtures [--seeds 0 1 2] [--parallel 2] [--root runs/quality] [key=value ...]
+    python bench/quality.py mnist --data-root DIR [--models mlp,dcgan] [key=value ...]
 
-`mixtures` trains configs/ring8.yaml and configs/grid25.yaml once per seed (one thread per
-run, `--parallel` runs at a time, so two runs share a 2-core machine) and scores each with
+`mixtures` trains configs/ring8.yaml and configs/grid25.yaml once per seed (their pinned one
+thread per run, `--parallel` runs at a time, so two runs share a 2-core machine) and scores each with
 `gan-dist eval --metrics modes2d` (PacGAN protocol, 2,500 samples): modes, HQ, reverse KL,
-mean +- sd over seeds, and the training time of each run.
+mean +- sd over seeds, and the training time of each run (from its last checkpoint's state.json).
 
 `mnist` trains the tutorial MLP (configs/mlp_mnist.yaml) and the CPU DCGAN
-(configs/dcgan_mnist32_cpu.yaml) on MNIST (with the configs' pinned thread counts unless
-`--num-threads`; give `train.total_kimg=N` to fit a time budget), keeping every checkpoint,
+(configs/dcgan_mnist32_cpu.yaml) on MNIST (with the configs' pinned thread counts; give `train.total_kimg=N` to fit a time budget), keeping every checkpoint,
 then scores each
 checkpoint with `--metrics cls` (classifier-based IS and Fréchet distance on 10,000
 samples, beside the held-out real data), with the training time at which it was written.
@@ -36,13 +35,13 @@ ROOT = Path(__file__).resolve().parents[1]
 def train(config: str, name: str, root: Path, num_threads: int | None, *overrides: str) -> float:
     """Train in a subprocess (num_threads None: the config's own pin); returns wall seconds.
     A failed run stops the benchmark."""
-    env, threads = dict(os.environ), []
+    env, thread_overrides = dict(os.environ), []
     if num_threads is not None:
         env["OMP_NUM_THREADS"] = str(num_threads)
-        threads = [f"train.num_threads={num_threads}"]
+        thread_overrides = [f"train.num_threads={num_threads}"]
     command = [sys.executable, str(ROOT / "train.py"), "--config", str(ROOT / "configs" / config),
                f"run.root={root}", f"run.name={name}", "run.overwrite=true", "train.resume=none",
-               *threads, *overrides]
+               *thread_overrides, *overrides]
     start = time.perf_counter()
     result = subprocess.run(command, env=env, capture_output=True, text=True, check=False)
     if result.returncode:
@@ -65,8 +64,9 @@ def mixtures(args) -> None:
     def one(job):
         mixture, seed = job
         name = f"{mixture}-seed{seed}"
-        seconds = train(f"{mixture}.yaml", name, args.root, 1, f"train.seed={seed}", *args.overrides)
+        train(f"{mixture}.yaml", name, args.root, args.num_threads, f"train.seed={seed}", *args.overrides)
         result = evaluate(args.root / name, "modes2d")["modes2d"]
+        seconds = _snapshots(args.root / name)[-1][2]
         print(f"| {mixture} | {seed} | {result['modes']}/{result['num_modes']} | {100 * result['hq_fraction']:.1f}% "
               f"| {result['reverse_kl']:.3f} | {seconds / 60:.1f} min |", flush=True)
         return mixture, result
@@ -98,10 +98,10 @@ def mnist(args) -> None:
     """Train each model once, then score every kept checkpoint: the curve shows when the bar is reached."""
     print("| model | step | kimg | training time | classifier IS | FD (classifier features) | classes |"
           " real held-out IS / FD |\n|---|---|---|---|---|---|---|---|", flush=True)
-    walls = []
+    wall_s_by_run = []
     for model in args.models:
         config, name = MNIST_MODELS[model]
-        walls.append((name, train(config, name, args.root, args.num_threads, f"data.root={args.data_root}",
+        wall_s_by_run.append((name, train(config, name, args.root, args.num_threads, f"data.root={args.data_root}",
                                   "checkpoint.keep_last=0", *args.overrides)))
         for step, kimg, time_s in _snapshots(args.root / name):
             result = evaluate(args.root / name, "cls", "--num", "10000", "--step", str(step))["cls"]
@@ -110,7 +110,7 @@ def mnist(args) -> None:
             print(f"| {name} | {step} | {kimg:.0f} | {time_s / 60:.1f} min | {result['is']:.2f} | {result['fd']:.1f} | "
                   f"{min(shares):.1f}-{max(shares):.1f}% | {real['is']:.2f} / {real['fd']:.1f} |", flush=True)
     print()  # the process wall times (start-up and final sampling included) stay out of the table
-    for name, seconds in walls:
+    for name, seconds in wall_s_by_run:
         print(f"{name}: {seconds / 60:.1f} min wall for the whole training process", flush=True)
 
 
@@ -119,7 +119,7 @@ def _snapshots(run_dir: Path) -> list[tuple[int, float, float]]:
     found = []
     for snapshot in sorted((run_dir / "checkpoints").glob("step_*")):
         digits = snapshot.name.removeprefix("step_")
-        if not (snapshot.is_dir() and digits.isdigit()):  # skips step_*.tmp left by an interrupted save
+        if not (snapshot.is_dir() and digits.isdigit()):  # skips unfinished saves (step_*.tmp) and strays
             continue
         state = json.loads((snapshot / "state.json").read_text())
         kimg = state["progress"]["num_d_steps"] * state["config"]["train"]["batch_size"] / 1000
@@ -144,7 +144,7 @@ def main() -> None:
     parser.add_argument("--data-root", help="mnist: the folder holding MNIST/raw (torchvision's layout)")
     parser.add_argument("--models", type=_model_list, default=["mlp", "dcgan"],
                         help=f"mnist: comma-separated, from {','.join(sorted(MNIST_MODELS))}")
-    parser.add_argument("--num-threads", type=int, help="mnist: torch threads per run (default: the config's pin)")
+    parser.add_argument("--num-threads", type=int, help="torch threads per run (default: each config's pin)")
     parser.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides for every run")
     args = parser.parse_intermixed_args()  # options may follow the key=value overrides
     if args.what == "mnist" and not args.data_root:

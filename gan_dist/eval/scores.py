@@ -26,14 +26,15 @@ def frechet_distance(stats_a: dict[str, np.ndarray], stats_b: dict[str, np.ndarr
     return float(fid_statistics_to_metric(stats_a, stats_b, verbose=False)["frechet_inception_distance"])
 
 
-def kernel_distance(features_a: torch.Tensor, features_b: torch.Tensor, seed: int = 0) -> tuple[float, float]:
+def kernel_distance(features_a: torch.Tensor, features_b: torch.Tensor, seed: int = 0, subsets: int = KID_SUBSETS,
+                    subset_size: int = KID_SUBSET_SIZE) -> tuple[float, float]:
     """KID (unbiased MMD^2 with the cubic polynomial kernel): mean and std over random subsets.
 
     The subset size shrinks to the smaller set when there are fewer than 1,000 samples, and
     is recorded with the result by the caller."""
-    subset_size = min(KID_SUBSET_SIZE, len(features_a), len(features_b))
+    subset_size = min(subset_size, len(features_a), len(features_b))
     out = kid_features_to_metric(features_a.detach().double().cpu(), features_b.detach().double().cpu(),
-                                 kid_subsets=KID_SUBSETS, kid_subset_size=subset_size, verbose=False,
+                                 kid_subsets=subsets, kid_subset_size=subset_size, verbose=False,
                                  kid_degree=3, kid_gamma=None, kid_coef0=1, rng_seed=seed, kid_kernel="poly")
     return out["kernel_inception_distance_mean"], out["kernel_inception_distance_std"]
 
