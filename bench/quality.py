@@ -81,14 +81,14 @@ def mixtures(args) -> None:
     print("\n| mixture | modes (mean ± sd) | HQ | reverse KL |\n|---|---|---|---|")
     for mixture in ("ring8", "grid25"):
         rows = [r for m, r in results if m == mixture]
-        cells = [_mean_sd([r[k] * scale for r in rows]) for k, scale in
-                 (("modes", 1), ("hq_fraction", 100), ("reverse_kl", 1))]
+        cells = [_mean_sd([r[k] * scale for r in rows], digits) for k, scale, digits in
+                 (("modes", 1, 2), ("hq_fraction", 100, 1), ("reverse_kl", 1, 3))]
         print(f"| {mixture} | {cells[0]} | {cells[1]}% | {cells[2]} |")
 
 
-def _mean_sd(values: list[float]) -> str:
+def _mean_sd(values: list[float], digits: int) -> str:
     sd = statistics.stdev(values) if len(values) > 1 else 0.0
-    return f"{statistics.mean(values):.2f} ± {sd:.2f}"
+    return f"{statistics.mean(values):.{digits}f} ± {sd:.{digits}f}"
 
 
 MNIST_MODELS = {"mlp": ("mlp_mnist.yaml", "mlp_mnist"), "dcgan": ("dcgan_mnist32_cpu.yaml", "dcgan_mnist32_cpu")}

@@ -101,10 +101,13 @@ def test_minibatch_std_sees_a_lack_of_variety():
 
     layer = MinibatchStd(group_size=4)
     same = layer(torch.ones(8, 5))
-    varied = layer(torch.randn(8, 5, generator=torch.Generator().manual_seed(0)))
+    x = torch.randn(8, 5, generator=torch.Generator().manual_seed(0))
+    varied = layer(x)
     assert same.shape == (8, 6) and torch.allclose(same[:, :5], torch.ones(8, 5))
     assert same[:, 5].max() < 1e-3 and varied[:, 5].min() > 0.3
     assert torch.equal(varied[0::2, 5], varied[0, 5].expand(4))  # samples 0, 2, 4, 6 form one group
+    by_hand = x[0::2].std(dim=0, unbiased=False).mean()  # the group's population std, averaged over features
+    assert torch.allclose(varied[0, 5], by_hand, atol=1e-6)
     _, D = build_models(ModelConfig(name="mlp", d_minibatch_std=4), (1, 8, 8), 0)
     assert D(torch.randn(6, 1, 8, 8)).shape == (6,)  # 6 is not a multiple of 4: groups of 3
 
