@@ -108,6 +108,11 @@ def test_minibatch_std_sees_a_lack_of_variety():
     assert torch.equal(varied[0::2, 5], varied[0, 5].expand(4))  # samples 0, 2, 4, 6 form one group
     by_hand = x[0::2].std(dim=0, unbiased=False).mean()  # the group's population std, averaged over features
     assert torch.allclose(varied[0, 5], by_hand, atol=1e-6)
+    maps = torch.randn(8, 3, 2, 2, generator=torch.Generator().manual_seed(1), requires_grad=True)
+    extra = layer(maps)[:, 3]  # conv features: one constant map per sample
+    assert extra.shape == (8, 2, 2) and torch.allclose(extra[1], maps[1::2].std(dim=0, unbiased=False).mean())
+    extra.sum().backward()
+    assert torch.isfinite(maps.grad).all() and maps.grad.abs().sum() > 0
     _, D = build_models(ModelConfig(name="mlp", d_minibatch_std=4), (1, 8, 8), 0)
     assert D(torch.randn(6, 1, 8, 8)).shape == (6,)  # 6 is not a multiple of 4: groups of 3
 

@@ -51,6 +51,13 @@ class Projection(nn.Module):
         return 0.0 if self.embed is None else (self.embed(labels) * features).sum(1)
 
 
+def group_variance(grouped: torch.Tensor) -> torch.Tensor:
+    """Population variance over dim 0. Written out rather than Tensor.var(dim=0), whose CPU
+    kernel (forward and backward) took 8x as long and a fifth of a 2-D mixture's step
+    (bench/minibatch_std.py, docs/benchmarks.md)."""
+    return (grouped - grouped.mean(dim=0)).square().mean(dim=0)
+
+
 class MinibatchStd(nn.Module):
     """Append one feature: the mean over features of the std over a group of samples
     (StyleGAN's minibatch standard deviation), so D can see a lack of variety and G is
@@ -66,9 +73,6 @@ class MinibatchStd(nn.Module):
         while n % group:
             group -= 1
         grouped = h.reshape(group, n // group, *h.shape[1:])
-        # Written out rather than Tensor.var(dim=0), whose CPU kernel (forward and backward)
-        # took 8x as long here and a fifth of a 2-D mixture's step (docs/benchmarks.md).
-        variance = (grouped - grouped.mean(dim=0)).square().mean(dim=0)
-        std = (variance + 1e-8).sqrt().flatten(1).mean(1)  # [n // group]
+        std = (group_variance(grouped) + 1e-8).sqrt().flatten(1).mean(1)  # [n // group]
         extra = std.repeat(group).reshape(n, *([1] * (h.dim() - 1))).expand(n, 1, *h.shape[2:])
         return torch.cat([h, extra], dim=1)
