@@ -5,8 +5,9 @@
 Times forward + backward of the group variance that gan_dist.models.layers.MinibatchStd
 needs, at the shapes where the 2-D mixture configs' D applies it (batch 500, 400 hidden
 features, groups of 4) and in a small conv D, both ways: `Tensor.var(dim=0, unbiased=False)`
-and the layer's own `group_variance` (the mean of squared deviations, written out). Prints a markdown table of the
-median milliseconds per call and the largest difference between the two results.
+and the layer's own `group_variance` (the mean of squared deviations, written out). Prints
+a markdown table of the median milliseconds per call and the largest difference between
+the two results.
 """
 
 from __future__ import annotations
