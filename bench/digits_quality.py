@@ -6,7 +6,9 @@ the share of samples per predicted class (uniform would be 10% each). The same f
 held-out real digits (classifier fitted on the other 70%) are printed as the ceiling.
 Diversity within classes (mean pairwise distance between samples of the same class,
 relative to the real digits') guards against the collapse that per-class shares miss:
-a G that draws one image per class scores near 0.
+a G that draws one image per class scores near 0. For a G with a categorical code
+(model.latent_categories) it also prints the code's purity: the share of samples whose
+class is the most common class of their code.
 
     python bench/digits_quality.py --run runs/default [--num 256] [--seed 0]
 
@@ -25,6 +27,7 @@ from sklearn.model_selection import train_test_split
 from sklearn.neural_network import MLPClassifier
 
 from gan_dist.checkpoint import load_generator
+from gan_dist.models.layers import latent_code
 
 CONFIDENCE, MIN_SHARE, MAX_SHARE, MIN_DIVERSITY = 0.9, 0.05, 0.15, 0.5
 
@@ -51,8 +54,9 @@ def within_class_distance(X: np.ndarray, labels: np.ndarray) -> float:
     return float(np.mean(means))
 
 
-def generate(run: str, num: int, seed: int) -> tuple[np.ndarray, np.ndarray | None]:
-    """256 samples of the run's G_ema as the classifier's inputs, and the requested labels (conditional G)."""
+def generate(run: str, num: int, seed: int) -> tuple[np.ndarray, np.ndarray | None, np.ndarray | None]:
+    """`num` samples of the run's G_ema as the classifier's inputs, the requested labels
+    (conditional G) and the categorical codes read off z (model.latent_categories)."""
     G, info = load_generator(run)
     if len(info["shape"]) != 3 or info["shape"][0] != 1:
         sys.exit(f"{run} was trained on samples of shape {info['shape']}, not on the digits")
@@ -64,7 +68,16 @@ def generate(run: str, num: int, seed: int) -> tuple[np.ndarray, np.ndarray | No
         samples = torch.nn.functional.interpolate(G(z, labels), size=(8, 8), mode="area").reshape(num, 64)
     # The same quantisation as the stored data: [-1, 1] -> 0..255 -> the digits' 0..16 scale / 16.
     pixels = ((samples + 1) * 127.5).round().clamp(0, 255) / 255.0
-    return pixels.numpy(), None if labels is None else labels.numpy()
+    categories = info["model"].get("latent_categories", 0)
+    codes = latent_code(z, categories).numpy() if categories else None
+    return pixels.numpy(), None if labels is None else labels.numpy(), codes
+
+
+def code_purity(codes: np.ndarray, predicted: np.ndarray) -> float:
+    """Share of samples whose class is the most common class of their code (1 = each code draws one digit)."""
+    table = np.zeros((codes.max() + 1, 10))
+    np.add.at(table, (codes, predicted), 1)
+    return float(table.max(1).sum() / len(codes))
 
 
 def main() -> int:
@@ -78,7 +91,7 @@ def main() -> int:
     X_fit, X_held, y_fit, _ = train_test_split(X, y, test_size=0.3, random_state=0)
     real_conf, real_shares = figures(classifier(X_fit, y_fit), X_held)
     clf = classifier(X, y)
-    samples, requested = generate(args.run, args.num, args.seed)
+    samples, requested, codes = generate(args.run, args.num, args.seed)
     gan_conf, gan_shares = figures(clf, samples)
     diversity = within_class_distance(samples, clf.predict(samples)) / within_class_distance(X, y)
     print(f"| samples | confident (p >= {CONFIDENCE}) | smallest class | largest class |")
@@ -87,6 +100,9 @@ def main() -> int:
     print(f"| G_ema of {args.run} ({args.num}) | {gan_conf:.1%} | {gan_shares.min():.1%} | {gan_shares.max():.1%} |")
     print("class shares of the samples: " + " ".join(f"{c}:{s:.1%}" for c, s in enumerate(gan_shares)))
     print(f"diversity within classes: {diversity:.2f} of the real digits' (>= {MIN_DIVERSITY} expected)")
+    if codes is not None:
+        print(f"categorical code: {code_purity(codes, clf.predict(samples)):.1%} of samples are their code's "
+              "most common class (1 digit per code: 100%)")
     if requested is not None:
         # A conditional G sets the class shares itself; what matters is that it draws the class asked for.
         accuracy = float((clf.predict(samples) == requested).mean())

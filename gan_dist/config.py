@@ -76,6 +76,8 @@ class ModelConfig:
     """Dropout after each hidden layer of the MLP discriminators (mlp, mlp2d), as in the original GAN."""
     d_minibatch_std: int = 0
     """Group size of a minibatch-std feature before the MLP discriminators' last layer (0 = off)."""
+    latent_categories: int = 0
+    """A K-way categorical code read off z (argmax of its first K coordinates) and fed to G one-hot; 0 = off."""
     conditional: bool = False
     """Class-conditional G (label embedding) and projection D; needs a labelled dataset."""
     sync_bn: bool = False
@@ -90,6 +92,8 @@ class LossConfig:
     """Weight gamma of the R1 penalty gamma/2 * |grad D(real)|^2; 0 turns it off."""
     r1_interval: int = 16
     """Apply R1 every this many D steps (lazy regularisation), scaled by the interval."""
+    info_weight: float = 1.0
+    """Weight of InfoGAN's code loss when model.latent_categories > 0 (D predicts the code of each fake)."""
     gp_weight: float = 0.0
     """Weight of the WGAN-GP gradient penalty on real/fake interpolates; 0 turns it off."""
 

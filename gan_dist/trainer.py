@@ -33,6 +33,7 @@ from gan_dist.eval.periodic import PeriodicEval
 from gan_dist.losses import (
     AdversarialLoss,
     at_least_fp32,
+    code_loss,
     gradient_penalty,
     interpolate,
     r1_penalty,
@@ -312,9 +313,10 @@ class Trainer:
         if r1_due:
             real = real.detach().requires_grad_(True)
         real_logits = at_least_fp32((self.D_eager if r1_due else self.D)(self.augment.before_d(real), labels))
-        fake_logits = at_least_fp32(self.D(self.augment.before_d(fake), fake_labels))
+        fake_logits, info = self._fake_logits(fake, z, fake_labels, "D")
         loss = self.loss.d_loss(real_logits, fake_logits)
         self.stats.report("Loss/D/adversarial", loss)
+        loss = loss + info
         self.stats.report("Logits/real", real_logits.mean())
         self.stats.report("Logits/fake", fake_logits.mean())
         if r1_due:
@@ -329,6 +331,16 @@ class Trainer:
         self.stats.report("Loss/D", loss)
         return loss
 
+    def _fake_logits(self, fake, z, fake_labels, phase: str) -> tuple[torch.Tensor, torch.Tensor | float]:
+        """D's logits for fakes and, with a categorical code in z, InfoGAN's weighted code loss."""
+        categories = self.cfg.model.latent_categories
+        if not categories:
+            return at_least_fp32(self.D(self.augment.before_d(fake), fake_labels)), 0.0
+        logits, code_logits = self.D(self.augment.before_d(fake), fake_labels, with_code=True)
+        info = code_loss(code_logits, z, categories)
+        self.stats.report(f"Loss/{phase}/info", info)
+        return at_least_fp32(logits), self.cfg.loss.info_weight * info
+
     def g_phase(self) -> None:
         num_micro = self.cfg.train.num_micro_batches
         self.backend.zero_grad("G")
@@ -336,8 +348,8 @@ class Trainer:
             for i in range(num_micro):
                 with self.backend.micro_batch_sync("G", i, num_micro):
                     z, fake_labels = self._noise(self.batch_per_device // num_micro)
-                    fake_logits = at_least_fp32(self.D(self.augment.before_d(self.G(z, fake_labels)), fake_labels))
-                    loss = self.loss.g_loss(fake_logits)
+                    fake_logits, info = self._fake_logits(self.G(z, fake_labels), z, fake_labels, "G")
+                    loss = self.loss.g_loss(fake_logits) + info
                     self.stats.report("Loss/G", loss)
                     self._check_finite(loss, "G")
                     self.backend.backward("G", loss / num_micro)

@@ -19,7 +19,8 @@ from gan_dist.data.sources import digits
 
 pytestmark = pytest.mark.launch
 
-EQ_CASES = ["eq-mlp-r1", "eq-mlp-hinge", "eq-mlp-gp", "eq-mlp-diffaug", "eq-dcgan-r1", "eq-dcgan-hinge"]
+EQ_CASES = ["eq-mlp-r1", "eq-mlp-hinge", "eq-mlp-gp", "eq-mlp-diffaug", "eq-mlp-code", "eq-dcgan-r1",
+            "eq-dcgan-hinge"]
 MICRO_CASES = {"eq-mlp-r1-micro2": "eq-mlp-r1", "eq-dcgan-hinge-micro2": "eq-dcgan-hinge"}
 TWO_RANK_ONLY = ["bn_d-r1-ncritic-micro", "spectral-gp-conditional", "nan-on-rank1", "perturb-rank1",
                  "bad-data-raise", "resume-full", "resume-leg1", "resume-leg2"]

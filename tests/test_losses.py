@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from gan_dist.errors import UserError
-from gan_dist.losses import LOSSES, get_loss, gradient_penalty, interpolate, r1_penalty
+from gan_dist.losses import LOSSES, code_loss, get_loss, gradient_penalty, interpolate, r1_penalty
 
 REAL = torch.tensor([2.0, -1.0])
 FAKE = torch.tensor([0.5, -3.0])
@@ -78,3 +78,12 @@ def test_interpolates_lie_between_real_and_fake():
     assert mixed.requires_grad and (mixed >= 0).all() and (mixed <= 1).all()
     assert torch.allclose(mixed[:, 0], mixed[:, 1])  # one alpha per sample
     assert mixed[:, 0].std() > 0.1
+
+
+def test_code_loss_matches_hand_value():
+    # z's first 3 coordinates carry codes 1 and 0; the head's logits give them
+    # probabilities e^2 / (e^2 + 2) and 1 / 3.
+    z = torch.tensor([[0.1, 0.9, -1.0, 5.0], [2.0, 1.0, 0.0, -5.0]])
+    code_logits = torch.tensor([[0.0, 2.0, 0.0], [1.0, 1.0, 1.0]])
+    hand = (-math.log(math.exp(2) / (math.exp(2) + 2)) + math.log(3)) / 2
+    assert code_loss(code_logits, z, 3).item() == pytest.approx(hand, rel=1e-6)

@@ -131,3 +131,42 @@ def test_resnet_is_the_sngan_cifar_model():
     assert 0.9e6 < count_parameters(D) < 1.1e6
     with pytest.raises(UserError, match="d_norm=spectral"):
         build_models(ModelConfig(name="resnet", d_norm="batch"), (3, 32, 32), 0)
+
+
+def test_latent_code_is_uniform_and_reaches_g_one_hot():
+    from gan_dist.models.layers import LatentInput, latent_code
+
+    z = torch.randn(20_000, 16, generator=torch.Generator().manual_seed(0))
+    shares = torch.bincount(latent_code(z, 10), minlength=10) / len(z)
+    assert (shares - 0.1).abs().max() < 0.01  # sampling error at 20k draws is about 0.002
+    head = LatentInput(16, categories=10)(z[:5], None)
+    assert head.shape == (5, 26) and torch.equal(head[:, :16], z[:5])
+    assert torch.equal(head[:, 16:].argmax(1), z[:5, :10].argmax(1)) and torch.equal(head[:, 16:].sum(1), torch.ones(5))
+
+
+@pytest.mark.parametrize("name, shape", CASES)
+def test_code_head_predicts_every_category(name, shape):
+    cfg = ModelConfig(name=name, latent_dim=16, width_mult=0.25, latent_categories=10)
+    G, D = build_models(cfg, shape, num_classes=0)
+    x = G(torch.randn(5, 16))
+    logits, code_logits = D(x, None, with_code=True)
+    assert logits.shape == (5,) and code_logits.shape == (5, 10)
+    assert torch.equal(D(x), logits)  # the adversarial logits do not depend on asking for the code
+
+
+@pytest.mark.parametrize("categories", [-1, 17])
+def test_latent_categories_outside_z_is_a_user_error(categories):
+    with pytest.raises(UserError, match=f"model.latent_categories={categories} must be between 0 and"):
+        build_models(ModelConfig(name="mlp", latent_dim=16, latent_categories=categories), (1, 8, 8), 0)
+
+
+def test_latent_categories_need_a_d_with_a_code_head():
+    @register_model("test_no_code_head")
+    def build(cfg, shape, num_classes):
+        return torch.nn.Linear(cfg.latent_dim, 4), torch.nn.Linear(4, 1)
+
+    try:
+        with pytest.raises(UserError, match="its D has no code head"):
+            build_models(ModelConfig(name="test_no_code_head", latent_dim=16, latent_categories=4), (4,), 0)
+    finally:
+        MODELS.pop("test_no_code_head")

@@ -59,6 +59,16 @@ def test_variants_train_with_finite_losses(train_main, digits_dir, tmp_path, ext
         assert list((tmp_path / "runs" / "tiny").rglob("events.out.tfevents*"))
 
 
+def test_code_loss_teaches_g_and_d_the_latent_code(train_main, digits_dir, tmp_path):
+    code, _, err = train_main(*tiny_args(digits_dir, "model.latent_categories=4", "loss.info_weight=1",
+                                         "train.total_kimg=10", "train.max_steps=150", "log.every_steps=50",
+                                         "optim.generator.lr=1e-3", "optim.discriminator.lr=1e-3"))
+    assert code == 0, err
+    records = [json.loads(line) for line in (tmp_path / "runs" / "tiny" / "metrics.jsonl").read_text().splitlines()]
+    # ln 4 = 1.39 is the loss of a head that cannot tell the codes apart in G's images.
+    assert records[-1]["Loss/G/info"] < 0.5 * math.log(4) and records[-1]["Loss/D/info"] < 0.5 * math.log(4)
+
+
 def test_dcgan_trains_on_32px_mnist(train_main, tmp_path):
     root = write_idx_mnist(tmp_path / "raw_root", num_train=96)
     from gan_dist.cli import main as cli_main

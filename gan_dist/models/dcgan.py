@@ -19,6 +19,7 @@ from gan_dist.models import register_model
 from gan_dist.models.layers import (
     LatentInput,
     Projection,
+    code_head,
     d_layer,
     d_norm_layer,
     norm_layer,
@@ -37,9 +38,9 @@ def _channels(resolution: int, base: int) -> list[int]:
 
 class DCGANGenerator(nn.Module):
     def __init__(self, latent_dim: int, out_channels: int, resolution: int, base: int,
-                 g_norm: str, num_classes: int = 0):
+                 g_norm: str, num_classes: int = 0, categories: int = 0):
         super().__init__()
-        self.input = LatentInput(latent_dim, num_classes)
+        self.input = LatentInput(latent_dim, num_classes, categories)
         ch = _channels(resolution, base)
         in_dim = self.input.out_features
         layers = [nn.ConvTranspose2d(in_dim, ch[0], 4, 1, 0, bias=g_norm == "none"),
@@ -56,7 +57,8 @@ class DCGANGenerator(nn.Module):
 
 
 class DCGANDiscriminator(nn.Module):
-    def __init__(self, in_channels: int, resolution: int, base: int, d_norm: str, num_classes: int = 0):
+    def __init__(self, in_channels: int, resolution: int, base: int, d_norm: str, num_classes: int = 0,
+                 categories: int = 0):
         super().__init__()
         ch = list(reversed(_channels(resolution, base)))  # c, 2c, ... at resolution/2 .. 4x4
         layers = [d_layer(nn.Conv2d(in_channels, ch[0], 4, 2, 1), d_norm), nn.LeakyReLU(0.2, True)]
@@ -66,10 +68,12 @@ class DCGANDiscriminator(nn.Module):
         self.features = nn.Sequential(*layers)
         self.head = d_layer(nn.Conv2d(ch[-1], 1, 4, 1, 0), d_norm)
         self.projection = Projection(num_classes, ch[-1])
+        self.code_head = code_head(ch[-1] * 16, categories)  # on the flattened 4x4 features
 
-    def forward(self, x: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, labels: torch.Tensor | None = None, with_code: bool = False):
         h = self.features(x)
-        return self.head(h).flatten() + self.projection(h.sum((2, 3)), labels)
+        logits = self.head(h).flatten() + self.projection(h.sum((2, 3)), labels)
+        return (logits, self.code_head(h.flatten(1))) if with_code else logits
 
 
 def init_dcgan_weights(module: nn.Module) -> None:
@@ -89,8 +93,8 @@ def build_dcgan(cfg, shape: tuple[int, ...], num_classes: int):
                         f"but the data has samples of shape {list(shape)}; prepare the data with "
                         "--resolution 32 (or 16/64), or set model.name=mlp")
     base = scaled_width(BASE_CHANNELS, cfg.width_mult)
-    G = DCGANGenerator(cfg.latent_dim, shape[0], shape[1], base, cfg.g_norm, num_classes)
-    D = DCGANDiscriminator(shape[0], shape[1], base, cfg.d_norm, num_classes)
+    G = DCGANGenerator(cfg.latent_dim, shape[0], shape[1], base, cfg.g_norm, num_classes, cfg.latent_categories)
+    D = DCGANDiscriminator(shape[0], shape[1], base, cfg.d_norm, num_classes, cfg.latent_categories)
     G.apply(init_dcgan_weights)
     D.apply(init_dcgan_weights)
     return G, D

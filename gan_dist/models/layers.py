@@ -28,16 +28,41 @@ def d_norm_layer(d_norm: str, features: int, dims: int) -> nn.Module:
     return norm_layer("batch" if d_norm == "batch" else "none", features, dims)
 
 
-class LatentInput(nn.Module):
-    """G's input: z, with a learned label embedding of the same size appended when conditional."""
+def latent_code(z: torch.Tensor, categories: int) -> torch.Tensor:
+    """The categorical code carried by z: the argmax of its first `categories` coordinates
+    (uniform over the categories for Gaussian z)."""
+    return z[:, :categories].argmax(dim=1)
 
-    def __init__(self, latent_dim: int, num_classes: int = 0):
+
+class LatentInput(nn.Module):
+    """G's input: z, with a learned label embedding of the same size appended when conditional,
+    and a one-hot categorical code read off z when `categories` > 0.
+
+    The code is the argmax of z's first `categories` coordinates, so it is uniform over the
+    categories and every caller keeps drawing plain Gaussian z. A continuous map from a
+    Gaussian cannot cover disconnected modes (the ten digits) without spending samples on the
+    bridges between them; a discrete input lets G jump between modes instead.
+    """
+
+    def __init__(self, latent_dim: int, num_classes: int = 0, categories: int = 0):
         super().__init__()
         self.embed = nn.Embedding(num_classes, latent_dim) if num_classes else None
-        self.out_features = latent_dim * (2 if num_classes else 1)
+        self.categories = categories
+        self.out_features = latent_dim * (2 if num_classes else 1) + categories
 
     def forward(self, z: torch.Tensor, labels: torch.Tensor | None) -> torch.Tensor:
-        return z if self.embed is None else torch.cat([z, self.embed(labels)], dim=1)
+        parts = [z]
+        if self.embed is not None:
+            parts.append(self.embed(labels))
+        if self.categories:
+            code = latent_code(z, self.categories)
+            parts.append(nn.functional.one_hot(code, self.categories).to(z.dtype))
+        return parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)
+
+
+def code_head(features: int, categories: int) -> nn.Linear | None:
+    """InfoGAN's Q: D's features -> logits of the categorical code (model.latent_categories)."""
+    return nn.Linear(features, categories) if categories else None
 
 
 class Projection(nn.Module):

@@ -16,6 +16,7 @@ from gan_dist.models.layers import (
     LatentInput,
     MinibatchStd,
     Projection,
+    code_head,
     d_layer,
     d_norm_layer,
     norm_layer,
@@ -28,10 +29,10 @@ D_HIDDEN = (512, 256)
 
 class MLPGenerator(nn.Module):
     def __init__(self, latent_dim: int, shape: tuple[int, ...], hidden: list[int], g_norm: str,
-                 num_classes: int = 0):
+                 num_classes: int = 0, categories: int = 0):
         super().__init__()
         self.shape = shape
-        self.input = LatentInput(latent_dim, num_classes)
+        self.input = LatentInput(latent_dim, num_classes, categories)
         layers, width = [], self.input.out_features
         for out in hidden:
             layers += [nn.Linear(width, out), norm_layer(g_norm, out, 1), nn.LeakyReLU(0.2)]
@@ -46,7 +47,7 @@ class MLPGenerator(nn.Module):
 
 class MLPDiscriminator(nn.Module):
     def __init__(self, shape: tuple[int, ...], hidden: list[int], d_norm: str, num_classes: int = 0,
-                 dropout: float = 0.0, minibatch_std: int = 0):
+                 dropout: float = 0.0, minibatch_std: int = 0, categories: int = 0):
         super().__init__()
         layers, width = [], math.prod(shape)
         for out in hidden:
@@ -57,16 +58,19 @@ class MLPDiscriminator(nn.Module):
         self.batch_std = MinibatchStd(minibatch_std) if minibatch_std else nn.Identity()
         self.head = d_layer(nn.Linear(width + (1 if minibatch_std else 0), 1), d_norm)
         self.projection = Projection(num_classes, width)
+        self.code_head = code_head(width, categories)
 
-    def forward(self, x: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, labels: torch.Tensor | None = None, with_code: bool = False):
         h = self.features(x.flatten(1))
-        return self.head(self.batch_std(h)).squeeze(1) + self.projection(h, labels)
+        logits = self.head(self.batch_std(h)).squeeze(1) + self.projection(h, labels)
+        return (logits, self.code_head(h)) if with_code else logits
 
 
 @register_model("mlp")
 def build_mlp(cfg, shape: tuple[int, ...], num_classes: int):
     g_hidden = [scaled_width(w, cfg.width_mult) for w in G_HIDDEN]
     d_hidden = [scaled_width(w, cfg.width_mult) for w in D_HIDDEN]
-    G = MLPGenerator(cfg.latent_dim, shape, g_hidden, cfg.g_norm, num_classes)
-    D = MLPDiscriminator(shape, d_hidden, cfg.d_norm, num_classes, cfg.d_dropout, cfg.d_minibatch_std)
+    G = MLPGenerator(cfg.latent_dim, shape, g_hidden, cfg.g_norm, num_classes, cfg.latent_categories)
+    D = MLPDiscriminator(shape, d_hidden, cfg.d_norm, num_classes, cfg.d_dropout, cfg.d_minibatch_std,
+                          cfg.latent_categories)
     return G, D

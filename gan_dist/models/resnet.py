@@ -18,7 +18,14 @@ from torch import nn
 
 from gan_dist.errors import UserError
 from gan_dist.models import register_model
-from gan_dist.models.layers import LatentInput, Projection, d_layer, norm_layer, scaled_width
+from gan_dist.models.layers import (
+    LatentInput,
+    Projection,
+    code_head,
+    d_layer,
+    norm_layer,
+    scaled_width,
+)
 
 RESOLUTIONS = (32, 64)
 
@@ -72,10 +79,10 @@ class DownBlock(nn.Module):
 
 class ResNetGenerator(nn.Module):
     def __init__(self, latent_dim: int, out_channels: int, resolution: int, mult: float, g_norm: str,
-                 num_classes: int = 0):
+                 num_classes: int = 0, categories: int = 0):
         super().__init__()
         ch = _g_channels(resolution, mult)
-        self.input = LatentInput(latent_dim, num_classes)
+        self.input = LatentInput(latent_dim, num_classes, categories)
         self.linear = nn.Linear(self.input.out_features, 4 * 4 * ch[0])
         self.blocks = nn.Sequential(*[UpBlock(a, b, g_norm) for a, b in itertools.pairwise(ch)])
         self.out = nn.Sequential(norm_layer(g_norm, ch[-1], 2), nn.ReLU(), nn.Conv2d(ch[-1], out_channels, 3, 1, 1),
@@ -88,7 +95,8 @@ class ResNetGenerator(nn.Module):
 
 
 class ResNetDiscriminator(nn.Module):
-    def __init__(self, in_channels: int, resolution: int, mult: float, d_norm: str, num_classes: int = 0):
+    def __init__(self, in_channels: int, resolution: int, mult: float, d_norm: str, num_classes: int = 0,
+                 categories: int = 0):
         super().__init__()
         ch = _d_channels(resolution, mult)
         blocks, c_in = [], in_channels
@@ -100,10 +108,12 @@ class ResNetDiscriminator(nn.Module):
         self.blocks = nn.Sequential(*blocks, nn.ReLU())
         self.head = d_layer(nn.Linear(c_in, 1), d_norm)
         self.projection = Projection(num_classes, c_in)
+        self.code_head = code_head(c_in, categories)
 
-    def forward(self, x: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, labels: torch.Tensor | None = None, with_code: bool = False):
         h = self.blocks(x).sum((2, 3))
-        return self.head(h).flatten() + self.projection(h, labels)
+        logits = self.head(h).flatten() + self.projection(h, labels)
+        return (logits, self.code_head(h)) if with_code else logits
 
 
 def _init(module: nn.Module) -> None:
@@ -120,8 +130,9 @@ def build_resnet(cfg, shape: tuple[int, ...], num_classes: int):
                         f"shape {list(shape)}; prepare the data with --resolution 32 (or 64)")
     if cfg.d_norm == "batch":
         raise UserError("model.name=resnet takes model.d_norm=spectral (the paper's) or none, not batch")
-    G = ResNetGenerator(cfg.latent_dim, shape[0], shape[1], cfg.width_mult, cfg.g_norm, num_classes)
-    D = ResNetDiscriminator(shape[0], shape[1], cfg.width_mult, cfg.d_norm, num_classes)
+    G = ResNetGenerator(cfg.latent_dim, shape[0], shape[1], cfg.width_mult, cfg.g_norm, num_classes,
+                        cfg.latent_categories)
+    D = ResNetDiscriminator(shape[0], shape[1], cfg.width_mult, cfg.d_norm, num_classes, cfg.latent_categories)
     G.apply(_init)
     D.apply(_init)
     return G, D

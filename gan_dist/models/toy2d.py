@@ -18,9 +18,9 @@ HIDDEN = (400, 400, 400)
 
 
 class PointGenerator(nn.Module):
-    def __init__(self, latent_dim: int, hidden: list[int], g_norm: str, num_classes: int = 0):
+    def __init__(self, latent_dim: int, hidden: list[int], g_norm: str, num_classes: int = 0, categories: int = 0):
         super().__init__()
-        self.input = LatentInput(latent_dim, num_classes)
+        self.input = LatentInput(latent_dim, num_classes, categories)
         layers, width = [], self.input.out_features
         for out in hidden:
             layers += [nn.Linear(width, out), norm_layer(g_norm, out, 1), nn.ReLU()]
@@ -39,6 +39,7 @@ def build_mlp2d(cfg, shape: tuple[int, ...], num_classes: int):
         raise UserError(f"model.name=mlp2d generates 2-D points but the data has samples of shape "
                         f"{list(shape)}; use model.name=mlp or dcgan for images")
     hidden = [scaled_width(w, cfg.width_mult) for w in HIDDEN]
-    G = PointGenerator(cfg.latent_dim, hidden, cfg.g_norm, num_classes)
-    D = MLPDiscriminator(shape, hidden, cfg.d_norm, num_classes, cfg.d_dropout, cfg.d_minibatch_std)
+    G = PointGenerator(cfg.latent_dim, hidden, cfg.g_norm, num_classes, cfg.latent_categories)
+    D = MLPDiscriminator(shape, hidden, cfg.d_norm, num_classes, cfg.d_dropout, cfg.d_minibatch_std,
+                         cfg.latent_categories)
     return G, D
