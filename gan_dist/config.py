@@ -373,6 +373,7 @@ def validate(cfg: Config) -> None:
     _require(cfg.loss.r1_interval > 0, "loss.r1_interval", "must be >= 1")
     _require(cfg.loss.r1_gamma >= 0, "loss.r1_gamma", "must be >= 0 (0 = off)")
     _require(cfg.loss.gp_weight >= 0, "loss.gp_weight", "must be >= 0 (0 = off)")
+    _require(cfg.loss.info_weight >= 0, "loss.info_weight", "must be >= 0")
     _require(cfg.train.ema_rampup >= 0, "train.ema_rampup", "must be >= 0 (0 = off)")
     _require(cfg.train.max_skipped_in_row >= 1, "train.max_skipped_in_row", "must be >= 1")
     _require(cfg.dist.timeout_s > 0, "dist.timeout_s", "must be > 0 seconds")

@@ -165,6 +165,8 @@ BAD_INPUTS = [
     (["loss.name=hinje"], {}, "unknown loss 'hinje'; did you mean 'hinge'?"),
     (["model.latent_dim=0"], {}, "config key 'model.latent_dim' must be > 0"),
     (["model.latent_dim=-3"], {}, "config key 'model.latent_dim' must be > 0"),
+    (["model.latent_categories=17"], {}, "model.latent_categories=17 must be between 0 and model.latent_dim (16)"),
+    (["loss.info_weight=-1"], {}, "config key 'loss.info_weight' must be >= 0"),
     (["train.batch_size=30", "train.num_micro_batches=4"], {}, "train.batch_size=30 is not divisible by 1 processes x 4"),
     (["train.totl_kimg=3"], {}, "did you mean 'train.total_kimg'?"),
     (["plugins=[no_such_module]"], {}, "cannot import 'no_such_module'"),
