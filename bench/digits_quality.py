@@ -7,7 +7,7 @@ held-out real digits (classifier fitted on the other 70%) are printed as the cei
 Diversity within classes (mean pairwise distance between samples of the same class,
 relative to the real digits') guards against the collapse that per-class shares miss:
 a G that draws one image per class scores near 0. For a G with a categorical code
-(model.latent_categories) it also prints the code's purity: the share of samples whose
+(model.num_latent_categories) it also prints the code's purity: the share of samples whose
 class is the most common class of their code.
 
     python bench/digits_quality.py --run runs/default [--num 256] [--seed 0]
@@ -56,7 +56,7 @@ def within_class_distance(X: np.ndarray, labels: np.ndarray) -> float:
 
 def generate(run: str, num: int, seed: int) -> tuple[np.ndarray, np.ndarray | None, np.ndarray | None]:
     """`num` samples of the run's G_ema as the classifier's inputs, the requested labels
-    (conditional G) and the categorical codes read off z (model.latent_categories)."""
+    (conditional G) and the categorical codes read off z (model.num_latent_categories)."""
     G, info = load_generator(run)
     if len(info["shape"]) != 3 or info["shape"][0] != 1:
         sys.exit(f"{run} was trained on samples of shape {info['shape']}, not on the digits")
@@ -68,7 +68,7 @@ def generate(run: str, num: int, seed: int) -> tuple[np.ndarray, np.ndarray | No
         samples = torch.nn.functional.interpolate(G(z, labels), size=(8, 8), mode="area").reshape(num, 64)
     # The same quantisation as the stored data: [-1, 1] -> 0..255 -> the digits' 0..16 scale / 16.
     pixels = ((samples + 1) * 127.5).round().clamp(0, 255) / 255.0
-    categories = info["model"].get("latent_categories", 0)
+    categories = info["model"].get("num_latent_categories", 0)
     codes = latent_code(z, categories).numpy() if categories else None
     return pixels.numpy(), None if labels is None else labels.numpy(), codes
 
@@ -100,6 +100,11 @@ def main() -> int:
     print(f"| G_ema of {args.run} ({args.num}) | {gan_conf:.1%} | {gan_shares.min():.1%} | {gan_shares.max():.1%} |")
     print("class shares of the samples: " + " ".join(f"{c}:{s:.1%}" for c, s in enumerate(gan_shares)))
     print(f"diversity within classes: {diversity:.2f} of the real digits' (>= {MIN_DIVERSITY} expected)")
+    proba = clf.predict_proba(samples)
+    unsure = proba.max(1) < CONFIDENCE
+    if unsure.any():  # blends of two digits put nearly all their probability on two classes
+        top_two = np.sort(proba[unsure], axis=1)[:, -2:].sum(1).mean()
+        print(f"unconfident samples: {unsure.mean():.1%}, with {top_two:.0%} of their probability on two classes")
     if codes is not None:
         print(f"categorical code: {code_purity(codes, clf.predict(samples)):.1%} of samples are their code's "
               "most common class (1 digit per code: 100%)")

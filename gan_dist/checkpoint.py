@@ -62,7 +62,11 @@ def load_generator(source: Path, which: str = "G_ema") -> tuple[nn.Module, dict]
         except ImportError as err:
             raise UserError(f"{snapshot} needs the plugin module '{plugin}' ({err}); put it on PYTHONPATH") from err
     known = {f.name for f in dataclasses.fields(ModelConfig)}
-    model_cfg = ModelConfig(**{k: v for k, v in info["model"].items() if k in known})
+    newer = sorted(set(info["model"]) - known)
+    if newer:  # dropping them could build another architecture (e.g. G without its code input)
+        raise UserError(f"{snapshot} was written by a newer gan_dist (model keys {', '.join(newer)} are unknown "
+                        "here); upgrade gan_dist to read it")
+    model_cfg = ModelConfig(**info["model"])
     G, _ = build_models(model_cfg, tuple(info["shape"]), info["num_classes"])
     G.load_state_dict(load_file(str(snapshot / f"{which}.safetensors")))
     return G.eval().requires_grad_(False), info

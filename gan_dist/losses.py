@@ -13,7 +13,6 @@ import torch
 import torch.nn.functional as F
 
 from gan_dist.errors import UserError, did_you_mean
-from gan_dist.models.layers import latent_code
 
 
 @dataclass(frozen=True)
@@ -91,8 +90,8 @@ def gradient_penalty(mixed_logits: torch.Tensor, mixed: torch.Tensor, scaler=Non
     return (at_least_fp32(grad).flatten(1).norm(dim=1) - 1).square().mean()
 
 
-def code_loss(code_logits: torch.Tensor, z: torch.Tensor, categories: int) -> torch.Tensor:
-    """InfoGAN's categorical term: cross-entropy of D's code head against the code z carries.
-    Minimising it over G and the head maximises a lower bound on the mutual information
-    between the code and the image, so G must make the categories look different."""
-    return F.cross_entropy(code_logits.float(), latent_code(z, categories))
+def code_loss(code_logits: torch.Tensor, codes: torch.Tensor) -> torch.Tensor:
+    """InfoGAN's categorical term: cross-entropy of D's code head against the code each fake
+    was drawn with. Minimising it over G and the head maximises a lower bound on the mutual
+    information between code and image, so G must make the categories look different."""
+    return F.cross_entropy(code_logits.float(), codes)

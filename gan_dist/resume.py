@@ -192,7 +192,7 @@ def check_compatible(checkpoint: Path, saved_config: dict, config: dict) -> None
     differ = [k for k in sorted(set(saved) | set(new))
               if not k.startswith(MAY_CHANGE) and saved.get(k, defaults.get(k)) != new.get(k)]
     if differ:
-        listed = "; ".join(f"{k}: {saved.get(k)!r} -> {new.get(k)!r}" for k in differ)
+        listed = "; ".join(f"{k}: {saved.get(k, defaults.get(k))!r} -> {new.get(k)!r}" for k in differ)
         raise UserError(f"cannot resume from {checkpoint}: {listed}. Set these back, or start a new run "
                         "(another run.name, or run.overwrite=true to replace this one)")
 

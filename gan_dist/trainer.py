@@ -38,6 +38,7 @@ from gan_dist.losses import (
     interpolate,
     r1_penalty,
 )
+from gan_dist.models.layers import latent_code
 from gan_dist.preempt import REQUEUE_MARKER, write_requeue_marker
 from gan_dist.resume import save_checkpoint
 from gan_dist.seeds import derive_seed
@@ -313,7 +314,7 @@ class Trainer:
         if r1_due:
             real = real.detach().requires_grad_(True)
         real_logits = at_least_fp32((self.D_eager if r1_due else self.D)(self.augment.before_d(real), labels))
-        fake_logits, info = self._fake_logits(fake, z, fake_labels, "D")
+        fake_logits, info = self._fake_logits_and_code_loss(fake, z, fake_labels, "D")
         loss = self.loss.d_loss(real_logits, fake_logits)
         self.stats.report("Loss/D/adversarial", loss)
         loss = loss + info
@@ -331,13 +332,15 @@ class Trainer:
         self.stats.report("Loss/D", loss)
         return loss
 
-    def _fake_logits(self, fake, z, fake_labels, phase: str) -> tuple[torch.Tensor, torch.Tensor | float]:
+    def _fake_logits_and_code_loss(self, fake, z, fake_labels, phase: str) -> tuple[torch.Tensor, torch.Tensor | float]:
         """D's logits for fakes and, with a categorical code in z, InfoGAN's weighted code loss."""
-        categories = self.cfg.model.latent_categories
+        categories = self.cfg.model.num_latent_categories
         if not categories:
             return at_least_fp32(self.D(self.augment.before_d(fake), fake_labels)), 0.0
         logits, code_logits = self.D(self.augment.before_d(fake), fake_labels, with_code=True)
-        info = code_loss(code_logits, z, categories)
+        # DeepSpeed's half-precision engines hand G a rounded z; the target is the code G read.
+        seen_z = z.to(getattr(self.G, "input_dtype", z.dtype))
+        info = code_loss(code_logits, latent_code(seen_z, categories))
         self.stats.report(f"Loss/{phase}/info", info)
         return at_least_fp32(logits), self.cfg.loss.info_weight * info
 
@@ -348,7 +351,7 @@ class Trainer:
             for i in range(num_micro):
                 with self.backend.micro_batch_sync("G", i, num_micro):
                     z, fake_labels = self._noise(self.batch_per_device // num_micro)
-                    fake_logits, info = self._fake_logits(self.G(z, fake_labels), z, fake_labels, "G")
+                    fake_logits, info = self._fake_logits_and_code_loss(self.G(z, fake_labels), z, fake_labels, "G")
                     loss = self.loss.g_loss(fake_logits) + info
                     self.stats.report("Loss/G", loss)
                     self._check_finite(loss, "G")

@@ -20,7 +20,7 @@ pytestmark = pytest.mark.launch
 if os.environ.get("CI") != "true":  # CI installs the extra; elsewhere say why these tests skip
     pytest.importorskip("deepspeed", reason="install the extra: bash launch/setup.sh --deepspeed")
 
-CASES = ["ddp", "zero1", "zero2", "zero1-unfrozen", "resume-full", "resume-leg1", "resume-leg2", "bf16-zero2",
+CASES = ["ddp", "zero1", "zero2", "ddp-code", "zero2-code", "bf16-zero2-code", "zero1-unfrozen", "resume-full", "resume-leg1", "resume-leg2", "bf16-zero2",
          "bf16-dcgan-zero1", "nan-zero0", "nan-zero1", "nan-zero2",
          "memory-zero0", "memory-zero1", "memory-zero2"]
 NETS = ("G", "D")
@@ -50,16 +50,16 @@ def _max_diff(a: dict, b: dict, nets=NETS) -> float:
     return max((a[net][k] - b[net][k]).abs().max().item() for net in nets for k in a[net])
 
 
-@pytest.mark.parametrize("stage", [1, 2])
-def test_zero_matches_ddp_after_five_iterations(ds, stage):
-    ddp, zero = ds("ddp"), ds(f"zero{stage}")
+@pytest.mark.parametrize("ddp_case, zero_case", [("ddp", "zero1"), ("ddp", "zero2"), ("ddp-code", "zero2-code")])
+def test_zero_matches_ddp_after_five_iterations(ds, ddp_case, zero_case):
+    ddp, zero = ds(ddp_case), ds(zero_case)
     assert all(torch.equal(ddp["G0"][k], zero["G0"][k]) for k in ddp["G0"]), "not the same initial weights"
     moved = max((ddp["G"][k] - ddp["G0"][k]).abs().max().item() for k in ddp["G0"])
     assert moved > 1e-3, "training did not move G: the comparison would prove nothing"
     assert ddp["step"] == zero["step"] == 5
     assert _max_diff(ddp, zero) <= 1e-5
     for rank in (0, 1):  # every rank ends with the same weights
-        assert _max_diff(zero, ds(f"zero{stage}", rank)) == 0
+        assert _max_diff(zero, ds(zero_case, rank)) == 0
 
 
 @pytest.mark.parametrize("stage", [1, 2])
@@ -87,7 +87,7 @@ def test_stop_after_ten_and_resume_equals_twenty_in_one_go(ds):
     assert _max_diff(full, split, nets=("G", "D", "G_ema")) == 0  # bitwise
 
 
-@pytest.mark.parametrize("case, steps", [("bf16-zero2", 4), ("bf16-dcgan-zero1", 2)])
+@pytest.mark.parametrize("case, steps", [("bf16-zero2", 4), ("bf16-dcgan-zero1", 2), ("bf16-zero2-code", 4)])
 def test_bf16_engines_train_with_finite_weights(ds, case, steps):
     state = ds(case)
     assert state["step"] == steps and state["skipped"] == {"G": 0, "D": 0}

@@ -1,4 +1,4 @@
-"""G_ema decay from image counts, buffer copies; statistics reduction."""
+"""G_ema decay from image counts, buffer copies; statistics reduction; the ranks' weight fingerprint."""
 
 import pytest
 import torch
@@ -63,3 +63,15 @@ def test_lr_factor_warms_up_and_ramps_down():
     assert lr_factor(9_000, 10_000, 100, 1.0, 2.0) == pytest.approx(0.5)
     assert lr_factor(10_000, 10_000, 100, 1.0, 2.0) == 0.0
     assert lr_factor(123, 10_000, 100, 0.0, 0.0) == 1.0
+
+
+def test_rank_fingerprint_reads_half_precision_views_at_odd_offsets():
+    from gan_dist.dist import _fingerprint
+
+    flat = torch.randn(9).to(torch.bfloat16)  # DeepSpeed keeps half-precision parameters as views of one buffer
+    view = flat[1:5]
+    assert view.storage_offset() * view.element_size() % 4 == 2
+    assert torch.equal(_fingerprint(view), _fingerprint(view.clone()))
+    changed = view.clone()
+    changed[2] = changed[2] + 1
+    assert not torch.equal(_fingerprint(view), _fingerprint(changed))

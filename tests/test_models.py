@@ -145,28 +145,41 @@ def test_latent_code_is_uniform_and_reaches_g_one_hot():
 
 
 @pytest.mark.parametrize("name, shape", CASES)
-def test_code_head_predicts_every_category(name, shape):
-    cfg = ModelConfig(name=name, latent_dim=16, width_mult=0.25, latent_categories=10)
-    G, D = build_models(cfg, shape, num_classes=0)
-    x = G(torch.randn(5, 16))
-    logits, code_logits = D(x, None, with_code=True)
+@pytest.mark.parametrize("conditional", [False, True])
+def test_code_head_returns_code_logits_beside_unchanged_logits(name, shape, conditional):
+    cfg = ModelConfig(name=name, latent_dim=16, width_mult=0.25, num_latent_categories=10, conditional=conditional)
+    G, D = build_models(cfg, shape, num_classes=10)
+    labels = torch.randint(0, 10, (5,)) if conditional else None
+    x = G(torch.randn(5, 16), labels)
+    logits, code_logits = D(x, labels, with_code=True)
     assert logits.shape == (5,) and code_logits.shape == (5, 10)
-    assert torch.equal(D(x), logits)  # the adversarial logits do not depend on asking for the code
+    assert torch.equal(D(x, labels), logits)  # the adversarial logits do not depend on asking for the code
 
 
-@pytest.mark.parametrize("categories", [-1, 17])
-def test_latent_categories_outside_z_is_a_user_error(categories):
-    with pytest.raises(UserError, match=f"model.latent_categories={categories} must be between 0 and"):
-        build_models(ModelConfig(name="mlp", latent_dim=16, latent_categories=categories), (1, 8, 8), 0)
+@pytest.mark.parametrize("categories", [-1, 1, 17])
+def test_num_latent_categories_outside_z_is_a_user_error(categories):
+    from gan_dist.config import load_config
+
+    with pytest.raises(UserError, match="'model.num_latent_categories' must be 0 \\(off\\) or 2 to model.latent_dim \\(16\\)"):
+        load_config(None, ["model.latent_dim=16", f"model.num_latent_categories={categories}"])
 
 
-def test_latent_categories_need_a_d_with_a_code_head():
+def test_num_latent_categories_need_a_d_with_a_code_head():
     @register_model("test_no_code_head")
     def build(cfg, shape, num_classes):
         return torch.nn.Linear(cfg.latent_dim, 4), torch.nn.Linear(4, 1)
 
+    class HeadWithoutArgument(torch.nn.Linear):  # a code head, but forward cannot be asked for it
+        code_head = torch.nn.Linear(4, 4)
+
+    @register_model("test_head_without_argument")
+    def build_half(cfg, shape, num_classes):
+        return torch.nn.Linear(cfg.latent_dim, 4), HeadWithoutArgument(4, 1)
+
     try:
-        with pytest.raises(UserError, match="its D has no code head"):
-            build_models(ModelConfig(name="test_no_code_head", latent_dim=16, latent_categories=4), (4,), 0)
+        for name in ("test_no_code_head", "test_head_without_argument"):
+            with pytest.raises(UserError, match="its D has no code head"):
+                build_models(ModelConfig(name=name, latent_dim=16, num_latent_categories=4), (4,), 0)
     finally:
         MODELS.pop("test_no_code_head")
+        MODELS.pop("test_head_without_argument")

@@ -60,13 +60,16 @@ def test_variants_train_with_finite_losses(train_main, digits_dir, tmp_path, ext
 
 
 def test_code_loss_teaches_g_and_d_the_latent_code(train_main, digits_dir, tmp_path):
-    code, _, err = train_main(*tiny_args(digits_dir, "model.latent_categories=4", "loss.info_weight=1",
+    code, _, err = train_main(*tiny_args(digits_dir, "model.num_latent_categories=4", "loss.info_weight=1",
                                          "train.total_kimg=10", "train.max_steps=150", "log.every_steps=50",
                                          "optim.generator.lr=1e-3", "optim.discriminator.lr=1e-3"))
     assert code == 0, err
     records = [json.loads(line) for line in (tmp_path / "runs" / "tiny" / "metrics.jsonl").read_text().splitlines()]
     # ln 4 = 1.39 is the loss of a head that cannot tell the codes apart in G's images.
+    # Measured: 0.10 and 0.10 at step 150 (2026-11-29).
     assert records[-1]["Loss/G/info"] < 0.5 * math.log(4) and records[-1]["Loss/D/info"] < 0.5 * math.log(4)
+    for r in records:  # D's loss is the adversarial loss plus info_weight (1 here) times the code loss
+        assert r["Loss/D"] == pytest.approx(r["Loss/D/adversarial"] + r["Loss/D/info"], abs=1e-5)
 
 
 def test_dcgan_trains_on_32px_mnist(train_main, tmp_path):
@@ -91,7 +94,8 @@ def test_mlp_mnist_config_prepares_mnist_from_raw_files(train_main, tmp_path):
     assert "G 1,486,352 params" in out  # the tutorial's MLP: 100-256-512-1024-784
 
 
-def test_g_phase_leaves_d_gradients_untouched(digits_dir, tmp_path, monkeypatch):
+@pytest.mark.parametrize("extra", [[], ["model.num_latent_categories=4"]])
+def test_g_phase_leaves_d_gradients_untouched(digits_dir, tmp_path, monkeypatch, extra):
     """D is frozen during the G step: G's loss must not accumulate into D's gradients."""
     from gan_dist import trainer as trainer_mod
 
@@ -109,8 +113,31 @@ def test_g_phase_leaves_d_gradients_untouched(digits_dir, tmp_path, monkeypatch)
     monkeypatch.chdir(tmp_path)
     from gan_dist.train import main
 
-    assert main(tiny_args(digits_dir, "train.max_steps=2")) == 0
+    assert main(tiny_args(digits_dir, "train.max_steps=2", *extra)) == 0
     assert seen == {"unchanged": True, "g_grads": True}
+
+
+def test_d_phase_trains_the_code_head_and_leaves_g_alone(digits_dir, tmp_path, monkeypatch):
+    """The code loss reaches D's code head in the D phase; the fakes are detached from G."""
+    from gan_dist import trainer as trainer_mod
+
+    seen = {}
+    original = trainer_mod.Trainer.d_phase
+
+    def spy(self, real, labels):
+        for p in self.G.parameters():
+            p.grad = None
+        original(self, real, labels)
+        seen["head"] = bool(self.D.code_head.weight.grad.abs().sum() > 0)
+        seen["g_untouched"] = all(p.grad is None for p in self.G.parameters())
+
+    monkeypatch.setattr(trainer_mod.Trainer, "d_phase", spy)
+    monkeypatch.chdir(tmp_path)
+    from gan_dist.train import main
+
+    # The adversarial logits do not use the code head: its gradient can only come from the code loss.
+    assert main(tiny_args(digits_dir, "train.max_steps=2", "model.num_latent_categories=4")) == 0
+    assert seen == {"head": True, "g_untouched": True}
 
 
 def test_existing_run_is_not_overwritten_by_default(train_main, digits_dir, tmp_path):
@@ -165,7 +192,8 @@ BAD_INPUTS = [
     (["loss.name=hinje"], {}, "unknown loss 'hinje'; did you mean 'hinge'?"),
     (["model.latent_dim=0"], {}, "config key 'model.latent_dim' must be > 0"),
     (["model.latent_dim=-3"], {}, "config key 'model.latent_dim' must be > 0"),
-    (["model.latent_categories=17"], {}, "model.latent_categories=17 must be between 0 and model.latent_dim (16)"),
+    (["model.num_latent_categories=17"], {}, "'model.num_latent_categories' must be 0 (off) or 2 to model.latent_dim (16)"),
+    (["model.num_latent_categories=1"], {}, "'model.num_latent_categories' must be 0 (off) or 2 to model.latent_dim"),
     (["loss.info_weight=-1"], {}, "config key 'loss.info_weight' must be >= 0"),
     (["train.batch_size=30", "train.num_micro_batches=4"], {}, "train.batch_size=30 is not divisible by 1 processes x 4"),
     (["train.totl_kimg=3"], {}, "did you mean 'train.total_kimg'?"),
@@ -214,7 +242,8 @@ def test_bad_input_touches_no_run_directory(train_main, digits_dir, tmp_path, ba
     assert not (tmp_path / "missing").exists(), "an explicit data.path must never be prepared"
 
 
-def test_snapshot_reproduces_the_final_grid(train_main, digits_dir, tmp_path):
+@pytest.mark.parametrize("extra", [[], ["model.num_latent_categories=4"]])
+def test_snapshot_reproduces_the_final_grid(train_main, digits_dir, tmp_path, extra):
     """The saved G_ema (weights and BatchNorm buffers) is the network that drew final.png."""
     import numpy as np
     from PIL import Image
@@ -224,7 +253,7 @@ def test_snapshot_reproduces_the_final_grid(train_main, digits_dir, tmp_path):
     from gan_dist.trainer import FIXED_PURPOSE
     from gan_dist.visual import save_samples
 
-    assert train_main(*tiny_args(digits_dir, "train.max_steps=15"))[0] == 0
+    assert train_main(*tiny_args(digits_dir, "train.max_steps=15", *extra))[0] == 0
     run = tmp_path / "runs" / "tiny"
     G, info = load_generator(run)
     assert info["shape"] == [1, 8, 8] and not G.training
@@ -232,6 +261,14 @@ def test_snapshot_reproduces_the_final_grid(train_main, digits_dir, tmp_path):
     with torch.no_grad():
         redrawn = save_samples(G(z), tmp_path / "redrawn.png")
     assert np.array_equal(redrawn, np.asarray(Image.open(run / "samples" / "final.png").convert("RGB")))
+    # A model key this version does not know (a newer gan_dist's) is refused, not dropped.
+    model_json = next((run / "checkpoints").glob("step_*")) / "model.json"
+    written = json.loads(model_json.read_text())
+    model_json.write_text(json.dumps({**written, "model": {**written["model"], "num_heads": 2}}))
+    from gan_dist.errors import UserError
+
+    with pytest.raises(UserError, match="written by a newer gan_dist .model keys num_heads"):
+        load_generator(run)
 
 
 def test_bf16_logits_are_bf16_and_losses_stay_finite(train_main, digits_dir, tmp_path):

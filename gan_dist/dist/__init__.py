@@ -189,6 +189,10 @@ def _fingerprint(tensor: torch.Tensor) -> torch.Tensor:
     """Two int64 sums over the raw bits (plain and position-weighted): any change of any bit,
     or two swapped values, changes them. Exact integer arithmetic, so no tolerance is needed."""
     flat = tensor.detach().contiguous().reshape(-1)
+    # Reading 4-byte words needs 4-byte alignment: a half-precision parameter inside DeepSpeed's
+    # flat buffer can start at an odd element (found with InfoGAN's code head under bf16 ZeRO-2).
+    if (flat.storage_offset() * flat.element_size()) % 4:
+        flat = flat.clone()
     word = torch.int32 if flat.numel() * flat.element_size() % 4 == 0 else torch.uint8
     bits = flat.view(torch.uint8).view(word).to(torch.int64)
     weights = torch.arange(1, bits.numel() + 1, device=bits.device, dtype=torch.int64)

@@ -116,10 +116,10 @@ class CastInputs(nn.Module):
 
     def __init__(self, module: nn.Module, dtype: torch.dtype):
         super().__init__()
-        self.module, self.dtype = module, dtype
+        self.module, self.input_dtype = module, dtype
 
-    def forward(self, x: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
-        return self.module(x.to(self.dtype), labels)
+    def forward(self, x: torch.Tensor, labels: torch.Tensor | None = None, **kwargs):
+        return self.module(x.to(self.input_dtype), labels, **kwargs)
 
 
 def _initialize(deepspeed, cfg, name: str, module: nn.Module, optimizer, config: dict):

@@ -2,7 +2,7 @@
 
 A builder takes the model config and the data's sample shape and number of classes, and
 returns `(G, D)` with `G(z, labels=None) -> samples` and `D(x, labels=None) -> logits [N]`.
-With model.latent_categories > 0, D also has a `code_head` and `D(x, labels, with_code=True)`
+With model.num_latent_categories > 0, D also has a `code_head` and `D(x, labels, with_code=True)`
 returns `(logits, code_logits [N, categories])` (InfoGAN's Q sharing D's body).
 Plugins add architectures with `@register_model("name")` without editing this package.
 """
@@ -42,14 +42,18 @@ def build_models(cfg, shape: tuple[int, ...], num_classes: int) -> tuple[nn.Modu
     if cfg.conditional and num_classes < 2:
         raise UserError("model.conditional=true needs a labelled dataset (index.json lists no classes); "
                         "set model.conditional=false")
-    if not 0 <= cfg.latent_categories <= cfg.latent_dim:
-        raise UserError(f"model.latent_categories={cfg.latent_categories} must be between 0 and model.latent_dim "
-                        f"({cfg.latent_dim}): the code is read off z's first coordinates")
     G, D = builder(cfg, tuple(shape), num_classes if cfg.conditional else 0)
-    if cfg.latent_categories and getattr(D, "code_head", None) is None:
+    if cfg.num_latent_categories and not _has_code_head(D):
         raise UserError(f"model.name={cfg.name}: its D has no code head (a `code_head` layer and a "
-                        "`with_code` argument), so it cannot train model.latent_categories; set it to 0")
+                        "`with_code` argument to forward), so it cannot train model.num_latent_categories; "
+                        "set it to 0")
     return G, D
+
+
+def _has_code_head(D: nn.Module) -> bool:
+    import inspect
+
+    return getattr(D, "code_head", None) is not None and "with_code" in inspect.signature(D.forward).parameters
 
 
 def _load_builtins() -> None:

@@ -93,8 +93,8 @@ def build_dcgan(cfg, shape: tuple[int, ...], num_classes: int):
                         f"but the data has samples of shape {list(shape)}; prepare the data with "
                         "--resolution 32 (or 16/64), or set model.name=mlp")
     base = scaled_width(BASE_CHANNELS, cfg.width_mult)
-    G = DCGANGenerator(cfg.latent_dim, shape[0], shape[1], base, cfg.g_norm, num_classes, cfg.latent_categories)
-    D = DCGANDiscriminator(shape[0], shape[1], base, cfg.d_norm, num_classes, cfg.latent_categories)
+    G = DCGANGenerator(cfg.latent_dim, shape[0], shape[1], base, cfg.g_norm, num_classes, cfg.num_latent_categories)
+    D = DCGANDiscriminator(shape[0], shape[1], base, cfg.d_norm, num_classes, cfg.num_latent_categories)
     G.apply(init_dcgan_weights)
     D.apply(init_dcgan_weights)
     return G, D

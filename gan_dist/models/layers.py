@@ -61,7 +61,7 @@ class LatentInput(nn.Module):
 
 
 def code_head(features: int, categories: int) -> nn.Linear | None:
-    """InfoGAN's Q: D's features -> logits of the categorical code (model.latent_categories)."""
+    """InfoGAN's Q: D's features -> logits of the categorical code (model.num_latent_categories)."""
     return nn.Linear(features, categories) if categories else None
 
 

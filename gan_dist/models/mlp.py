@@ -70,7 +70,7 @@ class MLPDiscriminator(nn.Module):
 def build_mlp(cfg, shape: tuple[int, ...], num_classes: int):
     g_hidden = [scaled_width(w, cfg.width_mult) for w in G_HIDDEN]
     d_hidden = [scaled_width(w, cfg.width_mult) for w in D_HIDDEN]
-    G = MLPGenerator(cfg.latent_dim, shape, g_hidden, cfg.g_norm, num_classes, cfg.latent_categories)
+    G = MLPGenerator(cfg.latent_dim, shape, g_hidden, cfg.g_norm, num_classes, cfg.num_latent_categories)
     D = MLPDiscriminator(shape, d_hidden, cfg.d_norm, num_classes, cfg.d_dropout, cfg.d_minibatch_std,
-                          cfg.latent_categories)
+                          cfg.num_latent_categories)
     return G, D

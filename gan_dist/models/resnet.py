@@ -131,8 +131,8 @@ def build_resnet(cfg, shape: tuple[int, ...], num_classes: int):
     if cfg.d_norm == "batch":
         raise UserError("model.name=resnet takes model.d_norm=spectral (the paper's) or none, not batch")
     G = ResNetGenerator(cfg.latent_dim, shape[0], shape[1], cfg.width_mult, cfg.g_norm, num_classes,
-                        cfg.latent_categories)
-    D = ResNetDiscriminator(shape[0], shape[1], cfg.width_mult, cfg.d_norm, num_classes, cfg.latent_categories)
+                        cfg.num_latent_categories)
+    D = ResNetDiscriminator(shape[0], shape[1], cfg.width_mult, cfg.d_norm, num_classes, cfg.num_latent_categories)
     G.apply(_init)
     D.apply(_init)
     return G, D

@@ -39,7 +39,7 @@ def build_mlp2d(cfg, shape: tuple[int, ...], num_classes: int):
         raise UserError(f"model.name=mlp2d generates 2-D points but the data has samples of shape "
                         f"{list(shape)}; use model.name=mlp or dcgan for images")
     hidden = [scaled_width(w, cfg.width_mult) for w in HIDDEN]
-    G = PointGenerator(cfg.latent_dim, hidden, cfg.g_norm, num_classes, cfg.latent_categories)
+    G = PointGenerator(cfg.latent_dim, hidden, cfg.g_norm, num_classes, cfg.num_latent_categories)
     D = MLPDiscriminator(shape, hidden, cfg.d_norm, num_classes, cfg.d_dropout, cfg.d_minibatch_std,
-                         cfg.latent_categories)
+                         cfg.num_latent_categories)
     return G, D

@@ -27,6 +27,7 @@ BASE = ["data.num_workers=0", "model.g_norm=none", "log.every_steps=5", "optim.g
         "optim.discriminator.lr=2e-3", "loss.name=nonsaturating", "loss.r1_gamma=1", "loss.r1_interval=1"]
 DCGAN = ["model.name=dcgan", "model.width_mult=0.25", "data.resolution=16"]
 DS = ["train.backend=deepspeed"]
+CODE = ["model.num_latent_categories=4", "loss.info_weight=1"]
 RESUME = [*DS, "deepspeed.zero_stage=2", "run.overwrite=false", "checkpoint.every_kimg=0", "train.total_kimg=5"]
 
 CASES = {
@@ -34,12 +35,16 @@ CASES = {
     "ddp": ["train.max_steps=5"],
     "zero1": [*DS, "deepspeed.zero_stage=1", "train.max_steps=5"],
     "zero2": [*DS, "deepspeed.zero_stage=2", "train.max_steps=5"],
+    # InfoGAN's code head: a keyword argument to D and a second output, through the engines too.
+    "ddp-code": ["train.max_steps=5", *CODE],
+    "zero2-code": [*DS, "deepspeed.zero_stage=2", "train.max_steps=5", *CODE],
     # The leak probe's negative control: D left unfrozen in G's step must show up.
     "zero1-unfrozen": [*DS, "deepspeed.zero_stage=1", "train.max_steps=2"],
     "resume-full": [*RESUME, "run.name=resume-full", "train.max_steps=20"],
     "resume-leg1": [*RESUME, "run.name=resume-split", "train.max_steps=10"],
     "resume-leg2": [*RESUME, "run.name=resume-split", "train.max_steps=20"],
     "bf16-zero2": [*DS, "deepspeed.zero_stage=2", "train.mixed_precision=bf16", "train.max_steps=4"],
+    "bf16-zero2-code": [*DS, "deepspeed.zero_stage=2", "train.mixed_precision=bf16", "train.max_steps=4", *CODE],
     # BatchNorm in G under half precision (bf16 convolutions are slow on CPUs: 2 steps).
     "bf16-dcgan-zero1": [*DS, *DCGAN, "model.g_norm=batch", "deepspeed.zero_stage=1", "train.mixed_precision=bf16",
                          "train.max_steps=2"],

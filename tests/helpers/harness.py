@@ -43,7 +43,7 @@ CASES = {
     "eq-mlp-hinge": [*EQ_SHARED, *HINGE_NCRITIC],
     "eq-mlp-gp": [*EQ_SHARED, "loss.name=wasserstein", "loss.gp_weight=10"],
     "eq-mlp-diffaug": [*EQ_SHARED, *NONSAT_R1, "data.diffaugment=color,translation,cutout"],
-    "eq-mlp-code": [*EQ_SHARED, *NONSAT_R1, "model.latent_categories=4", "loss.info_weight=1"],
+    "eq-mlp-code": [*EQ_SHARED, *NONSAT_R1, "model.num_latent_categories=4", "loss.info_weight=1"],
     "eq-dcgan-r1": [*EQ_SHARED, *DCGAN, *NONSAT_R1],
     "eq-dcgan-hinge": [*EQ_SHARED, *DCGAN, *HINGE_NCRITIC],
     "eq-mlp-r1-micro2": [*EQ_SHARED, *NONSAT_R1, "train.num_micro_batches=2"],
