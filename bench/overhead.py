@@ -19,6 +19,7 @@ import argparse
 import statistics
 import tempfile
 import time
+import warnings
 from pathlib import Path
 
 import torch
@@ -46,9 +47,12 @@ def in_memory(images: torch.Tensor, batch: int):
 
 
 def run_ours(config: str, overrides: list[str], images: torch.Tensor, steps: int, warmup: int,
-             sync_check: bool = False) -> float:
+             syncs: list | None = None, run_root: str | None = None, after_warmup=None) -> float:
     """img/s of gan_dist's Trainer over `steps` steps after `warmup` (train() builds everything).
-    sync_check (GPU): each step after the warm-up runs under set_sync_debug_mode("error")."""
+    With a `syncs` list (GPU), each step after the warm-up runs under
+    torch.cuda.set_sync_debug_mode("warn") and every host synchronisation warning it raises
+    is appended as (file, line, message). `run_root` keeps the run's outputs there;
+    `after_warmup()` is called once, when the warm-up steps are done."""
     from gan_dist import run as run_mod
     from gan_dist import trainer as trainer_mod
     from gan_dist.data.stream import DatasetInfo
@@ -62,22 +66,28 @@ def run_ours(config: str, overrides: list[str], images: torch.Tensor, steps: int
         return info, in_memory(images, batch_per_device)
 
     def step_once(self, batches):
-        checked = sync_check and len(stamps) >= warmup
-        if checked:
-            torch.cuda.set_sync_debug_mode("error")
-        try:
+        if syncs is not None and len(stamps) >= warmup:
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always")
+                torch.cuda.set_sync_debug_mode("warn")
+                try:
+                    original_step(self, batches)
+                finally:
+                    torch.cuda.set_sync_debug_mode("default")
+            syncs.extend((w.filename, w.lineno, str(w.message).splitlines()[0]) for w in caught
+                         if "synchroniz" in str(w.message))
+        else:
             original_step(self, batches)
-        finally:
-            if checked:
-                torch.cuda.set_sync_debug_mode("default")
         if torch.cuda.is_available():
             torch.cuda.synchronize()
         stamps.append(time.perf_counter())
+        if after_warmup is not None and len(stamps) == warmup:
+            after_warmup()
 
     run_mod.open_data, trainer_mod.Trainer._step_once = open_data, step_once
     try:
         with tempfile.TemporaryDirectory() as root:
-            train(str(ROOT / "configs" / config), [*overrides, f"run.root={root}", "run.overwrite=true",
+            train(str(ROOT / "configs" / config), [*overrides, f"run.root={run_root or root}", "run.overwrite=true",
                                                    "train.resume=none", f"train.max_steps={warmup + steps}"])
     finally:
         run_mod.open_data, trainer_mod.Trainer._step_once = original_open, original_step

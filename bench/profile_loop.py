@@ -2,6 +2,9 @@
 
     python bench/profile_loop.py [--steps 200] [--log-every 50] [--trace bench/results/profile_cpu.json.gz]
 
+Rows for fused Adam in fp32 and in fp16 (one grad scaler per network, on a CPU too), and
+for foreach Adam, the negative control.
+
 Trains configs/tiny.yaml (non-saturating loss + R1, the 8x8 digits) in this process under the
 profiler and counts `aten::_local_scalar_dense`, the op behind every `.item()`, `float(t)` and
 `bool(t)` on a tensor: each is a point where the host waits for the device. The trainer keeps
@@ -68,12 +71,13 @@ def main() -> None:
     torch.set_num_threads(1)
     with tempfile.TemporaryDirectory() as tmp:
         data = write_shards(digits(), Path(tmp) / "digits", shard_size=256)
-        print("| optimizer | steps | log every | host syncs in the loop | reads of Adam's host-side step counters |\n"
-              "|---|---|---|---|---|")
-        for fused in ("true", "false"):
+        print("| optimizer | precision | steps | log every | host syncs in the loop | "
+              "reads of Adam's host-side step counters |\n|---|---|---|---|---|---|")
+        for fused, precision in (("true", "no"), ("true", "fp16"), ("false", "no")):
             for steps in (args.steps, 2 * args.steps):
-                count = count_syncs(steps, args.log_every, str(data), None, (f"optim.fused={fused}",))
-                print(f"| {'fused' if fused == 'true' else 'foreach'} | {steps} | {args.log_every} | "
+                count = count_syncs(steps, args.log_every, str(data), None,
+                                    (f"optim.fused={fused}", f"train.mixed_precision={precision}"))
+                print(f"| {'fused' if fused == 'true' else 'foreach'} | {precision} | {steps} | {args.log_every} | "
                       f"{count['loop']} | {count['optimizer']} |", flush=True)
         raw = Path(tmp) / "trace.json"
         count_syncs(10, 5, str(data), raw)

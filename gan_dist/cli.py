@@ -14,7 +14,7 @@ def _check(args) -> int:
     keys and types, plugins, model and loss names, the batch split over --world-size
     processes, and (when it exists already) the dataset and the models built for it."""
     from gan_dist import config as config_mod
-    from gan_dist import dist
+    from gan_dist import parallel
     from gan_dist.data.stream import open_dataset
     from gan_dist.losses import get_loss
     from gan_dist.models import build_models, get_builder
@@ -25,12 +25,13 @@ def _check(args) -> int:
     import_plugins(cfg.plugins)
     get_builder(cfg.model.name)
     get_loss(cfg.loss.name)
-    dist.batch_per_device(cfg.train.batch_size, args.world_size, cfg.train.num_micro_batches)
+    parallel.batch_per_device(cfg.train.batch_size, args.world_size, cfg.train.num_micro_batches)
     # A built-in dataset that is not there yet is prepared by the run itself; an explicit
     # data.path must exist now.
     if cfg.data.path or Path(dataset_path(cfg)).exists():
         info = open_dataset(dataset_path(cfg))
-        build_models(cfg.model, info.shape, info.num_classes or cfg.data.num_classes)
+        _, D = build_models(cfg.model, info.shape, info.num_classes or cfg.data.num_classes)
+        parallel.check_sync_bn(cfg, D)
     if args.print_run_dir:
         print(Path(cfg.run.root) / cfg.run.name)  # for launch scripts, which look for the REQUEUE marker
     else:

@@ -23,6 +23,10 @@ from omegaconf.errors import ConfigKeyError, OmegaConfBaseException
 
 from gan_dist.errors import UserError, did_you_mean
 
+# The quickstart's config, shipped inside the package (configs/default.yaml links to it):
+# what `python train.py` and `accelerate launch train.py` train when given no --config.
+DEFAULT_CONFIG = Path(__file__).resolve().parent / "default.yaml"
+
 
 @dataclass
 class RunConfig:
@@ -144,8 +148,10 @@ class TrainConfig:
     """Base seed; noise and data streams derive theirs from it and the global rank."""
     num_threads: int = 0
     """CPU threads per process for torch (0 keeps torch's default); results depend on it, so pin it to reproduce."""
+    device: Literal["auto", "cuda", "cpu"] = "auto"
+    """auto: CUDA when torch can use it (exit 2 if GPUs are allocated but CUDA is broken); cuda: require it; cpu: CPU even on a GPU node."""
     mixed_precision: Literal["no", "bf16", "fp16"] = "no"
-    """Autocast precision of G and D forwards; master weights stay fp32."""
+    """Autocast precision of G and D forwards (fp16 with one grad scaler per network); master weights stay fp32."""
     channels_last: bool = False
     """Convolution weights and images in channels-last memory format (faster convolutions on recent GPUs)."""
     compile: bool = False
@@ -426,7 +432,7 @@ def _check_deepspeed(cfg: Config) -> None:
              "must be 1 under train.backend=deepspeed (raise the number of processes, or use train.backend=ddp)")
     _require(not cfg.model.sync_bn, "model.sync_bn", "must be false under train.backend=deepspeed")
     _require(not cfg.train.compile, "train.compile", "must be false under train.backend=deepspeed (not supported yet)")
-    from gan_dist.dist.zero import check_user_json
+    from gan_dist.parallel.zero import check_user_json
 
     for network in ("generator", "discriminator"):  # read now: a bad file must not touch the run directory
         check_user_json(getattr(cfg.deepspeed, f"{network}_json"), f"deepspeed.{network}_json")

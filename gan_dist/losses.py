@@ -55,13 +55,20 @@ def get_loss(name: str) -> AdversarialLoss:
 def input_gradients(outputs: torch.Tensor, inputs: torch.Tensor, scaler=None) -> torch.Tensor:
     """d(sum outputs)/d(inputs), kept in the graph so a penalty on it can be backpropagated.
 
-    Under fp16 the sum is scaled before the gradient and unscaled after (PyTorch's AMP recipe
-    for gradient penalties), so small gradients do not underflow.
+    Under fp16 the inner gradient is taken of the sum times the square root of the loss
+    scale, then unscaled. Two backward passes run in half precision here: this inner one, and
+    the double backward through it when D's loss is backpropagated (scaled by the full loss
+    scale, but met by the penalty's 1/scale on the way in). PyTorch's AMP recipe scales the
+    inner pass by the full loss scale, which leaves the double backward unscaled: D's gradient
+    from R1 then underflowed to zero in tests/test_precision.py, and an unscaled inner pass
+    lost the penalty itself. The square root gives each pass half of the scale's exponent
+    range. The scale stays a device tensor: `get_scale()` would stop the host every step.
     """
     total = outputs.sum()
     if scaler is not None:
-        (grad,) = torch.autograd.grad(scaler.scale(total), inputs, create_graph=True)
-        return grad / scaler.get_scale()
+        scale = scaler.scale(torch.ones((), device=total.device, dtype=torch.float32)).sqrt()
+        (grad,) = torch.autograd.grad(total * scale, inputs, create_graph=True)
+        return grad / scale
     (grad,) = torch.autograd.grad(total, inputs, create_graph=True)
     return grad
 

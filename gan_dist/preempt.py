@@ -2,7 +2,8 @@
 
 The signal may reach every rank, only rank 0 (a launcher that forwards it), or only some
 ranks, so no rank acts on it alone: every few steps all ranks combine their flags in one
-tiny all-reduce, and if any rank was signalled they all finish the step, save a checkpoint
+tiny all-reduce, read at the next check (parallel.RankVote: the host never waits for the
+device for it), and if any rank was signalled they all finish that step, save a checkpoint
 and stop. Rank 0 then writes runs/<name>/REQUEUE: launchers (torchrun, accelerate launch,
 srun) replace the exit code with their own, so scripts decide on requeueing by this marker.
 A second Ctrl-C exits at once. DataLoader workers ignore these signals: a launcher signals
@@ -14,9 +15,10 @@ from __future__ import annotations
 import signal
 import threading
 from pathlib import Path
-from typing import Self
+from typing import TYPE_CHECKING
 
-import torch
+if TYPE_CHECKING:  # typing.Self is Python 3.11+; annotations are never evaluated here
+    from typing_extensions import Self
 
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)
 CHECK_EVERY_STEPS = 5
@@ -27,6 +29,7 @@ class StopRequest:
     def __init__(self):
         self.signal_name = ""
         self._previous = {}
+        self._vote = None  # made at the first multi-process check
 
     def __enter__(self) -> Self:
         """Handlers for the run only (signal handlers can only be set in the main thread)."""
@@ -44,13 +47,17 @@ class StopRequest:
         self.signal_name = signal.Signals(signum).name
 
     def decided(self, accelerator, step: int) -> str:
-        """The signal every rank stops for ('' if none): collective, every CHECK_EVERY_STEPS steps."""
+        """The signal every rank stops for ('' if none): collective, every CHECK_EVERY_STEPS steps,
+        acted on one check after the signal arrived (10 steps at most)."""
         if accelerator.num_processes == 1:
             return self.signal_name
         if step % CHECK_EVERY_STEPS:
             return ""
-        flag = torch.tensor([1.0 if self.signal_name else 0.0], device=accelerator.device)
-        if float(accelerator.reduce(flag, reduction="sum")) == 0:
+        if self._vote is None:
+            from gan_dist.parallel import RankVote
+
+            self._vote = RankVote(accelerator, lag=1)
+        if not self._vote.vote(bool(self.signal_name)):
             return ""
         return self.signal_name or "a signal to another rank"
 

@@ -39,7 +39,7 @@ STATE_FORMAT = "gan_dist.checkpoint/1"
 MAY_CHANGE = ("run.", "log.", "checkpoint.", "dist.", "train.total_kimg", "train.max_steps", "train.resume",
               "train.max_skipped_in_row", "train.rollback_on_divergence", "data.num_workers", "data.path", "data.root", "data.cache_mb",
               "data.on_error", "train.num_threads", "eval.", "train.compile", "train.tf32",
-              "optim.fused")
+              "optim.fused", "train.device")
 # Test-only: called with the file just written, to inject a crash between files.
 _after_file_hook = None
 
@@ -72,12 +72,13 @@ def _rank_state(trainer) -> tuple[dict, dict]:
 
 
 def save_checkpoint(trainer) -> Path:
-    """Every rank calls this at the same step."""
+    """Every rank calls this at the same step. Whether this step is committed already (a
+    periodic save at the last step, a resume of a finished run) is known in memory, the same
+    on every rank: asking the filesystem could get a different answer on each node."""
     acc, step = trainer.acc, trainer.progress.step
     final = trainer.run_dir / "checkpoints" / f"step_{step:08d}"
-    pointer = final.parent / "latest"
-    if pointer.is_file() and pointer.read_text().strip() == final.name and (final / "state.json").is_file():
-        return final  # this step is committed already (a periodic save at the last step, a re-run)
+    if trainer.last_checkpoint == final:
+        return final
     tmp = final.with_name(final.name + ".tmp")
     if acc.is_main_process:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -98,6 +99,7 @@ def save_checkpoint(trainer) -> Path:
         _commit(tmp, final)
         _prune(final, trainer.cfg.checkpoint.keep_last)
     acc.wait_for_everyone()
+    trainer.last_checkpoint = final
     return final
 
 
@@ -109,8 +111,8 @@ def _write_shared(trainer, tmp: Path) -> None:
                                                 **trainer.model_info()}, indent=1))
     state = {"format": STATE_FORMAT, "progress": trainer.progress.counters(),
              "ema_num_averaged": int(trainer.ema.averaged.n_averaged), "config": trainer.config_dict,
-             "config_hash": config_hash(trainer.config_dict), "world_size": trainer.acc.num_processes,
-             "num_workers": trainer.cfg.data.num_workers, "num_threads": torch.get_num_threads(),
+             "config_hash": config_hash(trainer.config_dict),
+             **layout(trainer.acc.num_processes, trainer.cfg.data.num_workers, trainer.acc.device.type), "num_threads": torch.get_num_threads(),
              "num_samples": trainer.info.count, "elapsed_s": trainer.elapsed_s()}
     (tmp / "state.json").write_text(json.dumps(state, indent=1))
     _written(tmp / "state.json")
@@ -215,13 +217,33 @@ def load_tensors(path: Path) -> dict:
                         f"({type(err).__name__}: {str(err).splitlines()[0][:200]})") from err
 
 
-def same_layout(state: dict, world_size: int, num_workers: int) -> bool:
-    return state["world_size"] == world_size and state["num_workers"] == num_workers
+def checkpoint_device(checkpoint: Path, state: dict) -> str:
+    """'cpu' or 'cuda': where the checkpoint's run trained. Checkpoints from before state.json
+    recorded it say so by their CUDA RNG state, which only a CUDA process saves."""
+    if "device" in state:
+        return state["device"]
+    return "cuda" if "cuda" in load_tensors(checkpoint / "rank0.pt") else "cpu"
 
 
-def stream_start(checkpoint: Path, state: dict, rank: int, world_size: int, num_workers: int) -> dict | None:
+def layout(world_size: int, num_workers: int, device: str) -> dict:
+    """What a bit-exact resume needs unchanged: every per-rank, per-worker random stream and
+    data position belongs to one rank, one worker and one device type (a CUDA generator takes
+    no CPU generator's state)."""
+    return {"world_size": world_size, "num_workers": num_workers, "device": device}
+
+
+def same_layout(state: dict, now: dict) -> bool:
+    return all(state[key] == value for key, value in now.items())
+
+
+def describe_layout(values: dict) -> str:
+    return f"{values['world_size']} processes x {values['num_workers']} workers on {values['device']}"
+
+
+def stream_start(checkpoint: Path, state: dict, rank: int, now: dict) -> dict | None:
     """Where this rank's stream resumes: per-worker (epoch, position) and the worker rotation."""
-    if not same_layout(state, world_size, num_workers):
+    num_workers = now["num_workers"]
+    if not same_layout(state, now):
         # New stream positions: every worker starts the epoch after the one the run was in,
         # so the opening of the dataset is not replayed.
         images_seen = state["progress"]["num_d_steps"] * state["config"]["train"]["batch_size"]
@@ -240,19 +262,21 @@ def restore(trainer, checkpoint: Path, state: dict) -> None:
     trainer.backend.load(checkpoint, load_tensors)
     trainer.progress.restore(state["progress"])
     acc = trainer.acc
-    if same_layout(state, acc.num_processes, trainer.cfg.data.num_workers):
+    now = layout(acc.num_processes, trainer.cfg.data.num_workers, acc.device.type)
+    if same_layout(state, now):
         _restore_rng(trainer, checkpoint, acc.process_index)
     else:
         trainer.reseed(salt=trainer.progress.step)
-        trainer.console.print(f"resumed with {acc.num_processes} processes x {trainer.cfg.data.num_workers} workers "
-                              f"where the checkpoint had {state['world_size']} x {state['num_workers']}: noise and "
-                              "augmentation are re-derived from (seed, rank, step) and the data streams start at "
-                              "the next epoch, so this continuation is not the one the original layout would have trained")
+        trainer.console.print(f"resumed with {describe_layout(now)} where the checkpoint had {describe_layout(state)}: "
+                              "noise and augmentation are re-derived from (seed, rank, step) and the data streams "
+                              "start at the next epoch, so this continuation is not the one the original layout "
+                              "would have trained")
     if state.get("num_threads") != torch.get_num_threads():
         trainer.console.warn(f"the checkpoint ran with {state.get('num_threads')} torch threads, this process has "
                              f"{torch.get_num_threads()}: results differ in the last bits (pin train.num_threads)")
     trainer.progress.last_log_images = trainer.num_images
     trainer.elapsed_before_s = state.get("elapsed_s", 0.0)
+    trainer.last_checkpoint = checkpoint
 
 
 def _restore_rng(trainer, checkpoint: Path, rank: int) -> None:

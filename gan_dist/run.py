@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 
 from gan_dist import config as config_mod
-from gan_dist import dist
+from gan_dist import parallel
 from gan_dist.data.prepare import BUILTIN_DATASETS, write_shards
 from gan_dist.data.sources import open_source
 from gan_dist.data.stream import DatasetInfo, make_loader, open_dataset
@@ -41,7 +41,7 @@ def prepare_run_dir(run_dir: Path, cfg, accelerator) -> None:
             shutil.rmtree(run_dir)
         (run_dir / "samples").mkdir(parents=True, exist_ok=True)
         (run_dir / "config.yaml").write_text(config_mod.to_yaml(cfg))
-        write_provenance(run_dir, accelerator)
+        write_provenance(run_dir, accelerator, cfg.train.mixed_precision)
     accelerator.wait_for_everyone()
 
 
@@ -105,11 +105,11 @@ def _version(module: str) -> str | None:
         return None
 
 
-def write_provenance(run_dir: Path, accelerator) -> None:
+def write_provenance(run_dir: Path, accelerator, mixed_precision: str) -> None:
     """run.json: what ran, where and with which versions; also marks the directory as a run."""
     record = {"command": sys.argv, "world_size": accelerator.num_processes,
-              "distributed_type": dist.distributed_name(accelerator),
-              "device": accelerator.device.type, "mixed_precision": accelerator.mixed_precision,
+              "distributed_type": parallel.distributed_name(accelerator),
+              "device": accelerator.device.type, "mixed_precision": mixed_precision,
               "git_commit": _git_commit(), "python": platform.python_version(),
               "versions": {m: _version(m) for m in ("torch", "accelerate", "webdataset", "gan_dist")}}
     (run_dir / RUN_MARKER).write_text(json.dumps(record, indent=1))
@@ -119,7 +119,7 @@ def describe_run(cfg, accelerator, info: DatasetInfo, backend, batch_per_device:
     G_raw, D_raw = backend.raw["G"], backend.raw["D"]
     return {
         "devices": f"{accelerator.num_processes} process(es) on {accelerator.device.type} "
-                   f"({dist.distributed_name(accelerator)})",
+                   f"({parallel.distributed_name(accelerator)})",
         "precision": backend.precision,
         "backend": backend.description,
         "model": f"{cfg.model.name}: G {count_parameters(G_raw):,} params, D {count_parameters(D_raw):,} params",

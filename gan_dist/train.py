@@ -14,12 +14,13 @@ import faulthandler
 import importlib
 import signal
 from contextlib import nullcontext
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from gan_dist import config as config_mod
-from gan_dist import dist
+from gan_dist import parallel
 from gan_dist.errors import UserError, run_reporting_errors
 from gan_dist.preempt import StopRequest, clear_requeue_marker
 
@@ -29,9 +30,11 @@ DEBUG_MAX_STEPS = 20
 def build_parser(prog: str = "train.py") -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog=prog, formatter_class=argparse.RawDescriptionHelpFormatter,
-        description="Train a GAN. Config = schema defaults <- --config YAML <- key=value overrides.",
+        description="Train a GAN. Config = schema defaults <- --config YAML (default: the quickstart's "
+                    "configs/default.yaml) <- key=value overrides.",
         epilog="config keys (override as key=value):\n" + "\n".join(config_mod.help_lines()))
-    parser.add_argument("--config", help="YAML run config, e.g. configs/default.yaml")
+    parser.add_argument("--config", default=str(config_mod.DEFAULT_CONFIG),
+                        help="YAML run config (default: the quickstart's, configs/default.yaml)")
     parser.add_argument("--debug", action="store_true",
                         help=f"one process, {DEBUG_MAX_STEPS} steps, no workers, anomaly detection, tracebacks")
     parser.add_argument("overrides", nargs="*", metavar="key=value", help="dotted config overrides")
@@ -50,8 +53,8 @@ def main(argv: list[str] | None = None, prog: str = "train.py") -> int:
 
 def apply_debug_mode(cfg) -> None:
     """--debug: the given config, shortened, in one process, with every check switched on."""
-    if dist.env_world_size() > 1:
-        raise UserError(f"--debug runs one process, but the launcher started WORLD_SIZE={dist.env_world_size()}; "
+    if parallel.env_world_size() > 1:
+        raise UserError(f"--debug runs one process, but the launcher started WORLD_SIZE={parallel.env_world_size()}; "
                         "run it as plain `python train.py --debug ...`")
     cfg.train.max_steps = min(cfg.train.max_steps or DEBUG_MAX_STEPS, DEBUG_MAX_STEPS)
     cfg.data.num_workers = 0
@@ -71,18 +74,74 @@ def import_plugins(names: list[str]) -> None:
                             "put the module on PYTHONPATH or fix its name") from err
 
 
-def find_resume(cfg, run_dir: Path):
-    """(checkpoint, its state) to resume from, or (None, None) for a fresh run (checked first)."""
+@dataclass
+class ResumePlan:
+    """Rank 0's reading of the run directory, the same on every rank (broadcast)."""
+
+    checkpoint: Path | None = None
+    state: dict | None = None
+    new_run_dir: bool = True
+    """Write config.yaml and run.json (a fresh run, or a resume into a directory without them)."""
+    complete: str = ""
+    """Set when the checkpoint already reached train.total_kimg / max_steps: the one line to print."""
+
+
+def plan_resume(cfg, run_dir: Path) -> ResumePlan:
+    """What to do with run_dir: start afresh (checked first), resume (compatibility checked), or
+    nothing, because the run is complete. Rank 0 only: the others get its answer."""
     from gan_dist import resume
-    from gan_dist.run import check_run_dir
+    from gan_dist.run import RUN_MARKER, check_run_dir
 
     checkpoint = None if cfg.run.overwrite else resume.find_checkpoint(run_dir, cfg.train.resume)
     if checkpoint is None:
         check_run_dir(run_dir, cfg.run.overwrite)
-        return None, None
+        return ResumePlan()
     state = resume.read_state(checkpoint)
     resume.check_compatible(checkpoint, state["config"], config_mod.to_dict(cfg))
-    return checkpoint, state
+    state["device"] = resume.checkpoint_device(checkpoint, state)
+    return ResumePlan(checkpoint, state, new_run_dir=not (run_dir / RUN_MARKER).is_file(),
+                      complete=_completion(cfg, run_dir, checkpoint, state))
+
+
+def _completion(cfg, run_dir: Path, checkpoint: Path, state: dict) -> str:
+    step = state["progress"]["step"]
+    kimg = state["progress"]["num_d_steps"] * cfg.train.batch_size / 1000
+    if kimg < cfg.train.total_kimg and not (cfg.train.max_steps and step >= cfg.train.max_steps):
+        return ""
+    return (f"{run_dir} is complete: {kimg:g} kimg in {step} steps (train.total_kimg={cfg.train.total_kimg:g}), "
+            f"final grid {run_dir / 'samples' / 'final.png'}; raise train.total_kimg to train on, or pass "
+            "run.overwrite=true to train it again")
+
+
+def _start(cfg, debug: bool):
+    """Device, threads and the accelerator, then rank 0's plan for the run directory."""
+    device = parallel.resolve_device(cfg.train.device)
+    parallel.configure_threads(cfg.train.num_threads, cfg.data.num_workers, device)
+    parallel.configure_gpu_math(device, cfg.train.tf32, benchmark=not debug)
+    run_dir = Path(cfg.run.root) / cfg.run.name
+    # `kill -USR2 PID` prints where a rank is (USR1 and TERM ask for a checkpoint and a stop).
+    faulthandler.register(signal.SIGUSR2, file=parallel.stack_dump_file(), all_threads=True)
+    # The step watchdog (dist.timeout_s) fires first, so a hang shows every rank's stacks.
+    acc = parallel.build_accelerator(cfg.train.mixed_precision, run_dir, cfg.log.tensorboard,
+                                     timeout_s=cfg.dist.timeout_s * 1.1 + 60, backend=cfg.train.backend,
+                                     device=device)
+    # Decided once: another node's stale view of `latest` must not send its ranks elsewhere.
+    plan = parallel.decided_on_rank0(acc, lambda: plan_resume(cfg, run_dir))
+    return acc, run_dir, plan
+
+
+def _build_networks(cfg, acc, info, per_device: int):
+    from gan_dist.models import build_models
+    from gan_dist.run import build_optimizers
+
+    torch.manual_seed(cfg.train.seed)  # identical initial weights on every rank
+    G, D = build_models(cfg.model, info.shape, info.num_classes)
+    parallel.check_sync_bn(cfg, D)
+    if cfg.model.sync_bn:
+        G, D = parallel.convert_sync_batchnorm(G, D, acc.device.type)
+    if cfg.train.channels_last:  # conv weights; the trainer converts the images to match
+        G, D = G.to(memory_format=torch.channels_last), D.to(memory_format=torch.channels_last)
+    return parallel.build_backend(cfg, acc, G, D, *build_optimizers(cfg, G, D), per_device)
 
 
 def train(config_path: str | None, overrides: list[str], debug: bool = False,
@@ -91,45 +150,29 @@ def train(config_path: str | None, overrides: list[str], debug: bool = False,
     from gan_dist.console import Console
     from gan_dist.ema import EMA
     from gan_dist.losses import get_loss
-    from gan_dist.models import build_models
-    from gan_dist.run import (
-        RUN_MARKER,
-        build_optimizers,
-        describe_run,
-        open_data,
-        prepare_run_dir,
-    )
+    from gan_dist.run import describe_run, open_data, prepare_run_dir
     from gan_dist.trainer import Trainer
 
     cfg = config_mod.load_config(config_path, overrides)
     if debug:
         apply_debug_mode(cfg)
     import_plugins(cfg.plugins)
-    dist.configure_threads(cfg.train.num_threads, cfg.data.num_workers)
-    dist.configure_gpu_math(cfg.train.tf32)
-    run_dir = Path(cfg.run.root) / cfg.run.name
-    checkpoint, state = find_resume(cfg, run_dir)
-    # `kill -USR2 PID` prints where a rank is (USR1 and TERM ask for a checkpoint and a stop).
-    faulthandler.register(signal.SIGUSR2, file=dist.stack_dump_file(), all_threads=True)
-    # The step watchdog (dist.timeout_s) fires first, so a hang shows every rank's stacks.
-    acc = dist.build_accelerator(cfg.train.mixed_precision, run_dir, cfg.log.tensorboard,
-                                 timeout_s=cfg.dist.timeout_s * 1.1 + 60, backend=cfg.train.backend)
-    per_device = dist.batch_per_device(cfg.train.batch_size, acc.num_processes, cfg.train.num_micro_batches)
-    start = (resume.stream_start(checkpoint, state, acc.process_index, acc.num_processes, cfg.data.num_workers)
-             if checkpoint else None)
+    acc, run_dir, plan = _start(cfg, debug)
+    if plan.complete:
+        if acc.is_main_process:
+            print(plan.complete, flush=True)
+        return 0
+    per_device = parallel.batch_per_device(cfg.train.batch_size, acc.num_processes, cfg.train.num_micro_batches)
+    checkpoint, state = plan.checkpoint, plan.state
+    now = resume.layout(acc.num_processes, cfg.data.num_workers, acc.device.type)
+    start = resume.stream_start(checkpoint, state, acc.process_index, now) if checkpoint else None
     info, loader = open_data(cfg, acc, per_device, start)
     if checkpoint is not None:
         resume.check_data_matches(checkpoint, info)
     loss = get_loss(cfg.loss.name)
-    torch.manual_seed(cfg.train.seed)  # identical initial weights on every rank
-    G, D = build_models(cfg.model, info.shape, info.num_classes)
-    if cfg.model.sync_bn:
-        G, D = dist.convert_sync_batchnorm(G, D)
-    if cfg.train.channels_last:  # conv weights; the trainer converts the images to match
-        G, D = G.to(memory_format=torch.channels_last), D.to(memory_format=torch.channels_last)
-    backend = dist.build_backend(cfg, acc, G, D, *build_optimizers(cfg, G, D), per_device)
+    backend = _build_networks(cfg, acc, info, per_device)
     # Only now, with config, data, models and engines known to be good, is the run directory touched.
-    if checkpoint is None or not (run_dir / RUN_MARKER).is_file():
+    if plan.new_run_dir:
         prepare_run_dir(run_dir, cfg, acc)
     ema = EMA(backend.raw["G"], cfg.train.ema_half_life_kimg, cfg.train.ema_rampup)
     console = Console(acc.is_main_process, int(cfg.train.total_kimg * 1000), run_dir, acc)

@@ -22,11 +22,11 @@ from pathlib import Path
 
 import torch
 
-from gan_dist import dist
+from gan_dist import parallel
 from gan_dist.augment import DIFFAUG_PURPOSE, FLIP_PURPOSE, Augment
 from gan_dist.config import to_dict as config_to_dict
 from gan_dist.data.health import DataHealth
-from gan_dist.data.stream import DatasetInfo
+from gan_dist.data.stream import Batch, DatasetInfo
 from gan_dist.ema import EMA
 from gan_dist.errors import UserError
 from gan_dist.eval.periodic import PeriodicEval
@@ -112,7 +112,7 @@ class Progress:
 class Trainer:
     def __init__(self, cfg, accelerator, backend, ema: EMA, loss: AdversarialLoss, data, info: DatasetInfo,
                  console, run_dir: Path, debug: bool = False):
-        """`backend` (dist.build_backend) owns G's and D's forward modules, backward passes and
+        """`backend` (parallel.build_backend) owns G's and D's forward modules, backward passes and
         optimizer steps; `accelerator` the processes and collectives."""
         self.cfg, self.acc, self.debug = cfg, accelerator, debug
         self.backend, self.ema = backend, ema
@@ -120,7 +120,7 @@ class Trainer:
         self.D_eager = backend.eager["D"]  # R1 and GP need a double backward (never compiled)
         self.loss, self.data, self.info, self.console, self.run_dir = loss, data, info, console, run_dir
         self.num_classes = info.num_classes if cfg.model.conditional else 0
-        self.batch_per_device = dist.batch_per_device(cfg.train.batch_size, accelerator.num_processes,
+        self.batch_per_device = parallel.batch_per_device(cfg.train.batch_size, accelerator.num_processes,
                                                       cfg.train.num_micro_batches)
         self.total_images = int(cfg.train.total_kimg * 1000)
         rank, device = accelerator.process_index, accelerator.device
@@ -140,10 +140,13 @@ class Trainer:
         self.config_dict = config_to_dict(cfg)
         self.stream_workers = {}  # this rank's data position: worker -> (epoch, records read), from the batches
         self.checkpoint_due = False
+        # The newest checkpoint this run committed or resumed from (rollbacks return to it).
+        self.last_checkpoint: Path | None = None
         self.elapsed_before_s, self.start_time = 0.0, time.perf_counter()
         self.stop_request = None  # set by train(): SIGTERM/SIGUSR1 handling
         self.stats = Stats()
         self.data_health = DataHealth(cfg.data.on_error, accelerator, console)
+        self._last_real = None  # this rank's last real batch, a stand-in while a stop is voted on
         self.progress = Progress()
         # (network, step, skipped) of each optimizer step not yet counted, in the order they ran;
         # `skipped` may be a device tensor (fused Adam decides on the device), read once per log interval.
@@ -154,7 +157,7 @@ class Trainer:
     def fit(self) -> None:
         # A rank that hangs (a stuck collective, a dead data worker) prints where it is and
         # exits, on every rank, before the collectives' own timeout.
-        with StepWatchdog(self.cfg.dist.timeout_s, self.acc.process_index, dist.stack_dump_file()) as watchdog:
+        with StepWatchdog(self.cfg.dist.timeout_s, self.acc.process_index, parallel.stack_dump_file()) as watchdog:
             self.watchdog = watchdog
             self._fit()
 
@@ -217,9 +220,10 @@ class Trainer:
     def checkpoint(self) -> Path:
         """Every rank, same step: buffers synced and checked first (as for a grid), then saved."""
         self.watchdog.arm(f"the checkpoint after step {self.progress.step}")
+        self.data_health.settle()  # no checkpoint holds a step trained after a bad sample under raise
         self.settle_skips()  # the checkpoint's counters are the real ones (this may roll back instead)
         self.sync_buffers()
-        dist.check_rank_consistency(self.acc, {"G": self.G_raw, "D": self.D_raw, "G_ema": self.ema.module})
+        parallel.check_rank_consistency(self.acc, {"G": self.G_raw, "D": self.D_raw, "G_ema": self.ema.module})
         path = save_checkpoint(self)
         self.checkpoint_due, self.progress.last_checkpoint_monotonic_s = False, time.monotonic()
         self.progress.num_rollbacks_in_row = 0  # a new checkpoint: training got past the last trouble
@@ -236,7 +240,7 @@ class Trainer:
         """Back to the latest checkpoint with new noise; the data stream goes on where it is."""
         from gan_dist import resume
 
-        checkpoint = resume.find_checkpoint(self.run_dir, "auto")
+        checkpoint = self.last_checkpoint  # in memory, the same on every rank
         tries = self.progress.num_rollbacks_in_row + 1
         if checkpoint is None or tries > MAX_ROLLBACKS_IN_ROW:
             reason = "no checkpoint to roll back to" if checkpoint is None else f"{MAX_ROLLBACKS_IN_ROW} rollbacks in a row"
@@ -281,6 +285,7 @@ class Trainer:
             gen.manual_seed(derive_seed(seed, rank, purpose, salt))
 
     def _finish(self) -> None:
+        self.data_health.settle()
         self.settle_skips()
         if self.progress.step % self.cfg.log.every_steps:
             self.log()
@@ -321,12 +326,12 @@ class Trainer:
         self.stats.report("Logits/real", real_logits.mean())
         self.stats.report("Logits/fake", fake_logits.mean())
         if r1_due:
-            r1 = r1_penalty(real_logits, real, self.backend.scaler)
+            r1 = r1_penalty(real_logits, real, self.backend.scaler("D"))
             self.stats.report("Loss/D/r1", r1)
             loss = loss + r1 * (self.cfg.loss.r1_gamma / 2 * self.cfg.loss.r1_interval)
         if self.cfg.loss.gp_weight > 0:
             mixed = interpolate(real, fake, self.penalty_gen)
-            gp = gradient_penalty(at_least_fp32(self.D_eager(mixed, labels)), mixed, self.backend.scaler)
+            gp = gradient_penalty(at_least_fp32(self.D_eager(mixed, labels)), mixed, self.backend.scaler("D"))
             self.stats.report("Loss/D/gp", gp)
             loss = loss + self.cfg.loss.gp_weight * gp
         self.stats.report("Loss/D", loss)
@@ -347,7 +352,7 @@ class Trainer:
     def g_phase(self) -> None:
         num_micro = self.cfg.train.num_micro_batches
         self.backend.zero_grad("G")
-        with dist.frozen(self.params["D"]):
+        with parallel.frozen(self.params["D"]):
             for i in range(num_micro):
                 with self.backend.micro_batch_sync("G", i, num_micro):
                     z, fake_labels = self._noise(self.batch_per_device // num_micro)
@@ -365,17 +370,7 @@ class Trainer:
                                         opt_cfg.warmup_kimg, opt_cfg.rampdown_kimg)
         grad_norm, skipped, fp16_overflow = self.backend.step(name, opt_cfg.grad_clip_norm, lr)
         self.stats.report(f"GradNorm/{name}", torch.as_tensor(grad_norm, dtype=torch.float32, device=self.acc.device))
-        self.pending_skips.append((name, self.progress.step + 1, skipped))
-        if fp16_overflow:
-            # The loss scaler skips steps with inf/NaN gradients itself, and lowers its scale.
-            self.progress.num_fp16_overflows[name] += 1
-            # Calibration halves the scale from 65536 and needs a few dozen skips at most; a
-            # scale this small means the gradients are not finite at any scale: divergence.
-            if self.backend.loss_scale(name) < FP16_DIVERGED_SCALE:
-                raise TrainingDivergedError(
-                    f"the fp16 grad scaler fell below {FP16_DIVERGED_SCALE:g} after {name} step "
-                    f"{self.progress.step + 1}: the gradients are not finite at any scale. Lower the "
-                    "learning rates, add loss.r1_gamma or optim.*.grad_clip_norm, or use bf16")
+        self.pending_skips.append((name, self.progress.step + 1, skipped, fp16_overflow))
 
     def settle_skips(self) -> None:
         """Count the steps skipped since the last call (one host sync for all of them) and stop
@@ -384,12 +379,30 @@ class Trainer:
         if not self.pending_skips:
             return
         pending, self.pending_skips = self.pending_skips, []
-        flags = torch.stack([torch.as_tensor(s, device=self.acc.device).reshape(()) for _, _, s in pending]).tolist()
-        for (name, step, _), skipped in zip(pending, flags):
+        device = self.acc.device
+        flags = torch.stack([torch.stack([torch.as_tensor(s, device=device).reshape(()),
+                                          torch.as_tensor(o, device=device).reshape(())])
+                             for _, _, s, o in pending]).tolist()
+        overflowed = set()
+        for (name, step, _, _), (skipped, overflow) in zip(pending, flags):
+            if overflow:  # the fp16 scaler skipped it and lowered its scale (its own calibration)
+                self.progress.num_fp16_overflows[name] += 1
+                overflowed.add(name)
             if skipped:
                 self._count_skip(name, step)
             else:
                 self.progress.num_skipped_in_row[name] = 0
+        for name in sorted(overflowed):
+            self._check_fp16_scale(name)
+
+    def _check_fp16_scale(self, name: str) -> None:
+        """Calibration halves the scale from 65536 and needs a few dozen skips at most; a scale
+        this small means the gradients are not finite at any scale: divergence."""
+        if self.backend.loss_scale(name) < FP16_DIVERGED_SCALE:
+            raise TrainingDivergedError(
+                f"the fp16 grad scaler of {name} fell below {FP16_DIVERGED_SCALE:g} by step {self.progress.step}: "
+                "the gradients are not finite at any scale. Lower the learning rates, add loss.r1_gamma or "
+                "optim.*.grad_clip_norm, or use bf16")
 
     def _count_skip(self, name: str, step: int) -> None:
         """A step skipped for a non-finite gradient norm. The backend decided on the synchronised
@@ -417,17 +430,33 @@ class Trainer:
 
     def _next_real(self, batches) -> tuple[torch.Tensor, torch.Tensor | None]:
         start = time.perf_counter()
-        batch = next(batches)
+        try:
+            batch = next(batches)
+        except StopIteration:
+            if not self.data_health.stop:
+                raise
+            batch = Batch(None, None, [], fatal=self.data_health.stop)  # gave up: vote on until all stop
         self.progress.data_wait_s += time.perf_counter() - start
-        self.data_health.account(batch)
+        if not self.data_health.account(batch):
+            # This rank's stream gave up; the ranks' vote stops the run one D step later, and
+            # until then this rank trains on its last batch so that the collectives line up.
+            return self._last_real or self._blank_batch()
         self.stream_workers[batch.worker] = (batch.epoch, batch.position)
         x = batch.samples.to(self.acc.device, non_blocking=True)
-        # uint8 images travel as bytes and become [-1, 1] floats on the device.
-        x = x.to(self.dtype).div_(127.5).sub_(1.0) if x.dtype == torch.uint8 else x.to(self.dtype)
-        if self.cfg.train.channels_last and x.dim() == 4:
-            x = x.contiguous(memory_format=torch.channels_last)
+        # uint8 images travel as bytes and become [-1, 1] floats on the device; channels_last
+        # is taken in the same copy as the cast, not as a second copy of the floats.
+        layout = torch.channels_last if self.cfg.train.channels_last and x.dim() == 4 else torch.preserve_format
+        x = x.to(self.dtype, memory_format=layout)
+        if batch.samples.dtype == torch.uint8:
+            x = x.div_(127.5).sub_(1.0)
         y = batch.labels.to(self.acc.device, non_blocking=True) if self.num_classes else None
-        return self.augment.flip_real(x), y
+        self._last_real = (self.augment.flip_real(x), y)
+        return self._last_real
+
+    def _blank_batch(self) -> tuple[torch.Tensor, torch.Tensor | None]:
+        device = self.acc.device
+        labels = torch.zeros(self.batch_per_device, dtype=torch.int64, device=device) if self.num_classes else None
+        return torch.zeros(self.batch_per_device, *self.info.shape, dtype=self.dtype, device=device), labels
 
     def _check_finite(self, loss: torch.Tensor, phase: str) -> None:
         # A host sync per step: only in --debug, where finding the first bad step matters most.
@@ -444,6 +473,7 @@ class Trainer:
         self.stats.report("Speed/data_wait_fraction", torch.tensor(min(1.0, self.progress.data_wait_s / elapsed),
                                                                    device=self.acc.device))
         self.settle_skips()
+        self.data_health.settle()
         self.data_health.report(self.stats)
         # Wall-clock checkpoints: rank 0's clock decides, and the reduce tells every rank.
         minutes = self.cfg.checkpoint.every_minutes
@@ -455,7 +485,7 @@ class Trainer:
         # Skip counters are the same on every rank (decided on synchronised gradients).
         skips = {f"Skipped/{k}": v for k, v in self.progress.num_skipped.items()}
         skips["Rollbacks"] = self.progress.num_rollbacks
-        if self.backend.scaler is not None or self.cfg.train.mixed_precision == "fp16":
+        if self.cfg.train.mixed_precision == "fp16":
             skips.update({f"Skipped/{k}_fp16_overflow": v for k, v in self.progress.num_fp16_overflows.items()})
         new_skips = sum(self.progress.num_skipped.values()) - self.progress.num_skipped_at_last_log
         if new_skips:
@@ -470,7 +500,7 @@ class Trainer:
 
     def sync_buffers(self) -> None:
         """Every rank: make buffers identical (rank 0's) before anything reads them."""
-        dist.sync_buffers(self.acc, self.G_raw, self.D_raw)
+        parallel.sync_buffers(self.acc, self.G_raw, self.D_raw)
         self.ema.copy_buffers(self.G_raw)
 
     @torch.no_grad()
@@ -478,7 +508,7 @@ class Trainer:
         """G_ema on the fixed noise, written by rank 0 (every rank syncs buffers and checks
         that all ranks hold bit-identical networks first)."""
         self.sync_buffers()
-        dist.check_rank_consistency(self.acc, {"G": self.G_raw, "D": self.D_raw, "G_ema": self.ema.module})
+        parallel.check_rank_consistency(self.acc, {"G": self.G_raw, "D": self.D_raw, "G_ema": self.ema.module})
         if not self.acc.is_main_process:
             return
         samples = self.ema.module(self.fixed_z, self.fixed_labels)

@@ -16,7 +16,10 @@ import os
 import sys
 import threading
 import time
-from typing import Self
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:  # typing.Self is Python 3.11+; annotations are never evaluated here
+    from typing_extensions import Self
 
 BACKSTOP_S = 30.0
 

@@ -121,20 +121,25 @@ def test_gan_dist_check_sees_batch_split_data_and_model_fit(capsys, digits_dir, 
 
 
 def test_deepspeed_engine_config_merges_the_json_and_refuses_keys_we_own(tmp_path):
-    from gan_dist.dist.zero import engine_config
+    from gan_dist.parallel.zero import engine_config
 
     cfg = load_config(str(ROOT / "configs" / "tiny.yaml"),
                       ["train.backend=deepspeed", "deepspeed.zero_stage=2", "optim.generator.grad_clip_norm=5",
                        f"deepspeed.generator_json={ROOT / 'launch' / 'deepspeed' / 'zero2-buckets.json'}"])
-    G = engine_config(cfg, "G", batch_per_device=16, world_size=2)
+    G = engine_config(cfg, "G", batch_per_device=16, world_size=2, num_parameters=3_000_000)
     assert G["train_batch_size"] == 32 and G["gradient_clipping"] == 5.0
     assert G["zero_optimization"]["stage"] == 2 and G["zero_optimization"]["overlap_comm"] is True
-    assert "overlap_comm" not in engine_config(cfg, "D", 16, 2)["zero_optimization"]
+    assert "overlap_comm" not in engine_config(cfg, "D", 16, 2, 1000)["zero_optimization"]
+    # Buckets follow the network (DeepSpeed's 5e8-element default is 2 GB per fp32 engine),
+    # rounded up to 2^20 elements; the JSON still wins where it sets them.
+    assert engine_config(cfg, "D", 16, 2, 1000)["zero_optimization"]["reduce_bucket_size"] == 2**20
+    assert engine_config(cfg, "D", 16, 2, 3_000_000)["zero_optimization"]["allgather_bucket_size"] == 3 * 2**20
+    assert engine_config(cfg, "D", 16, 2, 10**10)["zero_optimization"]["reduce_bucket_size"] == 500_000_000
     bad = tmp_path / "bad.json"
     bad.write_text('{"optimizer": {"type": "Adam"}, "zero_optimization": {"stage": 3}}')
     cfg.deepspeed.generator_json = str(bad)
     with pytest.raises(UserError, match="'optimizer' .set optim.*'zero_optimization.stage' .set deepspeed.zero_stage"):
-        engine_config(cfg, "G", 16, 2)
+        engine_config(cfg, "G", 16, 2, 1000)
 
 
 @pytest.mark.parametrize("override, message", [

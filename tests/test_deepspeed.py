@@ -94,6 +94,18 @@ def test_bf16_engines_train_with_finite_weights(ds, case, steps):
     assert all(torch.isfinite(v).all() for net in (*NETS, "G_ema") for v in state[net].values())
 
 
+def test_bf16_engines_keep_norm_statistics_in_fp32(ds):
+    """BatchNorm's running statistics (G) and spectral norm's power-iteration vectors (D) stay
+    fp32 beside the engines' bf16 weights, and moved from their initial values."""
+    state = ds("bf16-dcgan-zero1")
+    statistics = {(net, k): dtype for net, dtypes in state["dtypes"].items() for k, dtype in dtypes.items()
+                  if k.endswith(("running_mean", "running_var", "_u", "_v"))}
+    assert any(net == "G" for net, _ in statistics) and any(net == "D" for net, _ in statistics)
+    assert set(statistics.values()) == {torch.float32}, statistics
+    assert state["dtypes"]["D"]["features.0.parametrizations.weight.original"] == torch.bfloat16
+    assert any(state["G"][k].abs().sum() > 0 for _, k in statistics if k.endswith("running_mean"))
+
+
 def test_bf16_engines_hold_half_size_weights(ds):
     state = ds("bf16-zero2")
     assert state["memory"]["G"]["parameters"] * 2 == ds("zero2")["memory"]["G"]["parameters"]
@@ -109,6 +121,9 @@ def test_zero_stages_shard_optimizer_state_and_gradients(ds):
             assert memory[stage][net]["master_weights"] == pytest.approx(full["parameters"] / 2, rel=0.02)
         assert memory[2][net]["gradients"] == pytest.approx(full["gradients"] / 2, rel=0.02)
         assert full["master_weights"] == 0
+        # Reduction buckets sized to the network (under 1M parameters: 2^20 fp32 elements),
+        # not DeepSpeed's 5e8-element default (2 GB per engine).
+        assert 0 < memory[1][net]["buckets"] <= 2**20 * 4 and 0 < memory[2][net]["buckets"] <= 2**20 * 4, memory
 
 
 def test_accelerate_launch_with_a_plain_multi_process_config(digits_dir, tmp_path):

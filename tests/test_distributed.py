@@ -23,7 +23,8 @@ EQ_CASES = ["eq-mlp-r1", "eq-mlp-hinge", "eq-mlp-gp", "eq-mlp-diffaug", "eq-mlp-
             "eq-dcgan-hinge"]
 MICRO_CASES = {"eq-mlp-r1-micro2": "eq-mlp-r1", "eq-dcgan-hinge-micro2": "eq-dcgan-hinge"}
 TWO_RANK_ONLY = ["bn_d-r1-ncritic-micro", "spectral-gp-conditional", "nan-on-rank1", "perturb-rank1",
-                 "bad-data-raise", "resume-full", "resume-leg1", "resume-leg2"]
+                 "bad-data-raise", "fatal-data-raise", "resume-full", "resume-leg1", "resume-leg2", "stale-leg1", "stale-leg2",
+                 "eager-r1", "compile-r1"]
 
 
 def _corrupt_copy(out):
@@ -112,6 +113,17 @@ def test_bad_data_under_raise_stops_every_rank_together(harness):
     assert harness("bad-data-raise", 2, 0)["step"] == harness("bad-data-raise", 2, 1)["step"]
 
 
+def test_a_rank_whose_stream_gives_up_stops_every_rank_together(harness):
+    """Under raise, a rank that cannot read any shard (its node lost the storage) has no batch
+    at all; it trains on a stand-in until the ranks' vote, read one D step later, stops them
+    all at the same step."""
+    ranks = [harness("fatal-data-raise", 2, r) for r in (0, 1)]
+    assert all(r["outcome"].startswith("UserError") for r in ranks), [r["outcome"] for r in ranks]
+    assert "bad samples in a row and no good one" in ranks[1]["outcome"] and "connection reset" in ranks[1]["outcome"]
+    assert "another rank met a bad sample" in ranks[0]["outcome"]
+    assert ranks[0]["step"] == ranks[1]["step"]
+
+
 def test_two_processes_with_two_workers_resume_exactly(harness):
     from test_resume import _assert_bitwise_equal, _final
 
@@ -142,3 +154,28 @@ def test_two_process_evaluation_equals_one_process(harness):
         assert ranks[0]["cls"][key] == pytest.approx(one["cls"][key], rel=1e-5), key
         assert ranks[0]["cls"]["real_heldout"][key] == pytest.approx(one["cls"]["real_heldout"][key], rel=1e-5)
     assert ranks[0]["cls"]["class_fractions"] == one["cls"]["class_fractions"]
+
+
+def test_a_rank_with_a_stale_view_of_latest_resumes_where_rank_0_does(harness):
+    """Rank 1 reads `latest` as step 10 while it names step 21: it still resumes from 21,
+    because rank 0 alone reads the run directory, and the run ends as the unbroken one does."""
+    from test_resume import _assert_bitwise_equal, _final
+
+    for case in ("stale-leg1", "stale-leg2"):
+        assert [harness(case, 2, r)["outcome"] for r in (0, 1)] == ["ok", "ok"], case
+    assert [harness("stale-leg2", 2, r)["step"] for r in (0, 1)] == [40, 40]
+    assert sorted(p.name for p in (harness.out / "runs" / "stale" / "checkpoints").glob("step_*")) == \
+        ["step_00000021", "step_00000030", "step_00000040"]  # keep_last 3: 10 and 20 were pruned
+    stale, full = _final(harness.out / "runs" / "stale", 40), _final(harness.out / "runs" / "resume-full", 40)
+    _assert_bitwise_equal(full[0], stale[0], "weights")
+    _assert_bitwise_equal(full[1], stale[1], "optimizers")
+
+
+def test_compiled_g_and_d_under_ddp_match_eager(harness):
+    eager, compiled = harness("eager-r1", 2), harness("compile-r1", 2)
+    assert eager["outcome"] == compiled["outcome"] == "ok" and eager["step"] == compiled["step"] == 6
+    assert eager["graphs"] == 0 < compiled["graphs"], "torch.compile did not compile anything"
+    moved = max((eager["G"][k] - eager["G0"][k]).abs().max().item() for k in eager["G"])
+    assert moved > 1e-3, "training did not move G: the comparison would prove nothing"
+    assert _max_diff(eager, compiled) < 1e-4
+    assert _max_diff(compiled, harness("compile-r1", 2, 1)) == 0  # both ranks hold the same networks

@@ -66,7 +66,7 @@ def test_lr_factor_warms_up_and_ramps_down():
 
 
 def test_rank_fingerprint_reads_half_precision_views_at_odd_offsets():
-    from gan_dist.dist import _fingerprint
+    from gan_dist.parallel.ranks import _fingerprint
 
     flat = torch.randn(9).to(torch.bfloat16)  # DeepSpeed keeps half-precision parameters as views of one buffer
     view = flat[1:5]

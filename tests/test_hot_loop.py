@@ -14,9 +14,13 @@ from profile_loop import count_syncs
 STEPS, LOG_EVERY = 20, 5  # a per-step sync would count at least STEPS, far above the bound
 
 
-def test_the_loop_syncs_with_the_host_only_at_log_lines(digits_dir, tmp_path, monkeypatch):
+@pytest.mark.parametrize("precision", ["no", "fp16"])
+def test_the_loop_syncs_with_the_host_only_at_log_lines(digits_dir, tmp_path, monkeypatch, precision):
+    """fp16 too: one grad scaler per network, the skip decision and the penalty's scale stay on
+    the device (count_syncs runs R1 every 4th D step)."""
     monkeypatch.chdir(tmp_path)
-    short, long = (count_syncs(steps, LOG_EVERY, str(digits_dir))["loop"] for steps in (STEPS, 2 * STEPS))
+    extra = (f"train.mixed_precision={precision}",)
+    short, long = (count_syncs(steps, LOG_EVERY, str(digits_dir), extra=extra)["loop"] for steps in (STEPS, 2 * STEPS))
     # At most one per log line plus a constant for start-up and the end; not one per step.
     assert short <= STEPS // LOG_EVERY + 6 and long <= 2 * STEPS // LOG_EVERY + 6, (short, long)
 
@@ -46,16 +50,24 @@ def test_channels_last_and_compile_train_like_the_plain_path(train_main, digits_
     assert diff < 1e-4, diff
 
 
-@pytest.mark.launch  # 7 subprocesses, about 2 minutes on a CPU
-def test_the_gpu_benchmark_dry_run_checks_every_configuration(tmp_path):
+@pytest.mark.launch  # 4 processes, about 25 s on a CPU
+def test_the_gpu_check_dry_run_runs_every_check(tmp_path):
+    """bench/gpu.sh --dry-run: the GPU script's every check at toy sizes on the CPU, from
+    outside the repository, with its outputs (the log and the tables, nothing else) in --out."""
     import os
     import subprocess
 
-    out = tmp_path / "gpu.md"
-    env = {**os.environ, "PYTHON": sys.executable, "PYTHONPATH": str(ROOT)}
+    out = tmp_path / "out"
+    env = {**os.environ, "PYTHON": sys.executable}
     result = subprocess.run(["bash", str(ROOT / "bench" / "gpu.sh"), "--dry-run", "--out", str(out)], env=env,
-                            capture_output=True, text=True, timeout=300, check=False)
-    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
-    rows = [line for line in out.read_text().splitlines() if "checked" in line]
-    assert len(rows) == 7 and all("GFLOP/img" in row for row in rows), out.read_text()
-    assert sum("2 steps trained" in row for row in rows) == 3  # the bare loop and both fp32 rows
+                            cwd=tmp_path, capture_output=True, text=True, timeout=300, check=False)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-2000:]
+    assert sorted(p.name for p in out.iterdir()) == ["gpu.md", "log"]
+    table = (out / "gpu.md").read_text()
+    assert "FAILED" not in table, table
+    for check in ("fp16 + R1 trains", "bf16 + R1 trains", "fused Adam found_inf | cpu, a NaN D step | PASS",
+                  "CPU checkpoint resumes", "real loader, 1 workers", "real loader, 2 workers"):
+        assert check in table, check
+    speed = [line for line in table.splitlines() if line.startswith(("| DCGAN-64", "| ResNet-32"))]
+    assert len(speed) == 8 and sum("compiled on a GPU only" in line for line in speed) == 2, speed
+    assert "host syncs per step" in (out / "log").read_text()

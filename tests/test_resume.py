@@ -230,3 +230,27 @@ def test_a_divergence_in_the_last_steps_still_rolls_back(train_main, digits_dir,
                                            "train.max_steps=4", "log.every_steps=10"))
     assert code == 0, err
     assert "rolled back to step_00000003 with new noise (rollback 1)" in out
+
+
+@pytest.mark.parametrize("how", ["recorded", "older checkpoint"])
+def test_a_device_change_is_a_layout_change(train_main, digits_dir, tmp_path, how):
+    """A checkpoint from a CUDA run resumed on a CPU (and the other way round): the device
+    generators' states do not fit, so the streams are re-derived, with one message. Checkpoints
+    from before state.json recorded the device tell it by their CUDA RNG state."""
+    assert train_main(*tiny_args(digits_dir, "train.max_steps=5"))[0] == 0
+    checkpoint = tmp_path / "runs" / "tiny" / "checkpoints" / "step_00000005"
+    state = json.loads((checkpoint / "state.json").read_text())
+    assert state["device"] == "cpu"
+    if how == "recorded":
+        state["device"] = "cuda"
+    else:
+        del state["device"]
+        tensors = resume.load_tensors(checkpoint / "rank0.pt")
+        tensors["cuda"] = torch.zeros(16, dtype=torch.uint8)  # what a CUDA process saves beside the rest
+        torch.save(tensors, checkpoint / "rank0.pt")
+    (checkpoint / "state.json").write_text(json.dumps(state))
+    code, out, err = train_main(*tiny_args(digits_dir, "train.max_steps=10"))
+    assert code == 0, err
+    assert "resumed with 1 processes x 0 workers on cpu where the checkpoint had 1 processes x 0 workers on cuda" in out
+    assert "resumed from" in out and "at step 5" in out
+    assert json.loads((checkpoint.parent / "step_00000010" / "state.json").read_text())["device"] == "cpu"

@@ -112,6 +112,18 @@ def test_config_error_fails_the_job_with_its_message(slurm_env, tmp_path, digits
     assert not (tmp_path / "runs").exists()
 
 
+def test_allocated_gpus_that_cuda_cannot_use_stop_the_job_by_name(slurm_env, tmp_path, digits_dir):
+    """--gpus-per-node=2 on a node whose GPUs torch cannot use: every rank stops with the
+    reason before anything is written, instead of training on the CPU."""
+    args = _train_args(digits_dir, tmp_path / "runs", "train.max_steps=2")
+    code, log = _finish(_submit(slurm_env, tmp_path, ["--gpus-per-node=2"], args), tmp_path)
+    assert code != 0, log[-4000:]
+    for rank in (0, 1):
+        assert f"[rank {rank}/2] GPUs are allocated to this process (CUDA_VISIBLE_DEVICES=" in log, log[-4000:]
+    assert "or set train.device=cpu to train on the CPU on purpose" in log
+    assert not (tmp_path / "runs" / "tiny" / "run.json").exists()
+
+
 def _wait_for_first_checkpoint(run_dir, proc, timeout_s: float = 180) -> None:
     deadline = time.monotonic() + timeout_s
     while not (run_dir / "checkpoints" / "latest").is_file():
@@ -124,7 +136,9 @@ def _wait_for_first_checkpoint(run_dir, proc, timeout_s: float = 180) -> None:
 def test_preemption_checkpoints_requeues_and_resumes(launcher, slurm_env, tmp_path, digits_dir):
     """USR1 to the batch shell: checkpoint, REQUEUE marker, scontrol requeue, resume, finish."""
     total_steps = LONG_STEPS
-    args = _train_args(digits_dir, tmp_path / "runs", *LONG_RUN)
+    # The node's two GPUs are fake (SLURM sets CUDA_VISIBLE_DEVICES, torch sees no CUDA), which
+    # is what a broken CUDA install looks like: train.device=cpu says the CPU is meant.
+    args = _train_args(digits_dir, tmp_path / "runs", *LONG_RUN, "train.device=cpu")
     proc = _submit(slurm_env, tmp_path, ["--gpus-per-node=2"], args, LAUNCHER=launcher)
     run_dir = tmp_path / "runs" / "tiny"
     try:

@@ -148,6 +148,44 @@ def test_existing_run_is_not_overwritten_by_default(train_main, digits_dir, tmp_
     assert train_main(*tiny_args(digits_dir, "train.max_steps=1", "run.overwrite=true"))[0] == 0
 
 
+def test_no_config_trains_what_the_quickstart_trains():
+    """`python train.py` / `accelerate launch train.py` with no arguments: the quickstart's
+    config (shipped in the package; configs/default.yaml links to it), not the bare schema."""
+    from gan_dist.config import DEFAULT_CONFIG, load_config, to_dict
+    from gan_dist.train import build_parser
+
+    args = build_parser().parse_args([])
+    assert args.config == str(DEFAULT_CONFIG) and args.overrides == []
+    assert (ROOT / "configs" / "default.yaml").resolve() == DEFAULT_CONFIG
+    quickstart = load_config(str(ROOT / "configs" / "default.yaml"), ["run.overwrite=true"])  # launch/quickstart.sh
+    literal = load_config(args.config, args.overrides)
+    assert {k: v for k, v in to_dict(literal).items() if k != "run"} == \
+        {k: v for k, v in to_dict(quickstart).items() if k != "run"}
+    assert literal.run.name == quickstart.run.name == "default"
+    assert to_dict(literal) != to_dict(load_config(None, [])), "the schema's defaults are another model"
+
+
+def test_a_finished_run_says_so_in_one_line_and_changes_nothing(train_main, digits_dir, tmp_path):
+    assert train_main(*tiny_args(digits_dir))[0] == 0
+    run_dir = tmp_path / "runs" / "tiny"
+    before = {p: p.stat().st_mtime_ns for p in run_dir.rglob("*")}
+    code, out, err = train_main(*tiny_args(digits_dir))
+    assert code == 0 and err == "", err
+    assert out.strip().splitlines() == [("runs/tiny is complete: 1.024 kimg in 32 steps (train.total_kimg=1), final "
+                                         "grid runs/tiny/samples/final.png; raise train.total_kimg to train on, or pass "
+                                         "run.overwrite=true to train it again")]
+    assert {p: p.stat().st_mtime_ns for p in run_dir.rglob("*")} == before
+    code, out, _ = train_main(*tiny_args(digits_dir, "train.total_kimg=1.5"))  # and it trains on when asked
+    assert code == 0 and "resumed from runs/tiny/checkpoints/step_00000032 at step 32" in out
+
+
+def test_train_device_cpu_trains_on_a_gpu_node_whose_cuda_is_broken(train_main, digits_dir, tmp_path, monkeypatch):
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "0")  # allocated, but this machine's torch sees no GPU
+    code, _, err = train_main(*tiny_args(digits_dir, "train.device=cpu", "train.max_steps=2"))
+    assert code == 0, err
+    assert json.loads((tmp_path / "runs" / "tiny" / "run.json").read_text())["device"] == "cpu"
+
+
 def test_help_lists_options_with_docs(capsys):
     from gan_dist.train import main
 
@@ -198,8 +236,16 @@ BAD_INPUTS = [
     (["train.batch_size=30", "train.num_micro_batches=4"], {}, "train.batch_size=30 is not divisible by 1 processes x 4"),
     (["train.totl_kimg=3"], {}, "did you mean 'train.total_kimg'?"),
     (["plugins=[no_such_module]"], {}, "cannot import 'no_such_module'"),
-    (["train.mixed_precision=fp16"], {}, "fp16 needs a GPU"),
+    (["train.mixed_precision=fp16", "train.backend=deepspeed"], {}, "fp16 under train.backend=deepspeed needs a GPU"),
     (["model.sync_bn=true"], {}, "model.sync_bn=true needs GPUs"),
+    # SyncBatchNorm has no double backward: refused on a CPU too, before a multi-GPU run would crash.
+    (["model.sync_bn=true", "model.d_norm=batch", "loss.r1_gamma=1"], {},
+     "model.sync_bn=true with BatchNorm in D (features.1) and loss.r1_gamma=1: SyncBatchNorm has no double backward"),
+    (["model.sync_bn=true", "model.d_norm=batch", "loss.gp_weight=10"], {}, "and loss.gp_weight=10: SyncBatchNorm"),
+    # A GPU node whose CUDA is broken must not train on its CPUs silently.
+    ([], {"CUDA_VISIBLE_DEVICES": "0,1"}, "GPUs are allocated to this process (CUDA_VISIBLE_DEVICES=0,1), but CUDA"),
+    ([], {"SLURM_GPUS_ON_NODE": "4"}, "(SLURM_GPUS_ON_NODE=4), but CUDA is unusable"),
+    (["train.device=cuda"], {}, "train.device=cuda, but CUDA is unusable here"),
     (["dist.timeout_s=0"], {}, "config key 'dist.timeout_s' must be > 0"),
     (["model.conditional=true", f"data.path={ROOT}/tests/no-index-{{0..1}}.tar"], {},
      "data.path: 2 of 2 shards are missing"),
@@ -222,13 +268,13 @@ def test_bad_input_exits_2_with_one_line(train_main, digits_dir, monkeypatch, ov
 
 def test_launcher_world_size_the_accelerator_does_not_see(train_main, digits_dir, monkeypatch):
     """WORLD_SIZE=2 but no LOCAL_RANK on a CUDA machine: accelerate would run alone, silently."""
-    from gan_dist import dist
+    from gan_dist import parallel
 
     monkeypatch.setenv("WORLD_SIZE", "2")
     monkeypatch.setenv("RANK", "0")
     monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
     monkeypatch.setenv("MASTER_PORT", "29555")
-    monkeypatch.setattr(dist, "_cuda_available", lambda: True)  # as on a GPU node
+    monkeypatch.setattr(parallel.device, "cuda_problem", lambda: "")  # as on a GPU node
     code, _, err = train_main(*tiny_args(digits_dir))
     assert code == 2
     assert "the launcher started WORLD_SIZE=2 processes but accelerate sees 1" in err

@@ -21,27 +21,46 @@ class DataHealth:
         self.on_error, self.acc, self.console = on_error, accelerator, console
         self.num_bad_samples = self.num_good_samples = 0  # this rank, since the last log line
         self.example = ""
+        # Under data.on_error=raise with several ranks, "did any rank stop" is voted on every D
+        # step and learned one D step later, with no host wait (parallel.RankVote).
+        self.vote = None
+        if on_error == "raise" and accelerator.num_processes > 1:
+            from gan_dist.parallel import RankVote
 
-    def account(self, batch: Batch) -> None:
-        """Count skipped samples, or stop: on every rank at once under data.on_error=raise."""
+            self.vote = RankVote(accelerator, lag=1)
+        self.stop = ""  # this rank's reason to stop, waiting for the vote
+
+    def account(self, batch: Batch) -> bool:
+        """Count skipped samples, or stop: on every rank at once under data.on_error=raise.
+        False when the batch holds no samples (a stream that gave up): while the ranks' vote is
+        in flight the caller trains on a stand-in batch; settle() stops the run before anything
+        is saved."""
         stop = ""
         if batch.fatal:
             stop = f"data: {batch.fatal}; check the shards (gan-dist prepare --verify DIR)"
         elif batch.bad_count and self.on_error == "raise":
             stop = (f"bad sample in the data: {batch.bad_messages[0]}; re-prepare or remove it, "
                     "or set data.on_error=skip to skip such samples")
-        if self.on_error == "raise" and self.acc.num_processes > 1:
-            # One tiny all-reduce per step, only in this mode: a rank that stops alone would
-            # leave the others waiting in DDP's next all-reduce until the timeout.
-            flag = torch.tensor([1.0 if stop else 0.0], device=self.acc.device)
-            if bool(self.acc.reduce(flag, reduction="sum") > 0):
-                raise UserError(stop or "another rank met a bad sample and stopped the run (its message is above)")
+        if self.vote is not None:
+            # A rank that stopped alone would leave the others waiting in DDP's next all-reduce.
+            self.stop = self.stop or stop
+            self._act(self.vote.vote(bool(stop)))
         elif stop:
             raise UserError(stop)
         self.num_good_samples += len(batch.keys)
         if batch.bad_count:
             self.num_bad_samples += batch.bad_count
             self.example = self.example or batch.bad_messages[0]
+        return batch.samples is not None
+
+    def settle(self) -> None:
+        """Every rank, before a checkpoint or log line: act on every vote still in flight."""
+        if self.vote is not None:
+            self._act(self.vote.flush())
+
+    def _act(self, any_rank_stopped: bool) -> None:
+        if any_rank_stopped:
+            raise UserError(self.stop or "another rank met a bad sample and stopped the run (its message is above)")
 
     def report(self, stats) -> None:
         """Before the interval's reduce: this rank's counts join the statistics."""

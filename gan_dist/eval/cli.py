@@ -26,7 +26,7 @@ def add_arguments(parser) -> None:
 
 
 def run(args) -> int:
-    from gan_dist import dist
+    from gan_dist import parallel
     from gan_dist.eval import check_metrics
     from gan_dist.eval.run import EvalOptions, evaluate
 
@@ -36,7 +36,7 @@ def run(args) -> int:
     opts = EvalOptions(metrics=metrics, num=args.num, batch=args.batch, seed=args.seed,
                        reference_num=args.reference_num, inception_weights=args.inception_weights,
                        allow_download=args.allow_download, cache_dir=args.cache_dir)
-    accelerator = dist.build_accelerator("no", Path(args.run), tensorboard=False)
+    accelerator = parallel.build_accelerator("no", Path(args.run), tensorboard=False)
     target, step = load_target(Path(args.run), args.step, args.data, accelerator.device)
     results = evaluate(target, opts, accelerator)
     if accelerator.is_main_process:

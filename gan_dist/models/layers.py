@@ -56,7 +56,9 @@ class LatentInput(nn.Module):
             parts.append(self.embed(labels))
         if self.categories:
             code = latent_code(z, self.categories)
-            parts.append(nn.functional.one_hot(code, self.categories).to(z.dtype))
+            # A comparison, not F.one_hot: that checks its indices' range on the host (a sync on GPUs).
+            categories = torch.arange(self.categories, device=code.device)
+            parts.append((code[:, None] == categories).to(z.dtype))
         return parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)
 
 

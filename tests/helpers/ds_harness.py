@@ -6,8 +6,9 @@ Each case runs the product's own `train()` in this process and writes
 OUT_DIR/<case>/rank<R>.pt: final G, D and G_ema weights, the outcome, and what the probes saw:
 - `leak`: after each of G's backward passes, how much of D's gradient state is not empty
   (D's .grad tensors, its ZeRO gradient partitions, its reduce buckets);
-- `memory`: per network, the bytes this rank holds (dist.zero.memory_per_rank) after the
-  second backward pass, when Adam's state exists and the gradients are still held.
+- `memory`: per network, the bytes this rank holds (parallel.zero.memory_per_rank) after the
+  second backward pass, when Adam's state exists and the gradients are still held, and the
+  most its reduction buckets held during the passes (parallel.zero.watch_buckets).
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from pathlib import Path
 import torch
 from poison import nan_on_rank1
 
-from gan_dist import dist
+from gan_dist import parallel
 from gan_dist import trainer as trainer_mod
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -45,9 +46,10 @@ CASES = {
     "resume-leg2": [*RESUME, "run.name=resume-split", "train.max_steps=20"],
     "bf16-zero2": [*DS, "deepspeed.zero_stage=2", "train.mixed_precision=bf16", "train.max_steps=4"],
     "bf16-zero2-code": [*DS, "deepspeed.zero_stage=2", "train.mixed_precision=bf16", "train.max_steps=4", *CODE],
-    # BatchNorm in G under half precision (bf16 convolutions are slow on CPUs: 2 steps).
-    "bf16-dcgan-zero1": [*DS, *DCGAN, "model.g_norm=batch", "deepspeed.zero_stage=1", "train.mixed_precision=bf16",
-                         "train.max_steps=2"],
+    # BatchNorm in G and spectral norm in D under half precision: both run in fp32 with fp32
+    # buffers (bf16 convolutions are slow on CPUs: 2 steps).
+    "bf16-dcgan-zero1": [*DS, *DCGAN, "model.g_norm=batch", "model.d_norm=spectral", "deepspeed.zero_stage=1",
+                         "train.mixed_precision=bf16", "train.max_steps=2"],
     # NaN reals on rank 1 at the 3rd batch: every rank must skip that D step, at every stage.
     **{f"nan-zero{stage}": [*DS, f"deepspeed.zero_stage={stage}", "train.max_steps=5"] for stage in (0, 1, 2)},
     **{f"memory-zero{stage}": [*DS, *DCGAN, f"deepspeed.zero_stage={stage}", "train.max_steps=2"]
@@ -56,7 +58,7 @@ CASES = {
 
 CURRENT: dict = {}
 _fit = trainer_mod.Trainer.fit
-_frozen = dist.frozen
+_frozen = parallel.frozen
 
 
 def d_gradient_state(backend) -> float:
@@ -72,7 +74,10 @@ def d_gradient_state(backend) -> float:
 
 
 def probe(trainer) -> None:
+    from gan_dist.parallel.zero import watch_buckets
+
     backend, backward, calls = trainer.backend, trainer.backend.backward, {"G": 0, "D": 0}
+    buckets = {name: watch_buckets(engine) for name, engine in getattr(backend, "engines", {}).items()}
 
     def probed(name, loss):
         backward(name, loss)
@@ -80,9 +85,9 @@ def probe(trainer) -> None:
         if name == "G":
             CURRENT["leak"].append(d_gradient_state(backend))
         if calls[name] == 2 and hasattr(backend, "engines"):
-            from gan_dist.dist.zero import memory_per_rank
+            from gan_dist.parallel.zero import memory_per_rank
 
-            CURRENT["memory"][name] = memory_per_rank(backend.engines[name])
+            CURRENT["memory"][name] = {**memory_per_rank(backend.engines[name]), "buckets": buckets[name]["bytes"]}
 
     backend.backward = probed
 
@@ -99,7 +104,9 @@ def fit(self) -> None:
                                                       for k, v in module.state_dict().items()}
                                                for name, module in (("G", self.G_raw), ("D", self.D_raw),
                                                                     ("G_ema", self.ema.module))},
-                            "step": self.progress.step, "skipped": dict(self.progress.num_skipped)}
+                            "step": self.progress.step, "skipped": dict(self.progress.num_skipped),
+                            "dtypes": {name: {k: v.dtype for k, v in module.state_dict().items()}
+                                       for name, module in (("G", self.G_raw), ("D", self.D_raw))}}
 
 
 trainer_mod.Trainer.fit = fit
@@ -118,7 +125,7 @@ def main() -> None:
     for case in sys.argv[4:]:
         CURRENT.update(case=case, state={}, leak=[], memory={})
         # The negative control: no freezing of D (only for that case).
-        dist.frozen = (lambda params: _frozen([])) if case.endswith("unfrozen") else _frozen
+        parallel.frozen = (lambda params: _frozen([])) if case.endswith("unfrozen") else _frozen
         data = digits16 if "model.name=dcgan" in CASES[case] else digits8
         overrides = [*BASE, f"data.path={data}", f"run.root={out}/runs", f"run.name={case}", "run.overwrite=true",
                      *CASES[case]]

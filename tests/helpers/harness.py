@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import os
 import sys
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 
 import numpy as np
@@ -35,6 +36,7 @@ EQ_SHARED = ["optim.generator.lr=2e-3", "optim.discriminator.lr=2e-3", "train.em
 DCGAN = ["model.name=dcgan", "model.width_mult=0.125", "data.dataset=digits", "data.resolution=16"]
 NONSAT_R1 = ["loss.name=nonsaturating", "loss.r1_gamma=1", "loss.r1_interval=1"]
 HINGE_NCRITIC = ["loss.name=hinge", "train.n_critic=2"]
+COMPILE = ["loss.r1_gamma=1", "loss.r1_interval=2", "train.max_steps=6", "log.every_steps=3"]
 RESUME = ["run.overwrite=false", "train.total_kimg=2", "data.num_workers=2", "checkpoint.every_kimg=0",
           "log.every_steps=7", "log.sample_every_kimg=0.3", "loss.r1_gamma=1", "loss.r1_interval=3"]
 
@@ -66,6 +68,15 @@ CASES = {
     "resume-leg2": [*RESUME, "run.name=resume-split", "train.max_steps=40"],
     # A corrupt sample (in OUT/bad-digits, written by the test) under data.on_error=raise.
     "bad-data-raise": ["data.on_error=raise", "train.max_steps=40"],
+    # Rank 1 cannot read any shard (its node lost the storage): its stream gives up at once.
+    "fatal-data-raise": ["data.on_error=raise", "train.max_steps=20"],
+    # torch.compile of G and D under DDP against the same run eager (R1 stays eager in both).
+    "compile-r1": [*COMPILE, "train.compile=true"],
+    "eager-r1": COMPILE,
+    # The resume split again, with checkpoints at steps 10, 20 and 21; in its second leg rank 1
+    # reads a stale `latest` (step 10, as an NFS cache may show it): rank 0 decides for all.
+    "stale-leg1": [*RESUME, "run.name=stale", "train.max_steps=21", "checkpoint.every_kimg=0.32"],
+    "stale-leg2": [*RESUME, "run.name=stale", "train.max_steps=40", "checkpoint.every_kimg=0.32"],
 }
 
 
@@ -164,15 +175,24 @@ def fit(self) -> None:
     finally:
         trainer_mod.interpolate = _interpolate
         CURRENT["state"] = {"G0": initial_G, "G": _state(self.G_raw), "D": _state(self.D_raw), "G_ema": _state(self.ema.module),
-                            "skipped": dict(self.progress.num_skipped), "step": self.progress.step}
+                            "skipped": dict(self.progress.num_skipped), "step": self.progress.step,
+                            "graphs": _graphs_compiled()}
 
 
 trainer_mod.Trainer.fit = fit
 
 
+def _graphs_compiled() -> int:
+    """Graphs torch.compile has made in this process so far (0 when it never ran)."""
+    import sys
+
+    dynamo = sys.modules.get("torch._dynamo.utils")
+    return int(dynamo.counters["stats"]["unique_graphs"]) if dynamo is not None else 0
+
+
 def evaluate_case(digits8: str, out: str, world: int) -> dict:
     """FID/KID/IS with the tiny extractor and cls with the real classifier, for a seeded G."""
-    from gan_dist import dist
+    from gan_dist import parallel
     from gan_dist.config import ModelConfig
     from gan_dist.data.stream import open_dataset
     from gan_dist.eval import classifier
@@ -182,7 +202,7 @@ def evaluate_case(digits8: str, out: str, world: int) -> dict:
     # Both launches train the same seeded classifier; what is compared is how the ranks
     # split and gather the work, so a briefly trained one does (and saves a minute a launch).
     classifier.EPOCHS, classifier.MIN_STEPS = 1, 30
-    accelerator = dist.build_accelerator("no", Path(out), tensorboard=False)
+    accelerator = parallel.build_accelerator("no", Path(out), tensorboard=False)
     data = open_dataset(digits8)
     torch.manual_seed(0)
     G, _ = build_models(ModelConfig(name="mlp", width_mult=0.125, latent_dim=16), data.shape, 0)
@@ -192,6 +212,39 @@ def evaluate_case(digits8: str, out: str, world: int) -> dict:
     first = evaluate(target, opts, accelerator, {"inception": TinyExtractor()})
     # Again, now from the cache that rank 0 wrote: only rank 0 reads it.
     return {**first, "again": evaluate(target, opts, accelerator, {"inception": TinyExtractor()})}
+
+
+@contextmanager
+def storage_lost():
+    """Every shard this process opens fails at its first byte (a node that lost the storage)."""
+    from gan_dist.data import stream
+
+    read_shard = stream._read_shard
+
+    def unreadable(url, shape, dtype, num_classes, expected=0):
+        yield stream._Bad(f"{url}: unreadable after key (none) (OSError: connection reset)", max(1, expected),
+                          whole_shard=True)
+
+    stream._read_shard = unreadable
+    try:
+        yield
+    finally:
+        stream._read_shard = read_shard
+
+
+@contextmanager
+def stale_latest(name: str):
+    """This process reads every checkpoints/latest as naming `name` (a stale file-system cache)."""
+    read_text = Path.read_text
+
+    def stale(self, *args, **kwargs):
+        return f"{name}\n" if self.name == "latest" else read_text(self, *args, **kwargs)
+
+    Path.read_text = stale
+    try:
+        yield
+    finally:
+        Path.read_text = read_text
 
 
 def main() -> None:
@@ -222,8 +275,11 @@ def main() -> None:
         data = f"{out}/bad-digits" if case == "bad-data-raise" else digits16 if dcgan else digits8
         overrides = [*TINY[2:], f"data.path={data}", f"run.root={out}/runs",
                      f"run.name={case}-w{world}", "run.overwrite=true", *CASES[case]]
+        rank1 = int(os.environ.get("RANK", "0")) == 1
+        faults = {"stale-leg2": lambda: stale_latest("step_00000010"), "fatal-data-raise": storage_lost}
         try:
-            train(TINY[1], overrides)
+            with faults[case]() if rank1 and case in faults else nullcontext():
+                train(TINY[1], overrides)
             outcome = "ok"
         except Exception as err:  # noqa: BLE001 - the test reads the outcome
             outcome = f"{type(err).__name__}: {err}"

@@ -24,10 +24,11 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from gan_dist.dist.ddp import set_lr
 from gan_dist.errors import UserError
+from gan_dist.parallel.ddp import set_lr
 
 CHECKPOINT_TAG = "engine"
+DEEPSPEED_DEFAULT_BUCKET = 500_000_000  # elements, DeepSpeed 0.19's reduce_bucket_size
 # Keys of a user's DeepSpeed JSON that gan_dist's config owns: key -> what to set instead.
 OWNED_KEYS = {
     "train_batch_size": "train.batch_size", "train_micro_batch_size_per_gpu": "train.batch_size",
@@ -45,8 +46,8 @@ REFUSED_ZERO_KEYS = {
 }
 
 
-def import_deepspeed():
-    if not torch.cuda.is_available():
+def import_deepspeed(device: str = ""):
+    if device == "cpu" or not (device or torch.cuda.is_available()):
         os.environ.setdefault("DS_ACCELERATOR", "cpu")  # no guessing, no warning about it
     # DeepSpeed's ZeRO calls a collective that torch deprecates: one warning per rank, not ours to fix.
     warnings.filterwarnings("ignore", message=".*all_gather_into_tensor. is deprecated", category=FutureWarning)
@@ -85,7 +86,16 @@ def check_user_json(path: str, key: str) -> dict:
     return user
 
 
-def engine_config(cfg, name: str, batch_per_device: int, world_size: int) -> dict:
+def bucket_sizes(num_parameters: int) -> dict:
+    """ZeRO's reduce and all-gather buckets sized to the network. DeepSpeed's default is 5e8
+    elements for any model: one engine of a 3.6M-parameter DCGAN allocated a 2 GB fp32
+    reduction buffer (bench/deepspeed_memory.py). A bucket larger than the network buys
+    nothing; the size is rounded up to 2^20 elements (DeepSpeed wants an even count)."""
+    elements = min(DEEPSPEED_DEFAULT_BUCKET, -(-max(1, num_parameters) // 2**20) * 2**20)
+    return {"reduce_bucket_size": elements, "allgather_bucket_size": elements}
+
+
+def engine_config(cfg, name: str, batch_per_device: int, world_size: int, num_parameters: int) -> dict:
     """One engine's DeepSpeed config: ours, with the network's optional JSON merged in."""
     network = "generator" if name == "G" else "discriminator"
     precision = cfg.train.mixed_precision
@@ -94,7 +104,7 @@ def engine_config(cfg, name: str, batch_per_device: int, world_size: int) -> dic
         "train_batch_size": batch_per_device * world_size,
         "gradient_accumulation_steps": 1,
         "gradient_clipping": getattr(cfg.optim, network).grad_clip_norm,
-        "zero_optimization": {"stage": cfg.deepspeed.zero_stage},
+        "zero_optimization": {"stage": cfg.deepspeed.zero_stage, **bucket_sizes(num_parameters)},
         "zero_allow_untested_optimizer": True,  # our torch Adam: no FusedAdam compile
         "bf16": {"enabled": precision == "bf16"},
         "fp16": {"enabled": precision == "fp16", "loss_scale": 0, "initial_scale_power": 16},
@@ -136,35 +146,79 @@ def _initialize(deepspeed, cfg, name: str, module: nn.Module, optimizer, config:
     return engine
 
 
-def _cast_float_buffers(module: nn.Module, dtype: torch.dtype) -> None:
-    """DeepSpeed's bf16/fp16 modes cast the parameters only; BatchNorm refuses fp32 running
-    statistics beside half-precision weights, so the buffers follow the parameters."""
-    for sub in module.modules():
-        for name, buffer in sub._buffers.items():
-            if buffer is not None and buffer.is_floating_point() and buffer.dtype != dtype:
-                sub._buffers[name] = buffer.to(dtype)
+class Float32Forward:
+    """A layer's own forward run in fp32: its parameters cast up (a differentiable cast, so
+    the half-precision parameters DeepSpeed owns still get their gradients), its input cast
+    up, its output cast back to the input's dtype. Installed as the layer's `forward`
+    attribute, so the module tree and state_dict keys stay those of the plain model."""
+
+    def __init__(self, module: nn.Module):
+        self.module, self.inside = module, False
+
+    def __call__(self, x: torch.Tensor, *args, **kwargs):
+        module = self.module
+        if self.inside:  # functional_call calls the module again: now its own forward, in fp32
+            return type(module).forward(module, x, *args, **kwargs)
+        parameters = {name: p.float() for name, p in module.named_parameters()}
+        self.inside = True
+        try:
+            out = torch.func.functional_call(module, parameters, (x.float(), *args), kwargs)
+        finally:
+            self.inside = False
+        return out.to(x.dtype)
+
+
+def _needs_fp32(module: nn.Module) -> bool:
+    """BatchNorm (running statistics) and spectral-norm layers (the power iteration's u and v)
+    accumulate small updates in their buffers that bf16/fp16 would round away."""
+    from torch.nn.utils import parametrize
+
+    if isinstance(module, nn.modules.batchnorm._BatchNorm):
+        return True
+    return parametrize.is_parametrized(module) and any(
+        type(p).__name__ == "_SpectralNorm" for plist in module.parametrizations.values() for p in plist)
+
+
+def keep_statistics_in_fp32(module: nn.Module) -> list[str]:
+    """Under half-precision engines: BatchNorm and spectral-norm layers run in fp32 with fp32
+    buffers (where DeepSpeed cast them, they are cast back). Returns the layers' names."""
+    names = []
+    for name, sub in module.named_modules():
+        if _needs_fp32(sub) and not isinstance(sub.forward, Float32Forward):
+            for owner in sub.modules():
+                for key, buffer in owner._buffers.items():
+                    if buffer is not None and buffer.is_floating_point():
+                        owner._buffers[key] = buffer.float()
+            sub.forward = Float32Forward(sub)
+            names.append(name)
+    return names
 
 
 class DeepSpeedBackend:
     name = "deepspeed"
-    scaler = None  # each engine keeps its own fp16 loss scaler
 
     def __init__(self, cfg, accelerator, G: nn.Module, D: nn.Module, opt_G, opt_D, batch_per_device: int):
-        deepspeed = import_deepspeed()
+        deepspeed = import_deepspeed(accelerator.device.type)
         ensure_process_group(accelerator.device)
         self.acc, self.stage, self.precision = accelerator, cfg.deepspeed.zero_stage, cfg.train.mixed_precision
         self.engines = {}
         for name, module, optimizer in (("G", G, opt_G), ("D", D, opt_D)):
-            config = engine_config(cfg, name, batch_per_device, accelerator.num_processes)
+            config = engine_config(cfg, name, batch_per_device, accelerator.num_processes,
+                                   sum(p.numel() for p in module.parameters()))
             self.engines[name] = _initialize(deepspeed, cfg, name, module, optimizer, config)
         self.raw = {name: engine.module for name, engine in self.engines.items()}
         dtype = next(self.raw["G"].parameters()).dtype
-        for module in self.raw.values():
-            _cast_float_buffers(module, dtype)
+        if dtype not in (torch.float32, torch.float64):
+            for module in self.raw.values():
+                keep_statistics_in_fp32(module)
         self.forward = {name: module if dtype in (torch.float32, torch.float64) else CastInputs(module, dtype)
                         for name, module in self.raw.items()}
         self.eager = self.forward
         self.description = f"deepspeed {deepspeed.__version__}: ZeRO-{self.stage}, one engine per network"
+
+    def scaler(self, name: str):
+        """None: each engine keeps its own fp16 loss scaler, internal to DeepSpeed."""
+        return
 
     def loss_scale(self, name: str) -> float:
         optimizer = self.engines[name].optimizer
@@ -240,6 +294,7 @@ def memory_per_rank(engine) -> dict[str, int]:
         .grad and ZeRO's reduced partitions);
     optimizer_state: Adam's moments (of this rank's partition under ZeRO);
     master_weights: the fp32 copy of this rank's partition that ZeRO optimizers keep.
+    ZeRO's reduction buckets live only during a backward pass: `watch_buckets` measures them.
     """
     def nbytes(tensors) -> int:
         # Counted per tensor (views of one flat buffer each count their own part), each once.
@@ -258,3 +313,24 @@ def memory_per_rank(engine) -> dict[str, int]:
     grads = [p.grad for p in params] + [g for group in averaged.values() if group for g in group]
     return {"parameters": nbytes(params), "gradients": nbytes(grads), "optimizer_state": nbytes(state),
             "master_weights": nbytes(masters)}
+
+
+def watch_buckets(engine) -> dict:
+    """{"bytes": the most ZeRO's reduction buckets (`reduce_bucket_size` elements each, see
+    bucket_sizes) held at once}, updated as backward passes allocate them: DeepSpeed allocates
+    them at the start of every backward pass and frees them at its end, so a count after the
+    pass misses them while the peak (and a GPU's caching allocator) does not."""
+    seen = {"bytes": 0}
+    optimizer = engine.optimizer
+    setup = getattr(optimizer, "setup_buckets", None)
+    if setup is None:  # stage 0: no ZeRO optimizer, no buckets
+        return seen
+
+    def watched(*args, **kwargs):
+        result = setup(*args, **kwargs)
+        held = sum(b.numel() * b.element_size() for bucket in optimizer.ipg_buckets.values() for b in bucket.buffer)
+        seen["bytes"] = max(seen["bytes"], held)
+        return result
+
+    optimizer.setup_buckets = watched
+    return seen

@@ -1,33 +1,44 @@
 """Everything that knows about the launcher, accelerate, DDP and DeepSpeed lives in this package:
-this module holds the launch checks and what keeps ranks together; ddp.py and zero.py hold
-the two backends that own G's and D's gradients and optimizer steps (`build_backend`).
+this module holds the launch checks; device.py which device a process uses; ranks.py what
+keeps ranks together (decisions taken once, votes, buffer sync, the consistency check);
+ddp.py and zero.py the two backends that own G's and D's precision, gradients and optimizer
+steps (`build_backend`).
 
-Three silent failures this module turns into errors or fixes (see docs/training.md):
+Silent failures this module turns into errors or fixes (see docs/training.md):
 - torchrun / `accelerate launch --multi_gpu` on a machine without CUDA starts independent
-  one-process runs unless CPU mode is requested: we request it whenever there is no CUDA,
-  and check afterwards that accelerate sees the launcher's world size;
+  one-process runs unless CPU mode is requested: we request it whenever the process trains
+  on the CPU, and check afterwards that accelerate sees the launcher's world size;
 - accelerate reads precision and gradient accumulation from its launch config, and divides
   losses by its own accumulation count: our config owns those, so a contradiction exits 2;
-- G's loss must not leave gradients in D: D is frozen whole during the G phase.
-
-It also holds what keeps ranks together afterwards: the BatchNorm buffer sync, the
-bit-exact rank consistency check, SyncBatchNorm conversion, and where stack dumps go.
+- G's loss must not leave gradients in D: D is frozen whole during the G phase;
+- SyncBatchNorm has no double backward, so it cannot sit in a D that R1 or the gradient
+  penalty differentiates twice (with one process it falls back to BatchNorm, so only a
+  multi-GPU run would find out): that combination exits 2 before anything starts
+  (`check_sync_bn`; we refuse rather than convert only G, which would silently give D
+  per-rank statistics under a setting that promises global ones).
 """
 
 from __future__ import annotations
 
 import datetime
 import io
-import itertools
 import os
 import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
 
-import torch
 from torch import nn
 
 from gan_dist.errors import UserError
+from gan_dist.parallel.device import configure_gpu_math, configure_threads, resolve_device  # noqa: F401
+from gan_dist.parallel.ranks import (  # noqa: F401
+    RankMismatchError,
+    RankVote,
+    broadcast_from_rank0,
+    check_rank_consistency,
+    decided_on_rank0,
+    sync_buffers,
+)
 
 # accelerate settings that our config owns: env variable -> (our key, value meaning "unset").
 OWNED_BY_CONFIG = {
@@ -43,29 +54,17 @@ def build_backend(cfg, accelerator, G: nn.Module, D: nn.Module, opt_G, opt_D, ba
     """The object that owns G's and D's forward modules, backward passes and optimizer steps:
     accelerate's DDP (train.backend=ddp) or one DeepSpeed engine per network (deepspeed)."""
     if cfg.train.backend == "deepspeed":
-        from gan_dist.dist.zero import DeepSpeedBackend
+        from gan_dist.parallel.zero import DeepSpeedBackend
 
         return DeepSpeedBackend(cfg, accelerator, G, D, opt_G, opt_D, batch_per_device)
-    from gan_dist.dist.ddp import DDPBackend
+    from gan_dist.parallel.ddp import DDPBackend
 
-    return DDPBackend(accelerator, G, D, opt_G, opt_D, compile_forward=cfg.train.compile)
-
-
-def configure_gpu_math(tf32: bool) -> None:
-    """train.tf32: TF32 tensor cores for float32 matmuls and convolutions (Ampere and newer).
-    PyTorch leaves matmuls at full fp32 by default; GAN training is insensitive to the
-    difference, and float32 runs on such GPUs are several times faster with it."""
-    if _cuda_available():
-        torch.backends.cuda.matmul.allow_tf32 = tf32
-        torch.backends.cudnn.allow_tf32 = tf32
+    return DDPBackend(accelerator, G, D, opt_G, opt_D, precision=cfg.train.mixed_precision,
+                      compile_forward=cfg.train.compile)
 
 
 def env_world_size() -> int:
     return int(os.environ.get("WORLD_SIZE", "1"))
-
-
-def _cuda_available() -> bool:
-    return torch.cuda.is_available()
 
 
 def check_launch_env(mixed_precision: str) -> None:
@@ -86,27 +85,28 @@ def check_launch_env(mixed_precision: str) -> None:
 
 
 def build_accelerator(mixed_precision: str, run_dir, tensorboard: bool, timeout_s: float = 1800,
-                      backend: str = "ddp"):
+                      backend: str = "ddp", device: str = "auto"):
     """One Accelerator for G and D, really distributed whenever the launcher started several processes.
 
-    Under train.backend=deepspeed it only sets up the processes and collectives: the engines own
-    precision, so accelerate runs in fp32 and never wraps the networks."""
+    It sets up the processes, devices and collectives only, always in fp32: the backend owns
+    precision (ddp.py: autocast and one grad scaler per network; zero.py: the engines'), since
+    accelerate keeps one scaler for both networks and ignores fp16 on a CPU."""
     from accelerate import Accelerator
     from accelerate.utils import InitProcessGroupKwargs, ProjectConfiguration
 
     check_launch_env(mixed_precision)
+    device = resolve_device(device) if device == "auto" else device
     if backend == "deepspeed":  # a missing package fails here, before the run directory is touched
-        from gan_dist.dist.zero import import_deepspeed
+        from gan_dist.parallel.zero import import_deepspeed
 
-        import_deepspeed()
+        if mixed_precision == "fp16" and device == "cpu":
+            raise UserError("train.mixed_precision=fp16 under train.backend=deepspeed needs a GPU (DeepSpeed's "
+                            "CPU accelerator has no fp16 engine); use bf16, or train.backend=ddp")
+        import_deepspeed(device)
     # Without CUDA, accelerate must be told CPU mode or a multi-process launch runs undistributed.
-    cpu = not _cuda_available()
-    if mixed_precision == "fp16" and cpu:
-        raise UserError("train.mixed_precision=fp16 needs a GPU (on CPU it would silently run in fp32); "
-                        "use train.mixed_precision=bf16 or no")
     accelerator = Accelerator(
-        cpu=cpu,
-        mixed_precision=mixed_precision if backend == "ddp" else "no",
+        cpu=device == "cpu",
+        mixed_precision="no",
         gradient_accumulation_steps=1,
         log_with="tensorboard" if tensorboard else None,
         project_config=ProjectConfiguration(project_dir=str(run_dir), logging_dir=str(run_dir)),
@@ -149,80 +149,28 @@ def frozen(parameters: list[nn.Parameter]) -> Iterator[None]:
             p.requires_grad_(True)
 
 
-def sync_buffers(accelerator, *modules: nn.Module) -> None:
-    """Make BatchNorm statistics (and other buffers) identical on every rank: rank 0's.
-
-    DDP broadcasts rank 0's buffers at the start of each forward, but every rank then updates
-    them from its own batch, so after any step they differ. Rank 0's values are what DDP
-    would use next; call this before anything reads buffers (grids, EMA copies, snapshots).
-    """
-    if accelerator.num_processes == 1:
-        return
-    import torch.distributed as torch_dist
-
-    for module in modules:
-        for buffer in module.buffers():
-            torch_dist.broadcast(buffer.data, src=0)
-
-
 def distributed_name(accelerator) -> str:
     """'NO', 'MULTI_CPU', 'MULTI_GPU', ... as accelerate calls the set-up."""
     return str(accelerator.distributed_type).split(".")[-1]
 
 
-def configure_threads(num_threads: int, num_workers: int) -> None:
-    """Pin torch's CPU threads: the config's number, or else the cores left per process after
-    its loader workers (torch's default takes every core in every process and oversubscribes).
-    An OMP_NUM_THREADS set by the user or the launcher (torchrun sets 1) is respected."""
-    if num_threads:
-        torch.set_num_threads(num_threads)
-    elif "OMP_NUM_THREADS" not in os.environ and not _cuda_available():
-        per_process = (os.cpu_count() or 1) // int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
-        torch.set_num_threads(max(1, per_process - num_workers))
+def check_sync_bn(cfg, D: nn.Module) -> None:
+    """model.sync_bn with a penalty that differentiates D twice (R1, the gradient penalty) and
+    BatchNorm in D: SyncBatchNorm's backward has no double backward, and with one process it
+    falls back to plain BatchNorm, so a one-GPU test run would pass and the 8-GPU job crash
+    at its first penalty step. Refused on any device, before anything is built on it."""
+    penalties = [f"loss.{key}={getattr(cfg.loss, key):g}" for key in ("r1_gamma", "gp_weight") if getattr(cfg.loss, key)]
+    d_batchnorm = [name for name, m in D.named_modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    if cfg.model.sync_bn and d_batchnorm and penalties:
+        raise UserError(f"model.sync_bn=true with BatchNorm in D ({d_batchnorm[0]}) and {' and '.join(penalties)}: "
+                        "SyncBatchNorm has no double backward, which the penalty needs, so a multi-GPU run would "
+                        "crash at the first penalty step. Set model.sync_bn=false, or a D without BatchNorm "
+                        "(model.d_norm=spectral or none), or turn the penalty off")
 
 
-class RankMismatchError(RuntimeError):
-    """Ranks hold different weights: a bug (ours or a plugin's), never a user error."""
-
-
-def _fingerprint(tensor: torch.Tensor) -> torch.Tensor:
-    """Two int64 sums over the raw bits (plain and position-weighted): any change of any bit,
-    or two swapped values, changes them. Exact integer arithmetic, so no tolerance is needed."""
-    flat = tensor.detach().contiguous().reshape(-1)
-    # Reading 4-byte words needs 4-byte alignment: a half-precision parameter inside DeepSpeed's
-    # flat buffer can start at an odd element (found with InfoGAN's code head under bf16 ZeRO-2).
-    if (flat.storage_offset() * flat.element_size()) % 4:
-        flat = flat.clone()
-    word = torch.int32 if flat.numel() * flat.element_size() % 4 == 0 else torch.uint8
-    bits = flat.view(torch.uint8).view(word).to(torch.int64)
-    weights = torch.arange(1, bits.numel() + 1, device=bits.device, dtype=torch.int64)
-    return torch.stack([bits.sum(), (bits * weights).sum()])
-
-
-def check_rank_consistency(accelerator, modules: dict[str, nn.Module]) -> None:
-    """Every rank: raise naming the first parameter or buffer that is not bit-identical on all ranks.
-
-    One all-gather of two integers per tensor; call it after `sync_buffers`.
-    """
-    if accelerator.num_processes == 1:
-        return
-    names, prints = [], []
-    for module_name, module in modules.items():
-        for name, tensor in itertools.chain(module.named_parameters(), module.named_buffers()):
-            names.append(f"{module_name}.{name}")
-            prints.append(_fingerprint(tensor))
-    gathered = accelerator.gather(torch.stack(prints).unsqueeze(0)).view(accelerator.num_processes, len(names), 2)
-    differs = (gathered != gathered[:1]).any(dim=2).any(dim=0)
-    if bool(differs.any()):
-        first = names[int(differs.nonzero()[0])]
-        ranks = [r for r in range(accelerator.num_processes) if bool((gathered[r] != gathered[0]).any())]
-        raise RankMismatchError(f"{first} differs between rank 0 and rank(s) {ranks}: the ranks no longer train "
-                                "the same networks (a rank-dependent update, or buffers changed after the sync)")
-
-
-def convert_sync_batchnorm(G: nn.Module, D: nn.Module) -> tuple[nn.Module, nn.Module]:
+def convert_sync_batchnorm(G: nn.Module, D: nn.Module, device: str) -> tuple[nn.Module, nn.Module]:
     """model.sync_bn: BatchNorm statistics over the global batch (NCCL only, so GPU only)."""
-    if not _cuda_available():
+    if device != "cuda":
         raise UserError("model.sync_bn=true needs GPUs (SyncBatchNorm runs on NCCL only); "
                         "set model.sync_bn=false on CPU")
     convert = nn.SyncBatchNorm.convert_sync_batchnorm
