@@ -2,7 +2,7 @@
 bench/gpu.sh, which installs carried wheels on a bare machine, tees everything to OUT/log
 and keeps the whole run within 4 minutes.
 
-    python bench/gpu.py [--dry-run] [--out DIR] [--budget-s 225]
+    python bench/gpu.py [--dry-run] [--out DIR] [--budget-s 215]
 
 One process per precision (bench/gpu_checks.py: fp16, then fp32, then bf16 with the compile
 rows last), each given what is left of the budget; their rows print as each check ends and
@@ -14,7 +14,9 @@ suite does), to know the script is ready before a GPU is borrowed.
 from __future__ import annotations
 
 import argparse
+import os
 import platform
+import signal
 import subprocess
 import sys
 import threading
@@ -55,13 +57,23 @@ class Tables:
         self.path.write_text("\n".join(lines))
 
 
+def _kill_group(proc: subprocess.Popen) -> None:
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+
+
 def run_precision(precision: str, args, tables: Tables, deadline: float) -> bool:
     """One check process, its output passed through as it comes; True when all went well.
     A timer kills it at the deadline (a cold compile can take that long without a word)."""
     command = [sys.executable, str(HERE / "gpu_checks.py"), precision, *(["--dry-run"] if args.dry_run else [])]
     start, ok = time.monotonic(), True
-    with subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1) as proc:
-        timer = threading.Timer(max(1.0, deadline - start), proc.kill)
+    # Its own process group: at the deadline its loader and compile workers go with it (they
+    # hold the output pipe open, and a kill of the process alone would leave them running).
+    with subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1,
+                          start_new_session=True) as proc:
+        timer = threading.Timer(max(1.0, deadline - start), lambda: _kill_group(proc))
         timer.start()
         try:
             for line in proc.stdout:
@@ -87,7 +99,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--dry-run", action="store_true")
     parser.add_argument("--out", type=Path, default=HERE / "results" / "gpu")
-    parser.add_argument("--budget-s", type=float, default=225.0, help="for all processes together")
+    parser.add_argument("--budget-s", type=float, default=215.0, help="for all processes together")
     args = parser.parse_args()
     if not args.dry_run and not torch.cuda.is_available():
         sys.exit("bench/gpu.py: no CUDA GPU visible; use --dry-run to check the script on a CPU")

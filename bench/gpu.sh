@@ -35,5 +35,5 @@ export PYTHONUNBUFFERED=1
   fi
   export PYTHONPATH="$here${PYTHONPATH:+:$PYTHONPATH}"
   cd "$here"
-  timeout 235 "$python" bench/gpu.py --out "$out" "${args[@]}"
+  timeout -k 5 230 "$python" bench/gpu.py --out "$out" "${args[@]}"
 } 2>&1 | tee "$out/log"

@@ -1,6 +1,6 @@
 """The checks of bench/gpu.py for one precision, in one process:
 
-    python bench/gpu_checks.py fp16|no|bf16 --work DIR [--dry-run]
+    python bench/gpu_checks.py fp16|no|bf16 [--dry-run]
 
 Each check prints one line as it ends, `ROW checks | check | setting | result | detail` or
 `ROW speed | model | variant | img/s | peak GiB | TFLOP/s | graphs | recompiles`, which
@@ -115,11 +115,12 @@ def host_syncs(sizes: Sizes, precision: str) -> None:
         losses = [v for record in metrics for k, v in record.items() if k.startswith("Loss/")]
         finite = all(np.isfinite(losses))
         last = metrics[-1]
-        overflows = (f", fp16 overflows D {last.get('Skipped/D_fp16_overflow')} / G "
-                     f"{last.get('Skipped/G_fp16_overflow')}" if precision == "fp16" else "")
+        overflows = (f", fp16 overflows (the scalers' own skips while they calibrate) D "
+                     f"{last.get('Skipped/D_fp16_overflow')} / G {last.get('Skipped/G_fp16_overflow')}"
+                     if precision == "fp16" else "")
         row("checks", f"{precision} + R1 trains", setting,
             ("PASS" if finite else "FAILED") + f": {len(losses)} logged losses finite={finite}",
-            f"skipped D {last['Skipped/D']} / G {last['Skipped/G']}{overflows}")
+            f"skipped for non-finite gradients D {last['Skipped/D']} / G {last['Skipped/G']}{overflows}")
 
     check()
 
@@ -159,6 +160,13 @@ def found_inf_leaves_state(sizes: Sizes) -> None:
     check()
 
 
+def _fresh_accelerate_state() -> None:
+    from accelerate.state import AcceleratorState, GradientState
+
+    AcceleratorState._reset_state(reset_partial_state=True)
+    GradientState._reset_state()
+
+
 def _digits_shards() -> Path:
     from gan_dist.data.prepare import write_shards
     from gan_dist.data.sources import digits
@@ -175,12 +183,21 @@ def cpu_checkpoint_resumes_here(sizes: Sizes) -> None:
 
         root, data = tempfile.mkdtemp(), _digits_shards()
         base = [f"data.path={data}", f"run.root={root}", "log.every_steps=5", "train.total_kimg=1"]
-        train(str(overhead.ROOT / "configs" / "tiny.yaml"), [*base, "train.device=cpu", "train.max_steps=10"])
-        train(str(overhead.ROOT / "configs" / "tiny.yaml"), [*base, "train.max_steps=20"])
-        state = json.loads((Path(root) / "tiny" / "checkpoints" / "step_00000020" / "state.json").read_text())
-        ok = state["device"] == sizes.device and state["progress"]["step"] == 20
+        checkpoints = Path(root) / "tiny" / "checkpoints"
+        devices = []
+        for leg in (["train.device=cpu", "train.max_steps=10"], ["train.max_steps=20"]):
+            # accelerate keeps one device per process: each leg starts from a fresh state,
+            # as a new job would.
+            _fresh_accelerate_state()
+            train(str(overhead.ROOT / "configs" / "tiny.yaml"), [*base, *leg])
+            devices.append(json.loads((checkpoints / (checkpoints / "latest").read_text().strip()
+                                       / "state.json").read_text()))
+        _fresh_accelerate_state()
+        first, last = devices
+        ok = first["device"] == "cpu" and last["device"] == sizes.device and last["progress"]["step"] == 20
         row("checks", "CPU checkpoint resumes", setting, "PASS" if ok else "FAILED",
-            f"final checkpoint: step {state['progress']['step']} on {state['device']}")
+            f"step {first['progress']['step']} on {first['device']}, then step {last['progress']['step']} "
+            f"on {last['device']}")
 
     check()
 
@@ -198,7 +215,7 @@ def real_loader(sizes: Sizes) -> None:
                  shard_size=512, workers=4)
     setting = f"DCGAN-64 fp32, batch {sizes.batch}, {sizes.loader_images} synthetic 64 px npy images"
     for workers in sizes.workers:
-        checked(f"real loader, {workers} workers", setting)(_loader_row)(sizes, shards, workers, setting)
+        checked(f"real loader, {workers} worker(s)", setting)(_loader_row)(sizes, shards, workers, setting)
 
 
 def _loader_row(sizes: Sizes, shards: Path, workers: int, setting: str) -> None:
@@ -212,7 +229,7 @@ def _loader_row(sizes: Sizes, shards: Path, workers: int, setting: str) -> None:
            f"run.root={root}", f"train.batch_size={sizes.batch}", f"train.max_steps={steps}",
            f"log.every_steps={max(1, steps // 3)}", "log.sample_every_kimg=1e9", "checkpoint.every_kimg=0"])
     last = json.loads(next(Path(root).glob("*/metrics.jsonl")).read_text().splitlines()[-1])
-    row("checks", f"real loader, {workers} workers", setting, f"{last['Speed/img_per_s']:,.0f} img/s",
+    row("checks", f"real loader, {workers} worker(s)", setting, f"{last['Speed/img_per_s']:,.0f} img/s",
         f"data wait {last['Speed/data_wait_fraction']:.0%} of the last interval")
 
 
@@ -277,18 +294,25 @@ def main() -> None:
     parser.add_argument("--dry-run", action="store_true")
     args = parser.parse_args()
     sizes = Sizes(args.dry_run)
-    if args.precision in ("fp16", "bf16"):
-        host_syncs(sizes, args.precision)
-    if args.precision == "no":
+    # Every temporary directory of the checks (runs, shards) lives in one, removed at the end.
+    with tempfile.TemporaryDirectory(prefix="gan_dist-gpu-check-") as work:
+        tempfile.tempdir = work
+        run_checks(sizes, args.precision)
+
+
+def run_checks(sizes: Sizes, precision: str) -> None:
+    if precision in ("fp16", "bf16"):
+        host_syncs(sizes, precision)
+    if precision == "no":
         found_inf_leaves_state(sizes)
         cpu_checkpoint_resumes_here(sizes)
         real_loader(sizes)
         speed(sizes, "DCGAN-64", "bare loop fp32, no R1", [], "no", bare=True)
-    for variant, extra in VARIANTS.get(args.precision, []):  # compile, the slowest, last
+    for variant, extra in VARIANTS.get(precision, []):  # compile, the slowest, last
         for model in MODELS:
             if variant == "fp32, no R1" and model != "DCGAN-64":
                 continue  # the bare loop's counterpart
-            speed(sizes, model, variant, extra, args.precision)
+            speed(sizes, model, variant, extra, precision)
 
 
 if __name__ == "__main__":

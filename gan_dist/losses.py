@@ -61,12 +61,13 @@ def input_gradients(outputs: torch.Tensor, inputs: torch.Tensor, scaler=None) ->
     scale, but met by the penalty's 1/scale on the way in). PyTorch's AMP recipe scales the
     inner pass by the full loss scale, which leaves the double backward unscaled: D's gradient
     from R1 then underflowed to zero in tests/test_precision.py, and an unscaled inner pass
-    lost the penalty itself. The square root gives each pass half of the scale's exponent
-    range. The scale stays a device tensor: `get_scale()` would stop the host every step.
+    lost the penalty itself. The square root (rounded down to a power of two, so that the
+    scaling itself is exact) gives each pass half of the scale's exponent range. The scale stays a device tensor: `get_scale()` would stop the host every step.
     """
     total = outputs.sum()
     if scaler is not None:
-        scale = scaler.scale(torch.ones((), device=total.device, dtype=torch.float32)).sqrt()
+        full = scaler.scale(torch.ones((), device=total.device, dtype=torch.float32))
+        scale = torch.exp2(torch.floor(torch.log2(full) / 2))  # a power of two, exact in fp16
         (grad,) = torch.autograd.grad(total * scale, inputs, create_graph=True)
         return grad / scale
     (grad,) = torch.autograd.grad(total, inputs, create_graph=True)

@@ -2,8 +2,8 @@
 
 The signal may reach every rank, only rank 0 (a launcher that forwards it), or only some
 ranks, so no rank acts on it alone: every few steps all ranks combine their flags in one
-tiny all-reduce, read at the next check (parallel.RankVote: the host never waits for the
-device for it), and if any rank was signalled they all finish that step, save a checkpoint
+tiny all-reduce, read at the next check (parallel.RankVote: no host read of the device at
+the check itself), and if any rank was signalled they all finish that step, save a checkpoint
 and stop. Rank 0 then writes runs/<name>/REQUEUE: launchers (torchrun, accelerate launch,
 srun) replace the exit code with their own, so scripts decide on requeueing by this marker.
 A second Ctrl-C exits at once. DataLoader workers ignore these signals: a launcher signals

@@ -146,6 +146,20 @@ def _prune(final: Path, keep_last: int) -> None:
         shutil.rmtree(old, ignore_errors=True)
 
 
+FINISHED = "finished.json"
+
+
+def mark_finished(snapshot: Path, step: int, kimg: float) -> None:
+    """Rank 0, at the very end of a run (final grid, snapshot and evaluation done). A run
+    stopped at its last step, or one that died in its final evaluation, has the same counters
+    but no mark, so its resume still runs the end."""
+    (snapshot / FINISHED).write_text(json.dumps({"step": step, "kimg": kimg}) + "\n")
+
+
+def is_finished(checkpoint: Path) -> bool:
+    return (checkpoint / FINISHED).is_file()
+
+
 def find_checkpoint(run_dir: Path, resume: str) -> Path | None:
     """The checkpoint train.resume points at: 'none', 'auto' (this run's latest, if any), or a path."""
     if resume == "none":
@@ -172,6 +186,7 @@ def read_state(checkpoint: Path) -> dict:
     if state.get("format") != STATE_FORMAT:
         raise UserError(f"cannot resume from {checkpoint}: its format is {state.get('format')!r} and this "
                         f"gan_dist reads {STATE_FORMAT}; resume it with the gan_dist version that wrote it")
+    state.setdefault("device", checkpoint_device(checkpoint, state))
     return state
 
 

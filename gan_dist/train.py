@@ -98,15 +98,17 @@ def plan_resume(cfg, run_dir: Path) -> ResumePlan:
         return ResumePlan()
     state = resume.read_state(checkpoint)
     resume.check_compatible(checkpoint, state["config"], config_mod.to_dict(cfg))
-    state["device"] = resume.checkpoint_device(checkpoint, state)
     return ResumePlan(checkpoint, state, new_run_dir=not (run_dir / RUN_MARKER).is_file(),
                       complete=_completion(cfg, run_dir, checkpoint, state))
 
 
 def _completion(cfg, run_dir: Path, checkpoint: Path, state: dict) -> str:
+    from gan_dist import resume
+
     step = state["progress"]["step"]
     kimg = state["progress"]["num_d_steps"] * cfg.train.batch_size / 1000
-    if kimg < cfg.train.total_kimg and not (cfg.train.max_steps and step >= cfg.train.max_steps):
+    reached = kimg >= cfg.train.total_kimg or (cfg.train.max_steps and step >= cfg.train.max_steps)
+    if not reached or not resume.is_finished(checkpoint):
         return ""
     return (f"{run_dir} is complete: {kimg:g} kimg in {step} steps (train.total_kimg={cfg.train.total_kimg:g}), "
             f"final grid {run_dir / 'samples' / 'final.png'}; raise train.total_kimg to train on, or pass "

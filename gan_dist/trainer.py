@@ -40,7 +40,7 @@ from gan_dist.losses import (
 )
 from gan_dist.models.layers import latent_code
 from gan_dist.preempt import REQUEUE_MARKER, write_requeue_marker
-from gan_dist.resume import save_checkpoint
+from gan_dist.resume import mark_finished, save_checkpoint
 from gan_dist.seeds import derive_seed
 from gan_dist.stats import Stats
 from gan_dist.visual import save_samples
@@ -107,6 +107,15 @@ class Progress:
         for name in self.COUNTERS:
             setattr(self, name, counters.get(name, 0))
         self.num_skipped_at_last_log = sum(self.num_skipped.values())
+
+
+def _read_flags(pending: list) -> list[tuple[bool, bool]]:
+    """(skipped, overflow) of each pending step: the device flags read in one transfer, the
+    host ones as they are (no tensor is built for them)."""
+    on_device = [flag.reshape(()).bool() for *_, s, o in pending for flag in (s, o) if torch.is_tensor(flag)]
+    values = iter(torch.stack(on_device).tolist() if on_device else [])
+    return [tuple(bool(next(values)) if torch.is_tensor(flag) else bool(flag) for flag in (s, o))
+            for *_, s, o in pending]
 
 
 class Trainer:
@@ -292,6 +301,8 @@ class Trainer:
         self.sample_grid(name="final")  # also syncs buffers across ranks before the snapshot
         snapshot = save_checkpoint(self)
         self.periodic_eval.run(self, snapshot)
+        if self.acc.is_main_process:
+            mark_finished(snapshot, self.progress.step, self.num_images / 1000)
         samples = self.run_dir / "samples"
         self.console.print(f"done: {self.progress.step} steps, {self.num_images / 1000:.1f} kimg\n"
                            f"  samples: {samples} (final grid: {samples / 'final.png'})\n"
@@ -379,12 +390,8 @@ class Trainer:
         if not self.pending_skips:
             return
         pending, self.pending_skips = self.pending_skips, []
-        device = self.acc.device
-        flags = torch.stack([torch.stack([torch.as_tensor(s, device=device).reshape(()),
-                                          torch.as_tensor(o, device=device).reshape(())])
-                             for _, _, s, o in pending]).tolist()
         overflowed = set()
-        for (name, step, _, _), (skipped, overflow) in zip(pending, flags):
+        for (name, step, _, _), (skipped, overflow) in zip(pending, _read_flags(pending)):
             if overflow:  # the fp16 scaler skipped it and lowered its scale (its own calibration)
                 self.progress.num_fp16_overflows[name] += 1
                 overflowed.add(name)
@@ -438,7 +445,7 @@ class Trainer:
             batch = Batch(None, None, [], fatal=self.data_health.stop)  # gave up: vote on until all stop
         self.progress.data_wait_s += time.perf_counter() - start
         if not self.data_health.account(batch):
-            # This rank's stream gave up; the ranks' vote stops the run one D step later, and
+            # This rank's stream gave up; the ranks' vote stops the run a few D steps later, and
             # until then this rank trains on its last batch so that the collectives line up.
             return self._last_real or self._blank_batch()
         self.stream_workers[batch.worker] = (batch.epoch, batch.position)

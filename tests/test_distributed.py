@@ -115,7 +115,7 @@ def test_bad_data_under_raise_stops_every_rank_together(harness):
 
 def test_a_rank_whose_stream_gives_up_stops_every_rank_together(harness):
     """Under raise, a rank that cannot read any shard (its node lost the storage) has no batch
-    at all; it trains on a stand-in until the ranks' vote, read one D step later, stops them
+    at all; it trains on a stand-in until the ranks' vote, read two D steps later, stops them
     all at the same step."""
     ranks = [harness("fatal-data-raise", 2, r) for r in (0, 1)]
     assert all(r["outcome"].startswith("UserError") for r in ranks), [r["outcome"] for r in ranks]

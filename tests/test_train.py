@@ -179,6 +179,19 @@ def test_a_finished_run_says_so_in_one_line_and_changes_nothing(train_main, digi
     assert code == 0 and "resumed from runs/tiny/checkpoints/step_00000032 at step 32" in out
 
 
+def test_a_run_stopped_at_its_last_step_still_runs_its_end(train_main, digits_dir, tmp_path):
+    """The same counters as a finished run, but no finished mark (a stop signal at the last
+    step, or a crash in the final evaluation): the rerun resumes and does the end."""
+    assert train_main(*tiny_args(digits_dir))[0] == 0
+    snapshot = tmp_path / "runs" / "tiny" / "checkpoints" / "step_00000032"
+    (snapshot / "finished.json").unlink()
+    (tmp_path / "runs" / "tiny" / "samples" / "final.png").unlink()
+    code, out, err = train_main(*tiny_args(digits_dir))
+    assert code == 0, err
+    assert "resumed from" in out and "done: 32 steps" in out and "is complete" not in out
+    assert (snapshot / "finished.json").is_file() and (tmp_path / "runs" / "tiny" / "samples" / "final.png").is_file()
+
+
 def test_train_device_cpu_trains_on_a_gpu_node_whose_cuda_is_broken(train_main, digits_dir, tmp_path, monkeypatch):
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "0")  # allocated, but this machine's torch sees no GPU
     code, _, err = train_main(*tiny_args(digits_dir, "train.device=cpu", "train.max_steps=2"))

@@ -14,6 +14,7 @@ from gan_dist.data.stream import Batch
 from gan_dist.errors import UserError
 
 WARN_FRACTION = 0.01
+VOTE_LAG = 2  # D steps: the host may run that far ahead of the device before a vote is read
 
 
 class DataHealth:
@@ -22,19 +23,19 @@ class DataHealth:
         self.num_bad_samples = self.num_good_samples = 0  # this rank, since the last log line
         self.example = ""
         # Under data.on_error=raise with several ranks, "did any rank stop" is voted on every D
-        # step and learned one D step later, with no host wait (parallel.RankVote).
+        # step and learned VOTE_LAG D steps later, with no per-step host read (parallel.RankVote).
         self.vote = None
         if on_error == "raise" and accelerator.num_processes > 1:
             from gan_dist.parallel import RankVote
 
-            self.vote = RankVote(accelerator, lag=1)
+            self.vote = RankVote(accelerator, lag=VOTE_LAG)
         self.stop = ""  # this rank's reason to stop, waiting for the vote
 
     def account(self, batch: Batch) -> bool:
         """Count skipped samples, or stop: on every rank at once under data.on_error=raise.
         False when the batch holds no samples (a stream that gave up): while the ranks' vote is
-        in flight the caller trains on a stand-in batch; settle() stops the run before anything
-        is saved."""
+        in flight (VOTE_LAG D steps) the caller trains on a stand-in batch; settle() stops the
+        run before anything is saved."""
         stop = ""
         if batch.fatal:
             stop = f"data: {batch.fatal}; check the shards (gan-dist prepare --verify DIR)"

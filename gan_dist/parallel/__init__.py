@@ -46,7 +46,7 @@ OWNED_BY_CONFIG = {
     "ACCELERATE_USE_DEEPSPEED": ("train.backend", "false"),
     "ACCELERATE_USE_FSDP": ("train.backend", "false"),
     "ACCELERATE_USE_MEGATRON_LM": ("train.backend", "false"),
-    "ACCELERATE_DYNAMO_BACKEND": ("train.compile (not available yet)", "no"),
+    "ACCELERATE_DYNAMO_BACKEND": ("train.compile", "no"),
 }
 
 

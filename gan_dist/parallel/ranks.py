@@ -5,10 +5,11 @@ bit-exact check that they still train the same networks.
   resume, whether a run directory holds a run) is decided by rank 0 alone and broadcast, so
   a stale NFS cache on another node cannot make the ranks disagree. A UserError raised there
   reaches every rank with the same message.
-- `RankVote`: "did any rank see X" (a stop signal, a bad sample) without stopping the host
-  for the device: each vote is reduced on the device and read `lag` votes later, by which
-  time its copy to pinned host memory is long done; every rank reads the same vote at the
-  same call, so all act on the same step.
+- `RankVote`: "did any rank see X" (a stop signal, a bad sample) without a per-step host
+  read: each vote is reduced on the device and read `lag` votes later, by which time its
+  copy to pinned host memory is normally done (the host waits for it only if it ran more
+  than `lag` votes ahead of the device); every rank reads the same vote at the same call,
+  so all act on the same step.
 """
 
 from __future__ import annotations
@@ -40,16 +41,24 @@ def broadcast_from_rank0(obj):
 
 
 def decided_on_rank0(accelerator, decide):
-    """`decide()` run on rank 0 only; its result, or its UserError, on every rank."""
-    outcome = None
+    """`decide()` run on rank 0 only; its result on every rank. Its UserError reaches every
+    rank as the same UserError; any other exception is re-raised on rank 0 and reported on
+    the others, which would otherwise wait in the broadcast until the collective timeout."""
+    outcome, failure = None, None
     if accelerator.is_main_process:
         try:
             outcome = ("ok", decide())
         except UserError as err:
-            outcome = ("error", str(err))
+            outcome = ("user error", str(err))
+        except Exception as err:  # noqa: BLE001 - re-raised below, after the others are told
+            failure, outcome = err, ("crash", f"{type(err).__name__}: {err}")
     kind, value = broadcast_from_rank0(outcome)
-    if kind == "error":
+    if failure is not None:
+        raise failure
+    if kind == "user error":
         raise UserError(value)
+    if kind == "crash":
+        raise RuntimeError(f"rank 0 failed while deciding for every rank: {value}")
     return value
 
 
@@ -89,7 +98,7 @@ class RankVote:
     def _read(self) -> bool:
         host, event = self.pending.popleft()
         if event is not None:
-            event.synchronize()  # recorded `lag` votes ago: done long since
+            event.synchronize()  # recorded `lag` votes ago: normally done, at worst a bounded wait
         verdict = bool(host.numpy()[0] > 0)  # a read of host memory, no tensor op
         self.free.append(host)
         return verdict

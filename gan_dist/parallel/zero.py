@@ -29,6 +29,7 @@ from gan_dist.parallel.ddp import set_lr
 
 CHECKPOINT_TAG = "engine"
 DEEPSPEED_DEFAULT_BUCKET = 500_000_000  # elements, DeepSpeed 0.19's reduce_bucket_size
+BUCKET_CAP = 50_000_000
 # Keys of a user's DeepSpeed JSON that gan_dist's config owns: key -> what to set instead.
 OWNED_KEYS = {
     "train_batch_size": "train.batch_size", "train_micro_batch_size_per_gpu": "train.batch_size",
@@ -90,8 +91,10 @@ def bucket_sizes(num_parameters: int) -> dict:
     """ZeRO's reduce and all-gather buckets sized to the network. DeepSpeed's default is 5e8
     elements for any model: one engine of a 3.6M-parameter DCGAN allocated a 2 GB fp32
     reduction buffer (bench/deepspeed_memory.py). A bucket larger than the network buys
-    nothing; the size is rounded up to 2^20 elements (DeepSpeed wants an even count)."""
-    elements = min(DEEPSPEED_DEFAULT_BUCKET, -(-max(1, num_parameters) // 2**20) * 2**20)
+    nothing; the size is rounded up to 2^20 elements (DeepSpeed wants an even count), and
+    capped at 5e7 (launch/deepspeed/zero2-buckets.json's size), so that a large network's
+    reduction still comes in several buckets that overlap with its backward pass."""
+    elements = min(BUCKET_CAP, -(-max(1, num_parameters) // 2**20) * 2**20)
     return {"reduce_bucket_size": elements, "allgather_bucket_size": elements}
 
 
@@ -147,48 +150,45 @@ def _initialize(deepspeed, cfg, name: str, module: nn.Module, optimizer, config:
 
 
 class Float32Forward:
-    """A layer's own forward run in fp32: its parameters cast up (a differentiable cast, so
+    """A module's own forward run in fp32: its parameters cast up (a differentiable cast, so
     the half-precision parameters DeepSpeed owns still get their gradients), its input cast
-    up, its output cast back to the input's dtype. Installed as the layer's `forward`
-    attribute, so the module tree and state_dict keys stay those of the plain model."""
+    up, its output cast back to the input's dtype. Installed as the module's `forward`
+    attribute, so the module tree and state_dict keys stay those of the plain model; the
+    class's forward runs directly, so hooks run once."""
 
     def __init__(self, module: nn.Module):
-        self.module, self.inside = module, False
+        self.module = module
 
     def __call__(self, x: torch.Tensor, *args, **kwargs):
+        from torch.nn.utils.stateless import (
+            _reparametrize_module,  # what torch.func.functional_call uses
+        )
+
         module = self.module
-        if self.inside:  # functional_call calls the module again: now its own forward, in fp32
-            return type(module).forward(module, x, *args, **kwargs)
         parameters = {name: p.float() for name, p in module.named_parameters()}
-        self.inside = True
-        try:
-            out = torch.func.functional_call(module, parameters, (x.float(), *args), kwargs)
-        finally:
-            self.inside = False
+        with _reparametrize_module(module, parameters):
+            out = type(module).forward(module, x.float(), *args, **kwargs)
         return out.to(x.dtype)
 
 
 def _needs_fp32(module: nn.Module) -> bool:
-    """BatchNorm (running statistics) and spectral-norm layers (the power iteration's u and v)
-    accumulate small updates in their buffers that bf16/fp16 would round away."""
-    from torch.nn.utils import parametrize
-
-    if isinstance(module, nn.modules.batchnorm._BatchNorm):
-        return True
-    return parametrize.is_parametrized(module) and any(
-        type(p).__name__ == "_SpectralNorm" for plist in module.parametrizations.values() for p in plist)
+    """BatchNorm (running statistics) and spectral norm's parametrization (the power
+    iteration's u and v, and sigma) accumulate small updates that bf16/fp16 would round away.
+    The spectral-norm layer itself keeps computing in half precision: only the normalised
+    weight is computed in fp32, then cast back."""
+    return isinstance(module, nn.modules.batchnorm._BatchNorm) or type(module).__name__ == "_SpectralNorm"
 
 
 def keep_statistics_in_fp32(module: nn.Module) -> list[str]:
-    """Under half-precision engines: BatchNorm and spectral-norm layers run in fp32 with fp32
-    buffers (where DeepSpeed cast them, they are cast back). Returns the layers' names."""
+    """Under half-precision engines: BatchNorm layers and spectral-norm parametrizations run
+    in fp32 with fp32 buffers (where DeepSpeed cast them, they are cast back). Returns their
+    names."""
     names = []
     for name, sub in module.named_modules():
         if _needs_fp32(sub) and not isinstance(sub.forward, Float32Forward):
-            for owner in sub.modules():
-                for key, buffer in owner._buffers.items():
-                    if buffer is not None and buffer.is_floating_point():
-                        owner._buffers[key] = buffer.float()
+            for key, buffer in sub._buffers.items():
+                if buffer is not None and buffer.is_floating_point():
+                    sub._buffers[key] = buffer.float()
             sub.forward = Float32Forward(sub)
             names.append(name)
     return names
