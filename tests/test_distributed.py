@@ -90,6 +90,8 @@ def test_norm_layers_and_regularisers_keep_ranks_identical(harness, case):
         for name, tensor in ranks[0][net].items():
             assert torch.equal(tensor, ranks[1][net][name]), f"{net}.{name} differs between ranks"
     assert any(name.endswith("running_mean") or "parametrizations" in name for name in ranks[0]["D"])
+    # ...with DDP's per-forward buffer broadcast off: sync_buffers() alone makes them agree.
+    assert ranks[0]["broadcast_buffers"] == [False, False]
 
 
 def test_a_nan_on_one_rank_makes_every_rank_skip(harness):

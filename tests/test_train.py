@@ -192,6 +192,25 @@ def test_a_run_stopped_at_its_last_step_still_runs_its_end(train_main, digits_di
     assert (snapshot / "finished.json").is_file() and (tmp_path / "runs" / "tiny" / "samples" / "final.png").is_file()
 
 
+def test_gpu_math_settings():
+    """cuDNN's autotuner on for CUDA runs (off under --debug, which wants determinism); TF32 as
+    train.tf32 says; nothing touched for a CPU run."""
+    from gan_dist.parallel.device import configure_gpu_math
+
+    cudnn, matmul = torch.backends.cudnn, torch.backends.cuda.matmul
+    saved = (cudnn.benchmark, cudnn.allow_tf32, matmul.allow_tf32)
+    try:
+        cudnn.benchmark = cudnn.allow_tf32 = matmul.allow_tf32 = False
+        configure_gpu_math("cpu", tf32=True, benchmark=True)
+        assert (cudnn.benchmark, cudnn.allow_tf32, matmul.allow_tf32) == (False, False, False)
+        configure_gpu_math("cuda", tf32=False, benchmark=True)
+        assert (cudnn.benchmark, cudnn.allow_tf32, matmul.allow_tf32) == (True, False, False)
+        configure_gpu_math("cuda", tf32=True, benchmark=False)  # --debug
+        assert (cudnn.benchmark, cudnn.allow_tf32, matmul.allow_tf32) == (False, True, True)
+    finally:
+        cudnn.benchmark, cudnn.allow_tf32, matmul.allow_tf32 = saved
+
+
 def test_train_device_cpu_trains_on_a_gpu_node_whose_cuda_is_broken(train_main, digits_dir, tmp_path, monkeypatch):
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "0")  # allocated, but this machine's torch sees no GPU
     code, _, err = train_main(*tiny_args(digits_dir, "train.device=cpu", "train.max_steps=2"))

@@ -176,7 +176,8 @@ def fit(self) -> None:
         trainer_mod.interpolate = _interpolate
         CURRENT["state"] = {"G0": initial_G, "G": _state(self.G_raw), "D": _state(self.D_raw), "G_ema": _state(self.ema.module),
                             "skipped": dict(self.progress.num_skipped), "step": self.progress.step,
-                            "graphs": _graphs_compiled()}
+                            "graphs": _graphs_compiled(),
+                            "broadcast_buffers": [getattr(m, "broadcast_buffers", None) for m in self.backend.ddp.values()]}
 
 
 trainer_mod.Trainer.fit = fit
