@@ -61,11 +61,13 @@ def run_ours(config: str, overrides: list[str], images: torch.Tensor, steps: int
     from gan_dist.train import train
 
     stamps = []
-    original_open, original_step = run_mod.open_data, trainer_mod.Trainer._step_once
+    original = run_mod.open_info, run_mod.open_loader, trainer_mod.Trainer._step_once
 
-    def open_data(cfg, accelerator, batch_per_device, start=None):
-        info = DatasetInfo(urls=[], shape=tuple(images.shape[1:]), dtype="uint8", count=len(images))
-        return info, in_memory(images, batch_per_device)
+    def open_info(cfg, accelerator):
+        return DatasetInfo(urls=[], shape=tuple(images.shape[1:]), dtype="uint8", count=len(images))
+
+    def open_loader(cfg, accelerator, info, batch_per_device, *args):
+        return in_memory(images, batch_per_device)
 
     def step_once(self, batches):
         if syncs is not None and len(stamps) >= warmup:
@@ -73,26 +75,26 @@ def run_ours(config: str, overrides: list[str], images: torch.Tensor, steps: int
                 warnings.simplefilter("always")
                 torch.cuda.set_sync_debug_mode("warn")
                 try:
-                    original_step(self, batches)
+                    original[2](self, batches)
                 finally:
                     torch.cuda.set_sync_debug_mode("default")
             syncs.extend((w.filename, w.lineno, str(w.message).splitlines()[0]) for w in caught
                          if "synchroniz" in str(w.message))
         else:
-            original_step(self, batches)
+            original[2](self, batches)
         if torch.cuda.is_available():
             torch.cuda.synchronize()
         stamps.append(time.perf_counter())
         if after_warmup is not None and len(stamps) == warmup:
             after_warmup()
 
-    run_mod.open_data, trainer_mod.Trainer._step_once = open_data, step_once
+    run_mod.open_info, run_mod.open_loader, trainer_mod.Trainer._step_once = open_info, open_loader, step_once
     try:
         with tempfile.TemporaryDirectory() as root:
             train(str(ROOT / "configs" / config), [*overrides, f"run.root={run_root or root}", "run.overwrite=true",
                                                    "train.resume=none", f"train.max_steps={warmup + steps}"])
     finally:
-        run_mod.open_data, trainer_mod.Trainer._step_once = original_open, original_step
+        run_mod.open_info, run_mod.open_loader, trainer_mod.Trainer._step_once = original
     batch = int(next(o for o in overrides if o.startswith("train.batch_size=")).split("=")[1])
     return steps * batch / (stamps[-1] - stamps[warmup - 1])
 

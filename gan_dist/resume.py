@@ -38,7 +38,7 @@ STATE_FORMAT = "gan_dist.checkpoint/1"
 # itself, and is refused.
 MAY_CHANGE = ("run.", "log.", "checkpoint.", "dist.", "train.total_kimg", "train.max_steps", "train.resume",
               "train.max_skipped_in_row", "train.rollback_on_divergence", "data.num_workers", "data.path", "data.root", "data.cache_mb",
-              "data.on_error", "train.num_threads", "eval.", "train.compile", "train.tf32",
+              "data.on_error", "data.shard_retries", "data.retry_backoff_s", "train.num_threads", "eval.", "train.compile", "train.tf32",
               "optim.fused", "train.device")
 # Test-only: called with the file just written, to inject a crash between files.
 _after_file_hook = None
@@ -112,7 +112,9 @@ def _write_shared(trainer, tmp: Path) -> None:
     state = {"format": STATE_FORMAT, "progress": trainer.progress.counters(),
              "ema_num_averaged": int(trainer.ema.averaged.n_averaged), "config": trainer.config_dict,
              "config_hash": config_hash(trainer.config_dict),
-             **layout(trainer.acc.num_processes, trainer.cfg.data.num_workers, trainer.acc.device.type), "num_threads": torch.get_num_threads(),
+             **layout(trainer.acc.num_processes, trainer.cfg.data.num_workers, trainer.acc.device.type,
+                      trainer.info.identity()["sha256"]),
+             "dataset_identity": trainer.info.identity(), "num_threads": torch.get_num_threads(),
              "num_samples": trainer.info.count, "elapsed_s": trainer.elapsed_s()}
     (tmp / "state.json").write_text(json.dumps(state, indent=1))
     _written(tmp / "state.json")
@@ -240,19 +242,22 @@ def checkpoint_device(checkpoint: Path, state: dict) -> str:
     return "cuda" if "cuda" in load_tensors(checkpoint / "rank0.pt") else "cpu"
 
 
-def layout(world_size: int, num_workers: int, device: str) -> dict:
+def layout(world_size: int, num_workers: int, device: str, dataset: str) -> dict:
     """What a bit-exact resume needs unchanged: every per-rank, per-worker random stream and
     data position belongs to one rank, one worker and one device type (a CUDA generator takes
-    no CPU generator's state)."""
-    return {"world_size": world_size, "num_workers": num_workers, "device": device}
+    no CPU generator's state), and to one dataset (a re-prepared one has other samples at
+    every stream position)."""
+    return {"world_size": world_size, "num_workers": num_workers, "device": device, "dataset": dataset}
 
 
 def same_layout(state: dict, now: dict) -> bool:
-    return all(state[key] == value for key, value in now.items())
+    # Checkpoints from before a key was recorded are taken to match on it.
+    return all(state.get(key) in (None, value) for key, value in now.items())
 
 
 def describe_layout(values: dict) -> str:
-    return f"{values['world_size']} processes x {values['num_workers']} workers on {values['device']}"
+    return (f"{values['world_size']} processes x {values['num_workers']} workers on {values['device']}, "
+            f"dataset {values.get('dataset') or '(not recorded)'}")
 
 
 def stream_start(checkpoint: Path, state: dict, rank: int, now: dict) -> dict | None:
@@ -277,7 +282,7 @@ def restore(trainer, checkpoint: Path, state: dict) -> None:
     trainer.backend.load(checkpoint, load_tensors)
     trainer.progress.restore(state["progress"])
     acc = trainer.acc
-    now = layout(acc.num_processes, trainer.cfg.data.num_workers, acc.device.type)
+    now = layout(acc.num_processes, trainer.cfg.data.num_workers, acc.device.type, trainer.info.identity()["sha256"])
     if same_layout(state, now):
         _restore_rng(trainer, checkpoint, acc.process_index)
     else:
@@ -285,7 +290,9 @@ def restore(trainer, checkpoint: Path, state: dict) -> None:
         trainer.console.print(f"resumed with {describe_layout(now)} where the checkpoint had {describe_layout(state)}: "
                               "noise and augmentation are re-derived from (seed, rank, step) and the data streams "
                               "start at the next epoch, so this continuation is not the one the original layout "
-                              "would have trained")
+                              "would have trained" + (" (the dataset differs from the checkpoint's: re-prepared or "
+                                                      "replaced)" if state.get("dataset") not in (None, now["dataset"])
+                                                      else ""))
     if state.get("num_threads") != torch.get_num_threads():
         trainer.console.warn(f"the checkpoint ran with {state.get('num_threads')} torch threads, this process has "
                              f"{torch.get_num_threads()}: results differ in the last bits (pin train.num_threads)")

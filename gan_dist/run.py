@@ -58,10 +58,9 @@ def dataset_path(cfg) -> str:
     return cfg.data.path or str(builtin_path(cfg))
 
 
-def open_data(cfg, accelerator, batch_per_device: int,
-              stream_start: dict | None = None) -> tuple[DatasetInfo, torch.utils.data.DataLoader]:
-    """Open the shards and this rank's loader. A built-in dataset at its default place is
-    prepared by rank 0 first; an explicit data.path is only ever read, so a typo fails."""
+def open_info(cfg, accelerator) -> DatasetInfo:
+    """Open the shards. A built-in dataset at its default place is prepared by rank 0 first;
+    an explicit data.path is only ever read, so a typo fails."""
     path = dataset_path(cfg)
     with accelerator.main_process_first():
         if accelerator.is_main_process and not cfg.data.path and not Path(path).exists():
@@ -73,11 +72,36 @@ def open_data(cfg, accelerator, batch_per_device: int,
         raise UserError(f"model.conditional=true needs the number of classes, but {path} has no index.json "
                         "listing them: point data.path at the dataset's index.json (also works over http and "
                         "pipe:), or set data.num_classes=N, or set model.conditional=false")
-    loader = make_loader(info, batch_per_device, cfg.train.seed, accelerator.process_index,
-                         cfg.data.num_workers, cfg.data.shuffle_buffer, cfg.data.cache_mb,
-                         pin_memory=accelerator.device.type == "cuda", world_size=accelerator.num_processes,
-                         conditional=cfg.model.conditional, start=stream_start)
-    return info, loader
+    return info
+
+
+def open_loader(cfg, accelerator, info: DatasetInfo, batch_per_device: int, stream_start: dict | None = None,
+                failure_log: str = "") -> torch.utils.data.DataLoader:
+    """This rank's loader, starting where `stream_start` says (a resume) or at epoch 0."""
+    return make_loader(info, batch_per_device, cfg.train.seed, accelerator.process_index,
+                       cfg.data.num_workers, cfg.data.shuffle_buffer, cfg.data.cache_mb,
+                       pin_memory=accelerator.device.type == "cuda", world_size=accelerator.num_processes,
+                       conditional=cfg.model.conditional, start=stream_start,
+                       shard_retries=cfg.data.shard_retries, retry_backoff_s=cfg.data.retry_backoff_s,
+                       failure_log=failure_log)
+
+
+def data_warnings(info: DatasetInfo, num_slots: int) -> list[str]:
+    """What the user should know about how this dataset will be read (rank 0 prints them)."""
+    from gan_dist.data.index import class_skew
+    from gan_dist.data.plan import read_multiplication
+
+    warnings = [w for w in [class_skew(info)] if w]
+    factor = read_multiplication(len(info.urls), info.shard_counts, info.offsets, num_slots, info.seekable)
+    if factor > 1.05:
+        how = ("every slot reads every shard and keeps its share" if info.shard_counts is None else
+               "a stream that cannot seek (pipe:, or http without index.json's byte offsets) reads each piece's "
+               "shard from its start")
+        warnings.append(f"reading this dataset with {num_slots} reader slots (processes x data.num_workers) reads "
+                        f"{factor:.1f}x its bytes per epoch: {how}. Serve index.json and the shards over http(s) or a "
+                        "file system, re-prepare with gan-dist prepare (which writes byte offsets), or use at "
+                        "least as many shards as slots")
+    return warnings
 
 
 def build_optimizers(cfg, G, D) -> tuple[torch.optim.Optimizer, torch.optim.Optimizer]:

@@ -152,7 +152,7 @@ def train(config_path: str | None, overrides: list[str], debug: bool = False,
     from gan_dist.console import Console
     from gan_dist.ema import EMA
     from gan_dist.losses import get_loss
-    from gan_dist.run import describe_run, open_data, prepare_run_dir
+    from gan_dist.run import data_warnings, describe_run, open_info, open_loader, prepare_run_dir
     from gan_dist.trainer import Trainer
 
     cfg = config_mod.load_config(config_path, overrides)
@@ -166,11 +166,15 @@ def train(config_path: str | None, overrides: list[str], debug: bool = False,
         return 0
     per_device = parallel.batch_per_device(cfg.train.batch_size, acc.num_processes, cfg.train.num_micro_batches)
     checkpoint, state = plan.checkpoint, plan.state
-    now = resume.layout(acc.num_processes, cfg.data.num_workers, acc.device.type)
-    start = resume.stream_start(checkpoint, state, acc.process_index, now) if checkpoint else None
-    info, loader = open_data(cfg, acc, per_device, start)
+    info = open_info(cfg, acc)
     if checkpoint is not None:
         resume.check_data_matches(checkpoint, info)
+    now = resume.layout(acc.num_processes, cfg.data.num_workers, acc.device.type, info.identity()["sha256"])
+    start = resume.stream_start(checkpoint, state, acc.process_index, now) if checkpoint else None
+    # Storage failures each loader worker meets, one directory per leg of the run (the leg
+    # after a resume replays the earlier legs' failures from the checkpoint instead).
+    leg = state["progress"]["step"] if checkpoint else 0
+    loader = open_loader(cfg, acc, info, per_device, start, str(run_dir / ".stream" / f"from-step-{leg}"))
     loss = get_loss(cfg.loss.name)
     backend = _build_networks(cfg, acc, info, per_device)
     # Only now, with config, data, models and engines known to be good, is the run directory touched.
@@ -179,6 +183,8 @@ def train(config_path: str | None, overrides: list[str], debug: bool = False,
     ema = EMA(backend.raw["G"], cfg.train.ema_half_life_kimg, cfg.train.ema_rampup)
     console = Console(acc.is_main_process, int(cfg.train.total_kimg * 1000), run_dir, acc)
     console.summary(f"gan_dist run '{cfg.run.name}'", describe_run(cfg, acc, info, backend, per_device))
+    for warning in data_warnings(info, acc.num_processes * max(1, cfg.data.num_workers)):
+        console.warn(warning)
     if debug:
         console.print(f"G: {backend.raw['G']}\nD: {backend.raw['D']}")
     if cfg.log.tensorboard:

@@ -147,7 +147,8 @@ class Trainer:
                        "D": [p for p in self.D_raw.parameters() if p.requires_grad]}
         self.augment = Augment(cfg.data.hflip, cfg.data.diffaugment, cfg.train.seed, rank, device)
         self.config_dict = config_to_dict(cfg)
-        self.stream_workers = {}  # this rank's data position: worker -> (epoch, records read), from the batches
+        self.stream_workers = {}  # this rank's data position: worker -> (epoch, records read, storage failures)
+        self.data_spec = getattr(getattr(data, "dataset", None), "spec", None)  # a stream's (not a test's batches)
         self.checkpoint_due = False
         # The newest checkpoint this run committed or resumed from (rollbacks return to it).
         self.last_checkpoint: Path | None = None
@@ -284,7 +285,12 @@ class Trainer:
                 "num_classes": self.info.num_classes, "plugins": self.cfg.plugins}
 
     def stream_position(self) -> dict:
-        return {"workers": {str(w): list(pos) for w, pos in self.stream_workers.items()}}
+        """Per worker: (epoch, records consumed, storage failures from that epoch on)."""
+        from gan_dist.data.stream import stream_failures
+
+        spec = self.data_spec
+        return {"workers": {str(w): [epoch, position, stream_failures(spec, w, epoch, known) if spec else known]
+                            for w, (epoch, position, known) in self.stream_workers.items()}}
 
     def reseed(self, salt: int) -> None:
         """New per-rank random streams (a resume with another layout): from (seed, rank, purpose, salt)."""
@@ -448,7 +454,7 @@ class Trainer:
             # This rank's stream gave up; the ranks' vote stops the run a few D steps later, and
             # until then this rank trains on its last batch so that the collectives line up.
             return self._last_real or self._blank_batch()
-        self.stream_workers[batch.worker] = (batch.epoch, batch.position)
+        self.stream_workers[batch.worker] = (batch.epoch, batch.position, batch.failures)
         x = batch.samples.to(self.acc.device, non_blocking=True)
         # uint8 images travel as bytes and become [-1, 1] floats on the device; channels_last
         # is taken in the same copy as the cast, not as a second copy of the floats.

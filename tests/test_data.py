@@ -111,10 +111,10 @@ def _keys(loader, num_batches):
 
 def test_stream_is_deterministic_and_rank_dependent(digits_dir):
     info = open_dataset(str(digits_dir))
-    first = _keys(make_loader(info, 16, seed=3, rank=0, num_workers=0, shuffle_buffer=100), 5)
-    again = _keys(make_loader(info, 16, seed=3, rank=0, num_workers=0, shuffle_buffer=100), 5)
-    other_rank = _keys(make_loader(info, 16, seed=3, rank=1, num_workers=0, shuffle_buffer=100), 5)
-    other_seed = _keys(make_loader(info, 16, seed=4, rank=0, num_workers=0, shuffle_buffer=100), 5)
+    first = _keys(make_loader(info, 16, seed=3, rank=0, num_workers=0, shuffle_buffer=100, world_size=2), 5)
+    again = _keys(make_loader(info, 16, seed=3, rank=0, num_workers=0, shuffle_buffer=100, world_size=2), 5)
+    other_rank = _keys(make_loader(info, 16, seed=3, rank=1, num_workers=0, shuffle_buffer=100, world_size=2), 5)
+    other_seed = _keys(make_loader(info, 16, seed=4, rank=0, num_workers=0, shuffle_buffer=100, world_size=2), 5)
     assert first == again
     assert first != other_rank and first != other_seed
 
@@ -133,11 +133,11 @@ def test_cache_does_not_change_the_stream(digits_dir):
 
 
 def test_cached_shards_are_decoded_once(digits_dir, monkeypatch):
-    from gan_dist.data import stream
+    from gan_dist.data import reader
 
     calls = []
-    real_decode = stream.decode
-    monkeypatch.setattr(stream, "decode", lambda *args: calls.append(1) or real_decode(*args))
+    real_decode = reader.decode
+    monkeypatch.setattr(reader, "decode", lambda *args: calls.append(1) or real_decode(*args))
     info = open_dataset(str(digits_dir))
     keys = _keys(make_loader(info, 100, 0, 0, 0, 10, cache_mb=16), 60)  # 6,000 samples, >3 passes
     assert len(keys) == 6000 and len(calls) == info.count

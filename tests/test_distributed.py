@@ -22,21 +22,17 @@ pytestmark = pytest.mark.launch
 EQ_CASES = ["eq-mlp-r1", "eq-mlp-hinge", "eq-mlp-gp", "eq-mlp-diffaug", "eq-mlp-code", "eq-dcgan-r1",
             "eq-dcgan-hinge"]
 MICRO_CASES = {"eq-mlp-r1-micro2": "eq-mlp-r1", "eq-dcgan-hinge-micro2": "eq-dcgan-hinge"}
-TWO_RANK_ONLY = ["bn_d-r1-ncritic-micro", "spectral-gp-conditional", "nan-on-rank1", "perturb-rank1",
+TWO_RANK_ONLY = ["http-flaky", "http-lost", "bn_d-r1-ncritic-micro", "spectral-gp-conditional", "nan-on-rank1", "perturb-rank1",
                  "bad-data-raise", "fatal-data-raise", "resume-full", "resume-leg1", "resume-leg2", "stale-leg1", "stale-leg2",
                  "eager-r1", "compile-r1"]
 
 
 def _corrupt_copy(out):
     """The digits with one undecodable sample in shard 3."""
-    import webdataset as wds
+    from shards import rewrite_shard
 
     path = write_shards(digits(), out / "bad-digits")
-    index = json.loads((path / "index.json").read_text())
-    with wds.TarWriter(str(path / "shard-000003.tar"), encoder=False) as sink:
-        sink.write({"__key__": "broken01", "npy": b"not an array", "cls": b"1"})
-    index["shards"][3]["count"] = 1
-    (path / "index.json").write_text(json.dumps(index))
+    rewrite_shard(path, 3, [{"__key__": "broken01", "npy": b"not an array", "cls": b"1"}])
 
 
 @pytest.fixture(scope="module")
@@ -44,19 +40,27 @@ def harness(digits_dir, tmp_path_factory):
     out = tmp_path_factory.mktemp("harness")
     digits16 = write_shards(digits(16), out / "digits16")
     _corrupt_copy(out)
+    from flaky_http import serve
+
     env = {k: v for k, v in os.environ.items() if not k.startswith(("ACCELERATE_", "WORLD_SIZE", "RANK"))}
     env.update(PYTHONPATH=f"{HELPERS}{os.pathsep}{ROOT}", OMP_NUM_THREADS="1")
+    flaky, env["GAN_DIST_TEST_FLAKY_URL"] = serve(digits_dir, {"shard-000002.tar": 5})
+    lost, env["GAN_DIST_TEST_LOST_URL"] = serve(digits_dir, {"shard-000002.tar": -1})
     args = [str(HELPERS / "harness.py"), str(digits_dir), str(digits16), str(out)]
-    for prefix, cases in (([sys.executable], [*EQ_CASES, *MICRO_CASES, "eval"]),
-                          (LAUNCHERS["torchrun"](_free_port()), [*EQ_CASES, *TWO_RANK_ONLY, "eval"])):
-        result = subprocess.run([*prefix, *args, *cases], env=env, cwd=out, capture_output=True, text=True,
-                                timeout=400, check=False)
-        assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    try:
+        for prefix, cases in (([sys.executable], [*EQ_CASES, *MICRO_CASES, "eval"]),
+                              (LAUNCHERS["torchrun"](_free_port()), [*EQ_CASES, *TWO_RANK_ONLY, "eval"])):
+            result = subprocess.run([*prefix, *args, *cases], env=env, cwd=out, capture_output=True, text=True,
+                                    timeout=400, check=False)
+            assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    finally:
+        flaky.shutdown()
+        lost.shutdown()
 
     def load(case: str, world: int, rank: int = 0) -> dict:
         return torch.load(out / case / f"w{world}-rank{rank}.pt")
 
-    load.out = out
+    load.out, load.flaky_requests = out, flaky.requests
     return load
 
 
@@ -121,9 +125,45 @@ def test_a_rank_whose_stream_gives_up_stops_every_rank_together(harness):
     all at the same step."""
     ranks = [harness("fatal-data-raise", 2, r) for r in (0, 1)]
     assert all(r["outcome"].startswith("UserError") for r in ranks), [r["outcome"] for r in ranks]
-    assert "bad samples in a row and no good one" in ranks[1]["outcome"] and "connection reset" in ranks[1]["outcome"]
+    assert "shard unreadable" in ranks[1]["outcome"] and "connection reset" in ranks[1]["outcome"]
     assert "another rank met a bad sample" in ranks[0]["outcome"]
     assert ranks[0]["step"] == ranks[1]["step"]
+
+
+def test_a_shard_cut_off_five_times_is_retried_and_trained_on_once(harness, digits_dir):
+    """Over http, shard 2's first 5 requests break off half-way: the run goes on, each slot's
+    first epoch holds exactly its planned samples (shard 2's among them, each once), and the
+    failures and retries are in metrics.jsonl."""
+    from test_stream import _keys_in
+
+    from gan_dist.data.plan import plan_epoch
+    from gan_dist.data.stream import open_dataset
+
+    ranks = [harness("http-flaky", 2, r) for r in (0, 1)]
+    assert [r["outcome"] for r in ranks] == ["ok", "ok"]
+    info = open_dataset(str(digits_dir))
+    keys_of = [_keys_in(url) for url in info.urls]
+    plan = plan_epoch(info.shard_counts, 0, 0, 4)
+    epoch0 = []
+    for rank, state in enumerate(ranks):
+        for worker in (0, 1):
+            want = [k for p in plan[rank * 2 + worker] for k in keys_of[p.shard][p.start:p.stop]]
+            got = [k for w, keys in state["consumed"] if w == worker for k in keys][:len(want)]
+            assert sorted(got) == sorted(want), (rank, worker)
+            epoch0 += got
+    assert sorted(epoch0) == sorted(k for keys in keys_of for k in keys)
+    records = [json.loads(line) for line in (harness.out / "runs" / "http-flaky-w2" / "metrics.jsonl")
+               .read_text().splitlines()]
+    assert harness.flaky_requests["shard-000002.tar"] > 5  # every fault was met, then it was served
+    assert sum(r["Data/shard_failures"] for r in records) == 5
+    assert sum(r["Data/shard_retries"] for r in records) == 5
+
+
+def test_a_shard_that_never_returns_stops_both_ranks_together(harness):
+    ranks = [harness("http-lost", 2, r) for r in (0, 1)]
+    assert all(r["outcome"].startswith("UserError") and "shard-000002.tar" in r["outcome"] and "3 times" in r["outcome"]
+               for r in ranks), [r["outcome"] for r in ranks]
+    assert ranks[0]["step"] == ranks[1]["step"] < 200
 
 
 def test_two_processes_with_two_workers_resume_exactly(harness):

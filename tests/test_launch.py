@@ -74,12 +74,17 @@ def test_two_processes_are_really_distributed(launcher, digits_dir, tmp_path, si
 
 
 def test_two_ranks_with_two_workers_split_the_stream(digits_dir, tmp_path):
-    """One launch: disjoint keys within an epoch, equal batch counts, repeatable per seed."""
+    """One launch: disjoint keys within an epoch, equal batch counts, repeatable per seed; and
+    3 shards on 2 ranks x 4 workers read once (test_few_shards_on_many_slots_are_read_once)."""
+    from gan_dist.data.prepare import write_shards
+    from gan_dist.data.sources import digits
+
+    few = write_shards(digits(), tmp_path / "three-shards", shard_size=600)
     env = {k: v for k, v in os.environ.items() if not k.startswith(("ACCELERATE_", "WORLD_SIZE", "RANK"))}
     env.update(PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
     launch = LAUNCHERS["torchrun"](_free_port())
-    result = subprocess.run([*launch, str(HELPERS / "stream_probe.py"), str(digits_dir), str(tmp_path / "out")],
-                            env=env, capture_output=True, text=True, timeout=240, check=False)
+    result = subprocess.run([*launch, str(HELPERS / "stream_probe.py"), str(digits_dir), str(tmp_path / "out"),
+                             str(few)], env=env, capture_output=True, text=True, timeout=240, check=False)
     assert result.returncode == 0, result.stderr
     ranks = [json.loads((tmp_path / "out" / f"rank{r}.json").read_text()) for r in (0, 1)]
     assert ranks[0]["world_size"] == 2
@@ -90,6 +95,36 @@ def test_two_ranks_with_two_workers_split_the_stream(digits_dir, tmp_path):
     for r in ranks:
         assert r["again"]["keys"] == r["first"]["keys"]
         assert r["other_seed"]["keys"] != r["first"]["keys"]
+    _check_read_once(few, tmp_path / "out", [r["read_once"] for r in ranks])
+
+
+def _check_read_once(dataset, out, ranks) -> None:
+    """Per slot and epoch: the keys equal the planner's plan; in all: each key decoded once per
+    epoch, and the tar bytes read at most 1.05x the dataset's."""
+    import tarfile
+
+    from gan_dist.data.plan import plan_epoch
+
+    info = json.loads((dataset / "index.json").read_text())
+    assert len(info["shards"]) == 3
+    keys_of = []
+    for shard in info["shards"]:
+        with tarfile.open(dataset / shard["name"]) as tar:
+            keys_of.append(list(dict.fromkeys(m.name.split(".")[0] for m in tar)))
+    dataset_bytes = sum((dataset / s["name"]).stat().st_size for s in info["shards"])
+    for epoch in (0, 1):
+        plan = plan_epoch([s["count"] for s in info["shards"]], 0, epoch, 8)
+        sizes = [sum(p.stop - p.start for p in pieces) for pieces in plan]
+        assert max(sizes) - min(sizes) <= 1 and min(sizes) > 0
+        for rank, batches in enumerate(ranks):
+            for worker in range(4):
+                got = [key for w, e, key, _ in batches if (w, e) == (worker, epoch)]
+                want = [key for p in plan[rank * 4 + worker] for key in keys_of[p.shard][p.start:p.stop]]
+                assert got == want, (rank, worker, epoch)
+        read = sum(b for batches in ranks for _, e, _, b in batches if e == epoch)
+        assert read <= 1.05 * dataset_bytes, (epoch, read, dataset_bytes)
+    decoded = [k for f in (out / "decoded").iterdir() for k in f.read_text().split()]
+    assert sorted(decoded) == sorted([k for keys in keys_of for k in keys] * 2)  # 2 epochs
 
 
 def _two_nodes(commands: list[list[str]], env: list[dict], cwd) -> list[subprocess.CompletedProcess]:

@@ -38,13 +38,22 @@ def test_ranks_and_workers_read_disjoint_samples_in_equal_batches(tmp_path, num_
 
 
 def test_each_epoch_deals_the_shards_anew(digits_dir):
-    from gan_dist.data.stream import epoch_assignment
+    from gan_dist.data.plan import slot_pieces
 
-    info = open_dataset(str(digits_dir))  # 8 shards of 256 samples
-    dealt = [epoch_assignment(8, 0, epoch, 0, 2)[0] for epoch in range(4)]
-    assert len({tuple(sorted(d)) for d in dealt}) > 1 and all(len(d) == 4 for d in dealt)
+    info = open_dataset(str(digits_dir))  # 8 shards
+    dealt = [slot_pieces(info.shard_counts, 0, epoch, 0, 2) for epoch in range(4)]
+    assert len({tuple(d) for d in dealt}) > 1
+    shard_of = {key: n for n, url in enumerate(info.urls) for key in _keys_in(url)}
     keys = [k for b in make_loader(info, 16, 0, 0, 0, 1, world_size=2, num_epochs=1) for k in b.keys]
-    assert {int(k) // 256 for k in keys} <= set(dealt[0])  # the rank with more samples stops early
+    read = {(shard_of[k], i) for k in keys for i in [_keys_in(info.urls[shard_of[k]]).index(k)]}
+    assert all(any(p.shard == s and p.start <= i < p.stop for p in dealt[0]) for s, i in read)
+
+
+def _keys_in(url):
+    import tarfile
+
+    with tarfile.open(url) as tar:
+        return list(dict.fromkeys(m.name.split(".")[0] for m in tar))
 
 
 def _free_port() -> int:
@@ -78,7 +87,7 @@ def _endless_keys(info, num_batches=20):
 def test_http_and_pipe_give_the_local_stream(digits_dir, http_root):
     local = open_dataset(str(digits_dir))
     over_http = open_dataset(f"{http_root}/")
-    assert "curl" in over_http.urls[0] and f"{http_root}/shard-000000.tar" in over_http.urls[0]
+    assert over_http.urls[0] == f"{http_root}/shard-000000.tar"  # read with Range requests, not curl
     assert over_http.count == 1797 and over_http.shard_counts == local.shard_counts
     assert _finite_keys(over_http, 0, 1, 0) == _finite_keys(local, 0, 1, 0)
     piped_index = open_dataset(f"pipe:cat {digits_dir}/index.json")
@@ -98,16 +107,28 @@ def test_remote_mistakes_name_the_fix(tmp_path):
         open_dataset(f"pipe:cat {tmp_path}/missing-{{000000..000001}}.tar")
 
 
-def test_a_shard_that_cannot_be_read_is_counted_and_read_again(digits_dir, tmp_path):
-    """A failing command is a bad shard (not a hang), and is not cached: the next epoch retries it."""
+def test_a_shard_that_fails_is_deferred_and_read_once_in_its_epoch(digits_dir, tmp_path):
+    """A failing command is one failure event (not a hang, not bad samples): the shard is
+    retried later in the same epoch, and every sample of the epoch comes exactly once."""
     flaky, marker = tmp_path / "flaky.sh", tmp_path / "failed-once"
     flaky.write_text(f"if [ -e {marker} ]; then cat \"$1\"; else touch {marker}; exit 1; fi\n")
     info = open_dataset(str(digits_dir))
     info.urls[0] = f"pipe:sh {flaky} {info.urls[0]}"
-    batches = list(itertools.islice(iter(make_loader(info, 16, 0, 0, 0, 1, cache_mb=64)), 300))
-    bad = [m for b in batches for m in b.bad_messages]
-    assert sum(b.bad_count for b in batches) == 256 and len(bad) == 1 and "unreadable after key" in bad[0]
-    assert any(int(k) < 256 for b in batches for k in b.keys)  # shard 0, read again after failing
+    loader = make_loader(info, 1, 0, 0, 0, 1, num_epochs=1, retry_backoff_s=0)
+    batches = list(loader)
+    keys = [k for b in batches for k in b.keys]
+    assert sorted(keys) == sorted(set(keys)) and len(keys) == info.count
+    assert sum(b.shard_failures for b in batches) == 1 and sum(b.shard_retries for b in batches) == 1
+    assert sum(b.bad_count for b in batches) == 0
+    assert len(batches[-1].failures) == 1 and batches[-1].failures[0][1] == 0  # (queue step, delivered)
+
+
+def test_a_shard_that_never_comes_back_ends_the_stream_by_name(digits_dir):
+    info = open_dataset(str(digits_dir))
+    info.urls[2] = f"pipe:exit 1; cat {info.urls[2]}"
+    batches = list(make_loader(info, 16, 0, 0, 0, 1, shard_retries=2, retry_backoff_s=0, num_epochs=1))
+    assert batches[-1].fatal and "shard-000002.tar" in batches[-1].fatal and "3 times" in batches[-1].fatal
+    assert sum(b.shard_failures for b in batches) == 3 and sum(b.shard_retries for b in batches) == 2
 
 
 def _npy(array) -> bytes:
@@ -122,12 +143,12 @@ BAD_CASES = {
     "missing label": lambda key: {"__key__": key, "npy": _npy(np.zeros((1, 8, 8), np.uint8))},
 }
 BAD_MESSAGES = {"corrupt image": "corrupt .npy", "wrong shape": "shape [1, 9, 8] instead of the dataset's [1, 8, 8]",
-                "missing label": "no label (.cls) in a class-conditional run", "truncated tar": "truncated"}
+                "missing label": "no label (.cls) in a class-conditional run"}
 
 
 def _bad_dataset(tmp_path, case: str):
     """The digits in 8 shards, with one bad sample (or a truncated shard) in shard 3."""
-    import webdataset as wds
+    from shards import rewrite_shard
 
     path = write_shards(digits(), tmp_path / case.replace(" ", "_"))
     shard = path / "shard-000003.tar"
@@ -135,11 +156,7 @@ def _bad_dataset(tmp_path, case: str):
         data = shard.read_bytes()
         shard.write_bytes(data[: len(data) // 2])
         return path
-    with wds.TarWriter(str(shard), encoder=False) as sink:
-        sink.write(BAD_CASES[case]("bad00001"))
-    index = json.loads((path / "index.json").read_text())
-    index["shards"][3]["count"] = 1
-    (path / "index.json").write_text(json.dumps(index))
+    rewrite_shard(path, 3, [BAD_CASES[case]("bad00001")])
     return path
 
 
@@ -157,6 +174,13 @@ def test_bad_data_is_skipped_and_counted_or_raised_with_its_name(train_main, tmp
     assert "Traceback" not in err
 
 
+def test_a_truncated_shard_is_retried_then_stops_the_run_naming_it(train_main, tmp_path):
+    path = _bad_dataset(tmp_path, "truncated tar")
+    code, _, err = train_main(*tiny_args(path, "train.total_kimg=3", "data.retry_backoff_s=0", "data.shard_retries=2"))
+    assert code == 2 and "shard-000003.tar" in err and "truncated" in err and "3 times" in err
+    assert "Traceback" not in err
+
+
 def test_unconditional_runs_ignore_missing_labels(train_main, tmp_path):
     path = _bad_dataset(tmp_path, "missing label")
     code, _, err = train_main(*tiny_args(path, "data.on_error=raise", "train.total_kimg=3"))
@@ -165,10 +189,11 @@ def test_unconditional_runs_ignore_missing_labels(train_main, tmp_path):
 
 def test_many_bad_samples_warn_loudly(train_main, tmp_path):
     images = digits()
-    broken = ArraySource(images.samples.copy(), images.labels, images.classes, "half broken")
-    path = write_shards(broken, tmp_path / "d")
-    for shard in ("shard-000001.tar", "shard-000005.tar"):
-        (path / shard).write_bytes((path / shard).read_bytes()[:2000])
+    from shards import rewrite_shard
+
+    path = write_shards(ArraySource(images.samples, images.labels, images.classes, "half broken"), tmp_path / "d")
+    for shard in (1, 5):
+        rewrite_shard(path, shard, [BAD_CASES["corrupt image"](f"bad{shard}{i:04d}") for i in range(200)])
     code, out, err = train_main(*tiny_args(path, "train.total_kimg=2"))
     assert code == 0, err
     assert "WARNING" in out and "were unreadable and skipped" in out

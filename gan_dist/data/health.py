@@ -3,7 +3,10 @@
 The stream never turns a bad sample into a tensor (stream.py); it hands the trainer a count
 and an example with the next batch. Here those become `Data/bad_samples` (summed over ranks)
 and `Data/bad_fraction` per log interval, a loud warning above 1%, or, under
-data.on_error=raise, a stop with the shard and key.
+data.on_error=raise, a stop with the shard and key. Storage failures are counted apart
+(`Data/shard_failures`, `Data/shard_retries`): the stream retries them itself, and only a shard
+that never comes back ends a stream (a fatal batch). Then, under data.on_error=skip, the ranks
+learn of it at the next log line or checkpoint and all stop there, naming the shard.
 """
 
 from __future__ import annotations
@@ -15,12 +18,15 @@ from gan_dist.errors import UserError
 
 WARN_FRACTION = 0.01
 VOTE_LAG = 2  # D steps: the host may run that far ahead of the device before a vote is read
+COUNTERS = {"Data/shard_failures": "shard_failures", "Data/shard_retries": "shard_retries",
+            "Data/read_MiB": "read_bytes"}
 
 
 class DataHealth:
     def __init__(self, on_error: str, accelerator, console):
         self.on_error, self.acc, self.console = on_error, accelerator, console
         self.num_bad_samples = self.num_good_samples = 0  # this rank, since the last log line
+        self.counts = dict.fromkeys(COUNTERS, 0)
         self.example = ""
         # Under data.on_error=raise with several ranks, "did any rank stop" is voted on every D
         # step and learned VOTE_LAG D steps later, with no per-step host read (parallel.RankVote).
@@ -46,8 +52,12 @@ class DataHealth:
             # A rank that stopped alone would leave the others waiting in DDP's next all-reduce.
             self.stop = self.stop or stop
             self._act(self.vote.vote(bool(stop)))
+        elif stop and self.acc.num_processes > 1:
+            self.stop = self.stop or stop  # on_error=skip: a lost shard, stopped at settle()
         elif stop:
             raise UserError(stop)
+        for name in self.counts:
+            self.counts[name] += getattr(batch, COUNTERS[name])
         self.num_good_samples += len(batch.keys)
         if batch.bad_count:
             self.num_bad_samples += batch.bad_count
@@ -58,6 +68,15 @@ class DataHealth:
         """Every rank, before a checkpoint or log line: act on every vote still in flight."""
         if self.vote is not None:
             self._act(self.vote.flush())
+        elif self.acc.num_processes > 1:
+            import torch.distributed as dist
+
+            flag = torch.tensor([float(bool(self.stop))], device=self.acc.device)
+            dist.all_reduce(flag)
+            if flag.item():  # only at the end of a run: every rank names the same shard
+                reasons = [None] * self.acc.num_processes
+                dist.all_gather_object(reasons, self.stop)
+                raise UserError(next(r for r in reasons if r))
 
     def _act(self, any_rank_stopped: bool) -> None:
         if any_rank_stopped:
@@ -69,11 +88,20 @@ class DataHealth:
         device = self.acc.device
         stats.report("Data/bad_samples", torch.tensor(float(self.num_bad_samples), device=device))
         stats.report("Data/bad_fraction", torch.tensor(self.num_bad_samples / max(1, seen), device=device))
+        for name, value in self.counts.items():
+            stats.report(name, torch.tensor(float(value) / (2**20 if name == "Data/read_MiB" else 1), device=device))
         self.num_bad_samples = self.num_good_samples = 0
+        self.counts = dict.fromkeys(COUNTERS, 0)
 
     def after_reduce(self, values: dict) -> None:
         # Means over ranks of per-rank counts; the log wants the total.
         values["Data/bad_samples"] = round(values["Data/bad_samples"] * self.acc.num_processes)
+        for name in COUNTERS:
+            values[name] = values[name] * self.acc.num_processes
+            values[name] = round(values[name], 1) if name == "Data/read_MiB" else round(values[name])
+        if values["Data/shard_failures"]:
+            self.console.warn(f"{values['Data/shard_failures']} shard reads failed since the last log line and were "
+                              f"deferred, {values['Data/shard_retries']} retries (data.shard_retries per piece)")
         if values["Data/bad_fraction"] > WARN_FRACTION:
             self.console.warn(f"{values['Data/bad_fraction']:.1%} of the samples read since the last log line "
                               f"were unreadable and skipped ({values['Data/bad_samples']} in all), e.g. "

@@ -1,9 +1,16 @@
 """`gan-dist prepare`: write a dataset as webdataset tar shards plus index.json; verify them.
 
-Shards are written by `--workers` processes, one shard per job, into a temporary directory
-that is renamed into place at the end: an interrupted prepare never leaves half a dataset.
-Sample keys are the source index (`00000042`), so the same source always gives the same
-bytes (tar mtime is fixed) and the same sha256 in index.json.
+Samples are written in a seeded random order over the whole dataset (`--order shuffled`, the
+default): a class-sorted folder written in its own order gives shards of a few classes each,
+which no shuffle buffer can mix, and an unconditional GAN then follows whichever classes it
+is reading. Shards are written by `--workers` processes, one shard per job, into a temporary
+directory that is renamed into place at the end: an interrupted prepare never leaves half a
+dataset. Sample keys are the source index (`00000042`), so the same source and seed always
+give the same bytes (tar mtime is fixed) and the same sha256s, whatever the worker count.
+
+index.json lists, per shard, the byte offset where each sample starts (and where the last
+one ends): readers take sub-shard ranges with one seek or an HTTP Range request, so any
+number of readers reads every byte once (gan_dist.data.plan).
 """
 
 from __future__ import annotations
@@ -17,11 +24,16 @@ import os
 import shutil
 from pathlib import Path
 
-from gan_dist.data import samples as samples_mod
-from gan_dist.data.sources import TORCHVISION_SETS, ArraySource, SizeMismatch, open_source
-from gan_dist.errors import UserError
+import numpy as np
 
-INDEX_FORMAT = "gan_dist.shards/2"
+from gan_dist.data import samples as samples_mod
+from gan_dist.data.sources import TORCHVISION_SETS, SizeMismatch, open_source
+from gan_dist.errors import UserError
+from gan_dist.seeds import derive_seed
+
+INDEX_FORMAT = "gan_dist.shards/3"  # /3 added the sample order, byte offsets and class counts
+ORDERS = ("shuffled", "source")
+PREPARE_ORDER = 7  # seed purpose
 MAX_SHARD_SIZE = 10_000
 BUILTIN_DATASETS = ("digits", "ring8", "grid25", *TORCHVISION_SETS)
 
@@ -37,6 +49,16 @@ def shard_bounds(count: int, shard_size: int = 0) -> list[tuple[int, int]]:
     return list(itertools.pairwise(edges))
 
 
+def sample_order(count: int, order: str, seed: int, limit: int = 0) -> np.ndarray:
+    """Source indices in the order they are written; a limit keeps a seeded random `limit`
+    of them (the first `limit` under --order source)."""
+    if order not in ORDERS:
+        raise UserError(f"--order must be one of {', '.join(ORDERS)}, got {order}")
+    indices = np.arange(count) if order == "source" else \
+        np.random.default_rng(derive_seed(seed, PREPARE_ORDER)).permutation(count)
+    return indices[:limit] if 0 < limit < count else indices
+
+
 def sha256_of(path: Path) -> str:
     digest = hashlib.sha256()
     with open(path, "rb") as f:
@@ -50,13 +72,13 @@ def sha256_of(path: Path) -> str:
 _SOURCE = None
 
 
-def _write_shard(job: tuple[Path, int, int, str]) -> dict:
+def _write_shard(job: tuple[Path, np.ndarray, str]) -> dict:
     import webdataset as wds
 
-    path, start, stop, fmt = job
-    skipped, count = [], 0
+    path, indices, fmt = job
+    skipped, offsets, labels = [], [0], []
     with wds.TarWriter(str(path), mtime=0, encoder=False) as sink:
-        for i in range(start, stop):
+        for i in indices.tolist():
             try:
                 array, label = _SOURCE.load(i)
             except SizeMismatch as err:  # stops the whole prepare: a mixed-size folder needs --resolution
@@ -65,9 +87,11 @@ def _write_shard(job: tuple[Path, int, int, str]) -> dict:
                 skipped.append({"file": _SOURCE.name_of(i), "reason": str(err)})
                 continue
             sink.write(samples_mod.encode(f"{i:08d}", array, label, fmt))
-            count += 1
-    return {"name": path.name, "count": count, "sha256": sha256_of(path), "skipped": skipped,
-            "seen": stop - start}
+            offsets.append(sink.tarstream.offset)  # where the next sample's first header starts
+            labels.append(label)
+    class_counts = np.bincount(labels, minlength=len(_SOURCE.classes)).tolist() if _SOURCE.classes else []
+    return {"name": path.name, "count": len(labels), "sha256": sha256_of(path), "skipped": skipped,
+            "seen": len(indices), "offsets": offsets, "class_counts": class_counts}
 
 
 def _run_jobs(jobs: list, workers: int, total: int) -> list[dict]:
@@ -100,8 +124,10 @@ def _run_jobs(jobs: list, workers: int, total: int) -> list[dict]:
 
 
 def write_shards(source, out: str | Path, shard_size: int = 0, force: bool = False,
-                 fmt: str = "npy", workers: int = 1) -> Path:
-    """Write `source` as shards + index.json into `out`, atomically (shard_size 0: automatic)."""
+                 fmt: str = "npy", workers: int = 1, order: str = "shuffled", seed: int = 0,
+                 limit: int = 0) -> Path:
+    """Write `source` as shards + index.json into `out`, atomically (shard_size 0: automatic),
+    in a seeded random order (or the source's own), optionally only `limit` samples."""
     global _SOURCE
     out = Path(out)
     if shard_size < 0:
@@ -113,7 +139,8 @@ def write_shards(source, out: str | Path, shard_size: int = 0, force: bool = Fal
                         f"samples of shape {list(source.shape)}: use --format npy")
     if out.exists() and not force:
         raise UserError(f"{out} already exists; pass --force to replace it")
-    count = len(source)
+    indices = sample_order(len(source), order, seed, limit)
+    count = len(indices)
     out.parent.mkdir(parents=True, exist_ok=True)
     # Left by a prepare that was killed (a concurrent prepare into the same --out is a mistake anyway).
     for stale in out.parent.glob(f".{out.name}.tmp-*"):
@@ -121,11 +148,11 @@ def write_shards(source, out: str | Path, shard_size: int = 0, force: bool = Fal
     tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
     tmp.mkdir()
     try:
-        jobs = [(tmp / f"shard-{n:06d}.tar", start, stop, fmt)
+        jobs = [(tmp / f"shard-{n:06d}.tar", indices[start:stop], fmt)
                 for n, (start, stop) in enumerate(shard_bounds(count, shard_size))]
         _SOURCE = source
         results = _run_jobs(jobs, workers, count)
-        index = _index(source, results, fmt)
+        index = _index(source, results, fmt, {"order": order, "seed": seed, "limit": limit})
         (tmp / "index.json").write_text(json.dumps(index, indent=1))
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -136,15 +163,17 @@ def write_shards(source, out: str | Path, shard_size: int = 0, force: bool = Fal
     return out
 
 
-def _index(source, results: list[dict], fmt: str) -> dict:
+def _index(source, results: list[dict], fmt: str, selection: dict) -> dict:
     total = sum(r["count"] for r in results)
     if total == 0:
         raise UserError("no readable samples in the source; nothing written")
+    # Offsets last in each shard's entry: index.json stays readable with them folded away.
+    shard_keys = ("name", "count", "sha256", "class_counts", "offsets")
     return {"format": INDEX_FORMAT, "source": source.description, "count": total,
             "shape": list(source.shape), "dtype": source.dtype, "sample_format": fmt,
-            "classes": source.classes,
+            "classes": source.classes, **selection,
             "skipped": [*getattr(source, "ignored", []), *(s for r in results for s in r["skipped"])],
-            "shards": [{k: r[k] for k in ("name", "count", "sha256")} for r in results if r["count"]]}
+            "shards": [{k: r[k] for k in shard_keys} for r in results if r["count"]]}
 
 
 def _replace(tmp: Path, out: Path) -> None:
@@ -193,7 +222,12 @@ def add_arguments(parser) -> None:
     parser.add_argument("--channels", type=int, default=None, help="imagefolder: 3 (RGB, default) or 1 (greyscale)")
     parser.add_argument("--format", default="npy", choices=samples_mod.FORMATS,
                         help="npy: raw uint8 (fastest to read); png: lossless, smaller; jpg: lossy, smallest")
-    parser.add_argument("--limit", type=int, default=0, help="keep only the first N samples (0 = all)")
+    parser.add_argument("--limit", type=int, default=0,
+                        help="keep only N samples, a seeded random choice (the first N with --order source; 0 = all)")
+    parser.add_argument("--order", default="shuffled", choices=ORDERS,
+                        help="shuffled: a seeded random order over the whole dataset (default; class-sorted folders "
+                             "need it); source: the source's own order, for comparison")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the sample order (recorded in index.json)")
     parser.add_argument("--shard-size", type=int, default=0,
                         help="samples per shard (default: at least 8 shards, at most 10,000 samples each)")
     parser.add_argument("--workers", type=int, default=1, help="processes encoding shards in parallel")
@@ -221,15 +255,11 @@ def run(args) -> int:
         raise UserError("--channels applies to imagefolder only (torchvision sets keep their own channels)")
     source = open_source(args.source, args.name, args.root, args.split, args.resolution, args.download,
                          args.channels or 3)
-    if args.limit > 0:
-        if not isinstance(source, ArraySource):
-            source.files = source.files[: args.limit]
-        else:
-            source = source.head(args.limit)
-    out = write_shards(source, args.out, args.shard_size, args.force, args.format, args.workers)
+    out = write_shards(source, args.out, args.shard_size, args.force, args.format, args.workers,
+                       args.order, args.seed, args.limit)
     index = json.loads((out / "index.json").read_text())
-    print(f"wrote {index['count']} samples of shape {index['shape']} ({args.format}) in "
-          f"{len(index['shards'])} shards to {out}")
+    print(f"wrote {index['count']} samples of shape {index['shape']} ({args.format}, {args.order} order, "
+          f"seed {args.seed}) in {len(index['shards'])} shards to {out}")
     for item in index["skipped"][:20]:
         print(f"  skipped {item['file']}: {item['reason']}")
     if len(index["skipped"]) > 20:

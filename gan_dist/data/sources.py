@@ -42,9 +42,6 @@ class ArraySource:
     def name_of(self, i: int) -> str:
         return f"sample {i}"
 
-    def head(self, limit: int) -> ArraySource:
-        return ArraySource(self.samples[:limit], self.labels[:limit], self.classes, self.description)
-
 
 def _resize_square(pil, resolution: int):
     """Resize the shorter side to `resolution` (bicubic, the usual choice for FID), then centre-crop."""

@@ -1,13 +1,18 @@
 """Shards -> batches: an endless, deterministic webdataset stream per process.
 
-Epoch e permutes the shard list with a seed of (train.seed, e) that every rank shares,
-then deals the shards out over the *slots* rank * num_workers + worker: shards are split
-by GLOBAL rank, then by worker, and no sample is read twice within an epoch. When there
-are fewer shards than slots, every slot reads all shards and keeps every slots-th sample
-instead, so no worker is ever left without data. The stream runs through epoch after
-epoch without end: all ranks take the same number of steps and DDP never waits on a rank
-that ran out. Everything random is a function of (seed, global rank, worker, epoch);
-webdataset's own shuffle would otherwise seed itself from the pid and the clock.
+Each epoch is dealt over the *slots* rank * num_workers + worker by one planner (plan.py):
+every sample once, slot sizes within one sample of each other, whatever the number of shards.
+The stream runs through epoch after epoch without end: all ranks take the same number of
+steps and DDP never waits on a rank that ran out. Everything random is a function of (seed,
+global rank, worker, epoch); webdataset's own shuffle would otherwise seed itself from the
+pid and the clock.
+
+A storage failure while reading a piece (reader.py) is one failure event: the rest of the
+piece is deferred to the end of the slot's queue and tried again after a backoff, resuming
+after the last sample it delivered, so no sample is read twice. The events are recorded
+with the stream position, so a resume replays them and continues exactly. A piece that
+fails data.shard_retries + 1 times ends the stream with a fatal batch naming it; the ranks
+then stop together (health.py).
 
 Decoding runs in the workers; batches stay uint8 (normalisation and augmentation happen on
 the device). A sample that cannot be decoded becomes a counted, named `bad` entry of the
@@ -17,43 +22,29 @@ loader is never passed through `accelerator.prepare`, which would split it a sec
 
 from __future__ import annotations
 
+import collections
 import itertools
 import json
-import subprocess
-import urllib.request
-from dataclasses import dataclass, field
+import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import NamedTuple
 
 import numpy as np
 import torch
 
-from gan_dist.data.samples import BadSample, decode
+from gan_dist.data.index import CURL, REMOTE, DatasetInfo, open_dataset  # noqa: F401 - re-exported
+from gan_dist.data.plan import Piece, slot_pieces, unindexed_assignment
+from gan_dist.data.reader import Counter, ReadFailure, read_piece
+from gan_dist.data.samples import BadSample
 from gan_dist.errors import UserError
 from gan_dist.preempt import ignore_stop_signals
 from gan_dist.seeds import derive_seed
 
-REMOTE = ("pipe:", "http:", "https:")
-# webdataset's own http opener retries for a minute and never gives up on a stalled
-# transfer; ours fails a shard that delivers under 1 KiB/s for a minute.
-CURL = "pipe:curl --fail --silent --show-error --location --connect-timeout 30 --retry 3 --speed-limit 1024 --speed-time 60"
-SHARD_ORDER, SAMPLE_ORDER, LOADER = 0, 1, 2  # seed purposes
+SAMPLE_ORDER, LOADER = 1, 2  # seed purposes (plan.py's shard order is 0)
 MAX_BAD_IN_A_ROW = 1000
 MAX_MESSAGES = 3
-
-
-@dataclass
-class DatasetInfo:
-    urls: list[str]
-    shape: tuple[int, ...]
-    dtype: str
-    count: int = 0
-    classes: list[str] = field(default_factory=list)
-    shard_counts: list[int] | None = None
-
-    @property
-    def num_classes(self) -> int:
-        return len(self.classes)
+MAX_BACKOFF_S = 120.0
 
 
 class Batch(NamedTuple):
@@ -64,130 +55,26 @@ class Batch(NamedTuple):
     bad_messages: tuple[str, ...] = ()
     fatal: str = ""
     worker: int = 0  # the (rotated) worker that made it, and where its stream stood after it:
-    epoch: int = 0  # records `position` of epoch `epoch` consumed (what a resume skips to)
+    epoch: int = 0  # records `position` of epoch `epoch` consumed (what a resume skips to),
     position: int = 0
+    failures: tuple = ()  # and that epoch's storage failures so far, ((queue step, delivered), ...)
+    shard_failures: int = 0  # since the worker's previous batch
+    shard_retries: int = 0
+    read_bytes: int = 0
 
 
 class _Bad(NamedTuple):
     message: str
     count: int = 1
-    whole_shard: bool = False  # a read failure (maybe transient), not a bad sample: never cached
 
 
-# ------------------------------------------------------------------ opening
-def _read_index(location: str) -> dict:
-    try:
-        if location.startswith(("http:", "https:")):
-            with urllib.request.urlopen(location, timeout=60) as response:
-                return json.loads(response.read())
-        if location.startswith("pipe:"):
-            done = subprocess.run(location[5:], shell=True, capture_output=True, timeout=300, check=True)
-            return json.loads(done.stdout)
-        return json.loads(Path(location).read_text())
-    except (OSError, ValueError, subprocess.SubprocessError) as err:
-        detail = getattr(err, "stderr", b"") or b""
-        raise UserError(f"data.path: cannot read {location} ({type(err).__name__}: {err} "
-                        f"{detail.decode(errors='replace').strip()[:200]})") from err
+class _Event(NamedTuple):
+    """A storage failure, a retry, or the end (fatal): counted, never a sample."""
 
-
-def _shard_url(location: str, name: str) -> str:
-    """A shard's URL beside its index: same directory, or the same command with the name swapped in."""
-    if location.startswith("pipe:"):
-        return location.replace("index.json", name)
-    url = f"{location.rsplit('/', 1)[0]}/{name}"
-    return f"{CURL} {url}" if url.startswith(("http:", "https:")) else url
-
-
-def _from_index(location: str) -> DatasetInfo:
-    index = _read_index(location)
-    shards = index.get("shards", [])
-    if not shards or index.get("count", 0) == 0:
-        raise UserError(f"data.path: {location} lists no samples; re-run gan-dist prepare")
-    urls = [_shard_url(location, shard["name"]) for shard in shards]
-    _check_local(urls)
-    return DatasetInfo(urls, tuple(index["shape"]), index["dtype"], index["count"], index.get("classes", []),
-                       [shard["count"] for shard in shards])
-
-
-def open_dataset(path: str) -> DatasetInfo:
-    """A dataset directory or index.json (local or http), or a shard pattern; checked before training."""
-    import webdataset as wds
-
-    if not path:
-        raise UserError("no dataset path given; set data.path=DIR (a directory with index.json or a shard pattern)")
-    if path.startswith(("s3:", "gs:")):
-        tool = "aws s3 cp URL -" if path.startswith("s3:") else "gsutil cat URL"
-        raise UserError(f"data.path={path}: object stores are read through a command; use "
-                        f"data.path='pipe:{tool}' (see docs/data.md, Remote storage)")
-    if path.startswith(("http:", "https:", "pipe:")) and ("index.json" in path or path.endswith("/")):
-        return _from_index(path if "index.json" in path else path + "index.json")
-    local = Path(path)
-    if local.is_dir() or local.name == "index.json":
-        index_file = local / "index.json" if local.is_dir() else local
-        if not index_file.is_file():
-            raise UserError(f"data.path={path} has no index.json; prepare it with gan-dist prepare")
-        return _from_index(str(index_file))
-    if not path.startswith(REMOTE) and not any(c in path for c in "{}*?[") and not local.exists():
-        raise UserError(f"data.path={path} does not exist; write the dataset there with gan-dist prepare "
-                        f"(... --out {path}) or point data.path at it")
-    urls = [f"{CURL} {u}" if u.startswith(("http:", "https:")) else u for u in wds.shardlists.expand_urls(path)]
-    _check_local(urls)
-    first = _first_sample(urls[0])
-    return DatasetInfo(urls, tuple(first.shape), str(first.dtype))
-
-
-def _first_sample(url: str) -> np.ndarray:
-    problems = []
-    for record in _read_shard(url, None, None, 0):
-        if not isinstance(record, _Bad):
-            return record[0]
-        problems.append(record.message)
-    reason = problems[0] if problems else "it is empty"
-    raise UserError(f"data.path: no readable sample in the first shard ({reason}); check data.path and that "
-                    "the shard can be read from here")
-
-
-def _check_local(urls: list[str]) -> None:
-    missing = [u for u in urls if not u.startswith(REMOTE) and not Path(u).is_file()]
-    if missing:
-        raise UserError(f"data.path: {len(missing)} of {len(urls)} shards are missing, "
-                        f"e.g. {missing[0]}; check data.path or re-run gan-dist prepare")
-    empty = [u for u in urls if not u.startswith(REMOTE) and Path(u).stat().st_size == 0]
-    if empty:
-        raise UserError(f"data.path: shard {empty[0]} is empty; re-run gan-dist prepare")
-
-
-# ------------------------------------------------------------------ reading
-def _read_shard(url: str, shape, dtype, num_classes: int, expected: int = 0):
-    """Decoded (array, label, key) tuples of one shard, with a `_Bad` for each unusable sample.
-
-    A shard that breaks off (failed download or command) ends with one `_Bad` naming the
-    shard and the last good key; the stream then goes on to the next shard. Python's tarfile
-    reads a truncated tar as a short one without complaint, so a shard that yields fewer
-    samples than index.json lists (`expected`) counts the missing ones as bad.
-    """
-    import webdataset as wds
-
-    last_key, seen = "(none)", 0
-    try:
-        for raw in wds.tarfile_samples(iter([{"url": url}])):
-            key = raw.get("__key__", "?")
-            seen += 1
-            try:
-                record = decode(raw, shape, dtype, num_classes)
-            except BadSample as err:
-                yield _Bad(f"{url} key {key}: {err}")
-                continue
-            last_key = key
-            yield record
-    except Exception as err:  # noqa: BLE001 - tarfile, gopen and subprocess errors all mean an unreadable shard
-        reason = str(err).splitlines()[0] if str(err) else ""
-        yield _Bad(f"{url}: unreadable after key {last_key} ({type(err).__name__}: {reason})",
-                   max(1, expected - seen), whole_shard=True)
-        return
-    if seen < expected:
-        yield _Bad(f"{url}: truncated, {seen} of its {expected} samples after key {last_key}", expected - seen,
-                   whole_shard=True)
+    failures: int = 0
+    retries: int = 0
+    fatal: str = ""
+    message: str = ""
 
 
 @dataclass
@@ -205,24 +92,24 @@ class StreamSpec:
     shuffle_buffer: int
     cache_bytes: int = 0
     num_epochs: int = 0  # 0: endless
-    shard_counts: list[int] | None = None  # from index.json: lets a truncated shard be noticed
-    start: dict | None = None  # resume: {"rotation": r, "workers": {worker: (epoch, position)}}
-
-
-def epoch_assignment(num_shards: int, seed: int, epoch: int, slot: int, num_slots: int) -> tuple[list[int], bool]:
-    """(shard indices to read, whether to keep only every num_slots-th sample) for one slot."""
-    order = np.random.default_rng(derive_seed(seed, epoch, SHARD_ORDER)).permutation(num_shards)
-    if num_shards >= num_slots:
-        return [int(i) for i in order[slot::num_slots]], False
-    return [int(i) for i in order], True
+    shard_counts: list[int] | None = None  # from index.json: pieces, and a short shard is noticed
+    offsets: list[list[int]] | None = None
+    start: dict | None = None  # resume: {"rotation": r, "workers": {worker: (epoch, position, failures)}}
+    shard_retries: int = 8
+    retry_backoff_s: float = 2.0
+    # Where each worker appends its storage failures as they happen ([epoch, step, delivered]
+    # lines): a checkpoint also records those met while reading ahead of the trainer.
+    failure_log: str = ""
 
 
 class ShardStream(torch.utils.data.IterableDataset):
     def __init__(self, spec: StreamSpec):
         super().__init__()
         self.spec = spec
-        self.cache: dict[str, list] = {}
+        self.cache: dict[int, dict[int, object]] = {}  # shard -> sample -> decoded record
         self.cache_used = 0
+        self.failures: dict[int, list] = {}  # epoch -> this worker's storage failures in it
+        self.counter = Counter()
 
     def __iter__(self):
         info = torch.utils.data.get_worker_info()
@@ -232,62 +119,167 @@ class ShardStream(torch.utils.data.IterableDataset):
         # The DataLoader always asks worker 0 first; after a resume the next batch may be due
         # from another worker, so loader worker i plays worker (i + rotation) % num_workers.
         worker = (loader_worker + start["rotation"]) % num_workers
-        first_epoch, skip = start["workers"].get(worker, (start.get("epoch", 0), 0))
+        first_epoch, skip, *replay = start["workers"].get(worker, (start.get("epoch", 0), 0))
+        replay = [tuple(event) for event in (replay[0] if replay else [])]  # (epoch, step, delivered)
+        self.log = Path(spec.failure_log) / f"rank{spec.rank}-worker{worker}.jsonl" if spec.failure_log else None
         slot, num_slots = spec.rank * num_workers + worker, spec.world_size * num_workers
         epochs = itertools.count(first_epoch) if spec.num_epochs == 0 else range(first_epoch, spec.num_epochs)
         records = itertools.chain.from_iterable(
-            self._numbered(e, worker, slot, num_slots, skip if e == first_epoch else 0) for e in epochs)
-        return _batches(records, spec.batch_per_device, worker)
+            self._numbered(e, worker, slot, num_slots, skip if e == first_epoch else 0,
+                           [(step, n) for epoch, step, n in replay if epoch == e]) for e in epochs)
+        return _batches(records, spec.batch_per_device, worker, self)
 
-    def _numbered(self, epoch: int, worker: int, slot: int, num_slots: int, skip: int):
+    def _numbered(self, epoch: int, worker: int, slot: int, num_slots: int, skip: int, replay: list):
         """(epoch, position after it, record) for one epoch, starting after `skip` records."""
-        records = self._epoch(epoch, worker, slot, num_slots)
+        records = self._epoch(epoch, worker, slot, num_slots, replay)
         for position, record in enumerate(itertools.islice(records, skip, None), start=skip + 1):
             yield epoch, position, record
 
-    def _epoch(self, epoch: int, worker: int, slot: int, num_slots: int):
+    def _epoch(self, epoch: int, worker: int, slot: int, num_slots: int, replay: list):
         import webdataset as wds
 
         spec = self.spec
-        shard_ids, by_sample = epoch_assignment(len(spec.urls), spec.seed, epoch, slot, num_slots)
-        records = itertools.chain.from_iterable(self._shard(i) for i in shard_ids)
-        if by_sample:
-            records = itertools.islice(records, slot, None, num_slots)
+        for old in [e for e in self.failures if e < epoch]:
+            del self.failures[old]
+        self.failures[epoch] = list(replay)
+        if spec.shard_counts is not None:
+            pieces = slot_pieces(spec.shard_counts, spec.seed, epoch, slot, num_slots)
+            records = self._walk(pieces, epoch, dict(replay))
+        else:  # a shard pattern: whole shards, or every shard with every num_slots-th sample kept
+            shard_ids, by_sample = unindexed_assignment(len(spec.urls), spec.seed, epoch, slot, num_slots)
+            records = self._walk([Piece(i, 0, None) for i in shard_ids], epoch, dict(replay))
+            if by_sample:
+                records = _every(records, slot, num_slots)
         if spec.shuffle_buffer > 1:
             seed = derive_seed(spec.seed, spec.rank, worker, epoch, SAMPLE_ORDER)
             records = wds.shuffle(spec.shuffle_buffer, initial=spec.shuffle_buffer, seed=seed)(records)
         return records
 
-    def _shard(self, index: int):
-        """A shard's records, replayed from memory when it fits in the cache (same order either way)."""
+    def _walk(self, pieces: list[Piece], epoch: int, replay: dict):
+        """The records of `pieces` in order; a piece whose read fails goes to the back of the
+        queue with the samples it delivered removed. `replay` ({queue step: delivered}) repeats
+        the failures a resumed epoch had, without waiting, so its records come in the same order."""
         spec = self.spec
-        url = spec.urls[index]
-        if url in self.cache:
-            yield from self.cache[url]
+        queue = collections.deque((piece, 0, 0.0) for piece in pieces)
+        last_replayed = max(replay, default=-1)
+        for step in itertools.count():
+            if not queue:
+                return
+            piece, num_failed, not_before = queue.popleft()
+            if num_failed:
+                yield _Event(retries=1)
+                if step > last_replayed:
+                    time.sleep(max(0.0, not_before - time.monotonic()))
+            delivered, limit = 0, replay.get(step)
+            try:
+                if limit is not None:  # the read that failed before the resume, up to where it failed
+                    for record in self._replayed(piece, limit):
+                        yield record
+                    raise ReadFailure(f"shard {piece.shard} failed here before the resume")
+                for record in self._piece(piece, None):
+                    delivered += 1
+                    yield _Bad(str(record)) if isinstance(record, BadSample) else record
+            except ReadFailure as err:
+                delivered = limit if limit is not None else delivered
+                if limit is None:
+                    self._record_failure(epoch, step, delivered)
+                if num_failed >= spec.shard_retries:
+                    yield _Event(fatal=f"{err}; it failed {num_failed + 1} times in a row, the last "
+                                       f"{_backoff(spec, num_failed):.0f} s after the one before")
+                    return
+                yield _Event(failures=1, message=str(err))
+                rest = Piece(piece.shard, piece.start + delivered, piece.stop)
+                queue.append((rest, num_failed + 1, time.monotonic() + _backoff(spec, num_failed + 1)))
+
+    def _replayed(self, piece: Piece, limit: int):
+        """The first `limit` records of a piece, retried (after a backoff, without events, which
+        would shift the stream) if the storage fails again before it gets there."""
+        delivered = 0
+        for attempt in itertools.count(1):
+            try:
+                for record in self._piece(Piece(piece.shard, piece.start + delivered, piece.stop), limit - delivered):
+                    delivered += 1
+                    yield _Bad(str(record)) if isinstance(record, BadSample) else record
+                return
+            except ReadFailure as err:
+                if attempt > self.spec.shard_retries:  # the stream ends here (_batches stops at a fatal event)
+                    yield _Event(fatal=f"{err}; it failed {attempt} times while the resumed epoch was replayed")
+                    return
+                time.sleep(_backoff(self.spec, attempt))
+
+    def _piece(self, piece: Piece, limit: int | None):
+        """A piece's records (at most `limit`), from memory where the whole piece is cached."""
+        spec = self.spec
+        cached = self.cache.get(piece.shard, {})
+        stop = piece.stop if limit is None else piece.start + limit
+        if stop == piece.start:
             return
-        expected = spec.shard_counts[index] if spec.shard_counts else 0
-        # Records are kept only while the shard still fits in what is left of the cache, so a
-        # worker never holds more than data.cache_mb of decoded samples; a shard whose read
-        # failed (perhaps a network blip) is read again next time instead.
-        records, size_bytes, keep = [], 0, True
-        for record in _read_shard(url, spec.shape, spec.dtype, spec.num_classes, expected):
-            if keep:
-                size_bytes += 64 if isinstance(record, _Bad) else record[0].nbytes + 64
-                keep = self.cache_used + size_bytes <= spec.cache_bytes and not (
-                    isinstance(record, _Bad) and record.whole_shard)
-                records = records if keep else []
-                if keep:
-                    records.append(record)
+        if stop is not None and all(i in cached for i in range(piece.start, stop)):
+            yield from (cached[i] for i in range(piece.start, stop))
+            return
+        offsets = spec.offsets[piece.shard] if spec.offsets else None
+        records = read_piece(spec.urls[piece.shard], Piece(piece.shard, piece.start, stop) if limit is not None
+                             else piece, offsets, spec.shape, spec.dtype, spec.num_classes, self.counter)
+        for i, record in enumerate(records, start=piece.start):
+            # Kept only while the cache has room, so a worker never holds more than
+            # data.cache_mb of decoded samples.
+            size_bytes = 64 if isinstance(record, BadSample) else record[0].nbytes + 64
+            if self.cache_used + size_bytes <= spec.cache_bytes and i not in cached:
+                self.cache.setdefault(piece.shard, cached)[i] = record
+                self.cache_used += size_bytes
             yield record
-        if keep:
-            self.cache[url] = records
-            self.cache_used += size_bytes
 
 
-def _batches(numbered_records, batch_size: int, worker: int):
+    def _record_failure(self, epoch: int, step: int, delivered: int) -> None:
+        self.failures[epoch].append((step, delivered))
+        if self.log is not None:
+            self.log.parent.mkdir(parents=True, exist_ok=True)
+            with open(self.log, "a") as log:
+                log.write(json.dumps([epoch, step, delivered]) + "\n")
+
+
+def stream_failures(spec: StreamSpec, worker: int, epoch: int, known: list) -> list[list[int]]:
+    """[epoch, step, delivered] of every storage failure this worker met in epoch `epoch` or
+    later: those its last batch carried (`known`: (step, delivered) of `epoch`), those replayed
+    from the checkpoint this leg started from, and those its log holds (met reading ahead)."""
+    start = (spec.start or {}).get("workers", {}).get(worker, ())
+    events = {(epoch, *map(int, e)) for e in known}
+    events |= {tuple(map(int, e)) for e in (start[2] if len(start) > 2 else [])}
+    log = Path(spec.failure_log) / f"rank{spec.rank}-worker{worker}.jsonl" if spec.failure_log else None
+    if log is not None and log.is_file():
+        events |= {tuple(json.loads(line)) for line in log.read_text().splitlines() if line.strip()}
+    return [list(e) for e in sorted(events) if e[0] >= epoch]
+
+
+def _backoff(spec: StreamSpec, num_failed: int) -> float:
+    return min(MAX_BACKOFF_S, spec.retry_backoff_s * 2 ** (num_failed - 1))
+
+
+def _every(records, first: int, step: int):
+    """Every step-th sample from the first-th on; events pass through."""
+    index = 0
+    for record in records:
+        if isinstance(record, _Event):
+            yield record
+            continue
+        if index % step == first:
+            yield record
+        index += 1
+
+
+def _batches(numbered_records, batch_size: int, worker: int, stream: ShardStream):
     """Full batches of good samples; bad ones are counted into the next batch (the rest dropped at the end)."""
     items, bad_count, messages, bad_in_a_row = [], 0, [], 0
+    events = {"failures": 0, "retries": 0}
     for epoch, position, record in numbered_records:
+        if isinstance(record, _Event):
+            if record.fatal:
+                yield Batch(None, None, [], bad_count, tuple(messages), fatal=f"shard unreadable: {record.fatal}",
+                            shard_failures=events["failures"] + 1, shard_retries=events["retries"])
+                return
+            events["failures"] += record.failures
+            events["retries"] += record.retries
+            continue
         if isinstance(record, _Bad):
             bad_count, bad_in_a_row = bad_count + record.count, bad_in_a_row + record.count
             if len(messages) < MAX_MESSAGES:
@@ -302,8 +294,12 @@ def _batches(numbered_records, batch_size: int, worker: int):
         if len(items) == batch_size:
             arrays, labels, keys = zip(*items)
             yield Batch(torch.from_numpy(np.stack(arrays)), torch.tensor(labels, dtype=torch.int64), list(keys),
-                        bad_count, tuple(messages), worker=worker, epoch=epoch, position=position)
+                        bad_count, tuple(messages), worker=worker, epoch=epoch, position=position,
+                        failures=tuple(stream.failures.get(epoch, ())), shard_failures=events["failures"],
+                        shard_retries=events["retries"], read_bytes=stream.counter.bytes)
             items, bad_count, messages = [], 0, []
+            events = {"failures": 0, "retries": 0}
+            stream.counter.bytes = 0
     if bad_count:  # a finite pass that ends on bad samples still reports them
         yield Batch(None, None, [], bad_count, tuple(messages))
 
@@ -315,11 +311,12 @@ def _as_is(batch):
 
 def make_loader(info: DatasetInfo, batch_per_device: int, seed: int, rank: int, num_workers: int,
                 shuffle_buffer: int, cache_mb: float = 0, pin_memory: bool = False, world_size: int = 1,
-                conditional: bool = False, num_epochs: int = 0, start: dict | None = None):
+                conditional: bool = False, num_epochs: int = 0, start: dict | None = None,
+                shard_retries: int = 8, retry_backoff_s: float = 2.0, failure_log: str = ""):
     """This rank's DataLoader of `Batch`es: endless (num_epochs=0), or a finite pass of `num_epochs`."""
     spec = StreamSpec(info.urls, info.shape, info.dtype, info.num_classes if conditional else 0,
                       batch_per_device, seed, rank, world_size, shuffle_buffer, int(cache_mb * 2**20), num_epochs,
-                      info.shard_counts, start)
+                      info.shard_counts, info.offsets, start, shard_retries, retry_backoff_s, failure_log)
     loader = torch.utils.data.DataLoader(
         ShardStream(spec), batch_size=None, collate_fn=_as_is, num_workers=num_workers,
         generator=torch.Generator().manual_seed(derive_seed(seed, rank, LOADER)),
@@ -331,23 +328,20 @@ def make_loader(info: DatasetInfo, batch_per_device: int, seed: int, rank: int, 
 
 
 def finite_batches(info: DatasetInfo, spec: StreamSpec, num_workers: int) -> int:
-    """Batches every rank yields in a finite pass: the smallest rank's count (known from index.json)."""
+    """Batches every rank yields in a finite pass: the smallest rank's count (from the plan)."""
     if info.shard_counts is None:
         raise UserError("a finite pass over the data needs its index.json (give data.path as the dataset directory)")
+    from gan_dist.data.plan import plan_epoch
+
     slots_per_rank = max(1, num_workers)
     num_slots = spec.world_size * slots_per_rank
-    per_rank = []
-    for rank in range(spec.world_size):
-        total = 0
-        for slot in range(rank * slots_per_rank, (rank + 1) * slots_per_rank):
-            samples = 0
-            for epoch in range(spec.num_epochs):
-                shard_ids, by_sample = epoch_assignment(len(info.urls), spec.seed, epoch, slot, num_slots)
-                in_shards = sum(info.shard_counts[i] for i in shard_ids)
-                samples += len(range(slot, in_shards, num_slots)) if by_sample else in_shards
-            total += samples // spec.batch_per_device
-        per_rank.append(total)
-    return min(per_rank)
+    per_slot = [0] * num_slots
+    for epoch in range(spec.num_epochs):
+        for slot, pieces in enumerate(plan_epoch(info.shard_counts, spec.seed, epoch, num_slots)):
+            per_slot[slot] += sum(p.size for p in pieces)
+    # Each slot's batches run on across epochs (the stream is one sequence per worker).
+    return min(sum(n // spec.batch_per_device for n in per_slot[r * slots_per_rank:(r + 1) * slots_per_rank])
+               for r in range(spec.world_size))
 
 
 class FinitePass:

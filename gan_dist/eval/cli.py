@@ -15,7 +15,9 @@ def add_arguments(parser) -> None:
     parser.add_argument("--step", type=int, default=None, help="checkpoint step (default: latest)")
     parser.add_argument("--metrics", default="fid", help="comma-separated: fid,kid,is,modes2d,cls (default fid)")
     parser.add_argument("--num", type=int, default=10_000, help="generated samples (modes2d always uses 2,500)")
-    parser.add_argument("--reference-num", type=int, default=50_000, help="real samples for FID/KID (at most)")
+    parser.add_argument("--reference-num", type=int, default=0,
+                        help="real samples for FID/KID: 0 = the whole training set; fewer = the first N of a "
+                             "dataset shuffled at prepare time, else a seeded random N")
     parser.add_argument("--data", default="", help="the dataset (default: the run's data.path or built-in dataset)")
     parser.add_argument("--inception-weights", default="", help="local weights-inception-2015-12-05-6726825d.pth")
     parser.add_argument("--allow-download", action="store_true", help="fetch the Inception weights if missing")

@@ -1,32 +1,63 @@
-"""Samples and their features, split over the processes by GLOBAL rank and gathered in order.
+"""Samples and their features, split over the processes by GLOBAL rank and gathered on rank 0.
 
 Generated samples come in chunks whose latents depend only on (seed, chunk index), and
-chunk c goes to rank c mod world_size; real samples are read shard by shard, shard s by rank
-s mod world_size. Each rank extracts features for its share; one all-gather and a sort by
-sample index then give every rank the same features in the same order, so the numbers do
-not depend on the number of processes.
+chunk c goes to rank c mod world_size. Real samples are named by their index in the
+dataset's order (index.json's shards end to end); a `Selection` says which of them form a
+reference, and each rank reads a contiguous range of them with ranged reads (reader.py),
+extracting features a batch at a time, so memory holds features, never the images. One
+gather and a sort by index then give rank 0 the features in the same order whatever the
+number of processes; rank 0 computes the numbers and sends them to the others.
 """
 
 from __future__ import annotations
 
-import hashlib
-import json
-from collections.abc import Callable, Iterator
-from pathlib import Path
+from collections.abc import Callable
+from typing import NamedTuple
 
 import numpy as np
 import torch
 
-from gan_dist.data.stream import DatasetInfo, _Bad, _read_shard
+from gan_dist.data.index import DatasetInfo
+from gan_dist.data.plan import Piece
+from gan_dist.data.reader import Counter, read_piece
+from gan_dist.errors import UserError
+from gan_dist.seeds import derive_seed
 from gan_dist.visual import to_uint8
 
 Extract = Callable[[torch.Tensor], dict[str, torch.Tensor]]
+REFERENCE_PURPOSE = 11  # seed purpose of a random reference subset
 
 
-def dataset_key(info: DatasetInfo) -> str:
-    """Names a dataset's content for caches: its shard list and per-shard counts (index.json)."""
-    text = json.dumps({"urls": [Path(u).name for u in info.urls], "counts": info.shard_counts,
-                       "shape": list(info.shape), "classes": info.classes})
+class Selection(NamedTuple):
+    """Which real samples (by dataset index) a reference holds, and how that was chosen."""
+
+    rule: str  # part of cache keys and of the result's "reference" note
+    end: int  # only indices below this are read
+    mask: np.ndarray | None = None  # bool per index < end; None: all of them
+
+
+def reference_selection(info: DatasetInfo, num: int, seed: int) -> Selection:
+    """All samples (num 0 or >= count: fid50k_full), else num of them: the first num of a
+    dataset shuffled at prepare time (only those shards are read), a seeded random num otherwise."""
+    if not info.shard_counts:
+        raise UserError("FID, KID and cls read the real samples through the dataset's index.json; point "
+                        "data.path (or --data) at the prepared dataset directory, not a shard pattern")
+    count = info.count
+    if num <= 0 or num >= count:
+        return Selection(f"all {count}", count)
+    if info.order == "shuffled":
+        return Selection(f"first {num} of {count}, shuffled at prepare time", num)
+    rng = np.random.default_rng(derive_seed(seed, REFERENCE_PURPOSE))
+    mask = np.zeros(count, dtype=bool)
+    mask[rng.choice(count, num, replace=False)] = True
+    return Selection(f"random {num} of {count}, seed {seed}", count, mask)
+
+
+def dataset_key(info: DatasetInfo, selection: Selection | None = None) -> str:
+    """Names a dataset's content (its shards' sha256s) and a selection of it, for caches."""
+    import hashlib
+
+    text = f"{info.identity()['sha256']}|{selection.rule if selection else ''}"
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
@@ -37,7 +68,7 @@ def chunk_latents(chunk: int, size: int, latent_dim: int, seed: int) -> torch.Te
 @torch.no_grad()
 def generated(G, latent_dim: int, num_classes: int, num: int, batch: int, seed: int, rank: int, world_size: int,
               device, extract: Extract | None) -> dict[str, torch.Tensor]:
-    """Features of `num` samples of G (the raw samples if `extract` is None), on every rank.
+    """Features of `num` samples of G (the raw samples if `extract` is None), on rank 0.
 
     Images are quantised to uint8 first, as stored data is; 2-D points are passed as they are."""
     keys, outputs = [], []
@@ -49,8 +80,9 @@ def generated(G, latent_dim: int, num_classes: int, num: int, batch: int, seed: 
         samples = G(z, labels)
         if samples.dim() == 4:
             samples = to_uint8(samples)
-        outputs.append(extract(samples) if extract else {"samples": samples.float()})
-        keys.append(torch.arange(first, first + size, device=device))
+        out = extract(samples) if extract else {"samples": samples.float()}
+        outputs.append({k: v.cpu() for k, v in out.items()})
+        keys.append(torch.arange(first, first + size))
     template = None
     if not outputs:  # more ranks than chunks: this one only learns the output widths
         probe = G(chunk_latents(0, 1, latent_dim, seed).to(device),
@@ -60,69 +92,95 @@ def generated(G, latent_dim: int, num_classes: int, num: int, batch: int, seed: 
     return gather_ordered(keys, outputs, device, template)
 
 
-def real_records(info: DatasetInfo, rank: int, world_size: int) -> Iterator[tuple[int, np.ndarray, int]]:
-    """(order key, sample, label) of this rank's shards; keys sort as the dataset's order."""
-    for shard, url in enumerate(info.urls):
-        if shard % world_size != rank:
-            continue
-        for position, record in enumerate(_read_shard(url, info.shape, info.dtype, info.num_classes)):
-            if not isinstance(record, _Bad):
-                yield shard << 32 | position, record[0], record[1]
+def rank_pieces(info: DatasetInfo, end: int, rank: int, world_size: int) -> list[tuple[int, Piece]]:
+    """(first dataset index, piece) for this rank's contiguous share of indices [0, end)."""
+    low, high = rank * end // world_size, (rank + 1) * end // world_size
+    pieces, begin = [], 0
+    for shard, count in enumerate(info.shard_counts):
+        start, stop = max(low, begin), min(high, begin + count)
+        if start < stop:
+            pieces.append((start, Piece(shard, start - begin, stop - begin)))
+        begin += count
+    return pieces
+
+
+def _selected_batches(info: DatasetInfo, selection: Selection, batch: int, rank: int, world_size: int):
+    """(dataset indices, uint8 samples, labels) of this rank's selected samples, a batch at a time."""
+    indices, samples, labels = [], [], []
+    for first, piece in rank_pieces(info, selection.end, rank, world_size):
+        offset = first - piece.start
+        select = None if selection.mask is None else (lambda i, o=offset: bool(selection.mask[i + o]))
+        offsets = info.offsets[piece.shard] if info.offsets else None
+        records = read_piece(info.urls[piece.shard], piece, offsets, info.shape, info.dtype, info.num_classes,
+                             Counter(), select)
+        for index, record in enumerate(records, start=first):
+            if record is None or isinstance(record, Exception):  # not selected, or a bad sample (skipped)
+                continue
+            indices.append(index)
+            samples.append(record[0])
+            labels.append(record[1])
+            if len(indices) == batch:
+                yield indices, np.stack(samples), labels
+                indices, samples, labels = [], [], []
+    if indices:
+        yield indices, np.stack(samples), labels
 
 
 @torch.no_grad()
-def real(info: DatasetInfo, keep: Callable[[int], bool], batch: int, rank: int, world_size: int, device,
+def real(info: DatasetInfo, selection: Selection, batch: int, rank: int, world_size: int, device,
          extract: Extract | None) -> dict[str, torch.Tensor]:
-    """Features of the dataset's samples whose index (in dataset order) passes `keep`."""
-    records = list(real_records(info, rank, world_size))
-    # Global indices need every rank's counts: exchange them, then number in dataset order.
-    order_keys = torch.tensor([r[0] for r in records], dtype=torch.int64, device=device)
-    everything = gather_ordered([order_keys], [{"k": order_keys}], device)["k"]
-    index_of = {int(k): i for i, k in enumerate(everything.tolist())}
-    mine = [(index_of[k], sample, label) for k, sample, label in records if keep(index_of[k])]
+    """Features of the selected real samples on rank 0 (the uint8 samples if `extract` is None),
+    with their labels and dataset indices; {} on the other ranks."""
     keys, outputs = [], []
-    for start in range(0, len(mine), batch):
-        part = mine[start:start + batch]
-        samples = torch.from_numpy(np.stack([p[1] for p in part])).to(device)
-        out = extract(samples) if extract else {"samples": samples.float()}
-        out["labels"] = torch.tensor([p[2] for p in part], device=device)
+    for indices, samples, labels in _selected_batches(info, selection, batch, rank, world_size):
+        images = torch.from_numpy(samples).to(device)
+        out = extract(images) if extract else {"samples": images}
+        out = {k: v.cpu() for k, v in out.items()}  # device memory holds one batch
+        out["labels"] = torch.tensor(labels, dtype=torch.int64)
+        out["index"] = torch.tensor(indices, dtype=torch.int64)
         outputs.append(out)
-        keys.append(torch.tensor([p[0] for p in part], dtype=torch.int64, device=device))
+        keys.append(torch.tensor(indices, dtype=torch.int64))
     return gather_ordered(keys, outputs, device, template=_template(info, extract, device))
 
 
 def _template(info: DatasetInfo, extract: Extract | None, device) -> dict[str, torch.Tensor]:
     """An empty output with the right widths, for a rank that holds no sample."""
     probe = torch.zeros((1, *info.shape), dtype=torch.uint8, device=device)
-    out = {k: v[:0] for k, v in (extract(probe) if extract else {"samples": probe.float()}).items()}
-    out["labels"] = torch.zeros(0, dtype=torch.int64, device=device)
+    out = {k: v[:0].cpu() for k, v in (extract(probe) if extract else {"samples": probe}).items()}
+    out["labels"] = out["index"] = torch.zeros(0, dtype=torch.int64)
     return out
 
 
 def gather_ordered(keys: list[torch.Tensor], outputs: list[dict[str, torch.Tensor]], device,
                    template: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
-    """Concatenate every rank's rows and sort them by key: the same result on every rank."""
+    """Every rank's rows on rank 0, sorted by key ({} elsewhere); the same rows and order for
+    any number of ranks. Tensors travel through `device` (NCCL gathers CUDA tensors) and come
+    back on the CPU."""
     import torch.distributed as dist
 
     if not outputs and template is None:
         raise ValueError("a rank with nothing to gather needs a template")
-    local = {name: torch.cat([o[name] for o in outputs]) if outputs else template[name]
+    local = {name: torch.cat([o[name].cpu() for o in outputs]) if outputs else template[name].cpu()
              for name in (outputs[0] if outputs else template)}
-    local_keys = torch.cat(keys) if keys else torch.zeros(0, dtype=torch.int64, device=device)
+    local_keys = torch.cat([k.cpu() for k in keys]) if keys else torch.zeros(0, dtype=torch.int64)
     if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
         order = local_keys.argsort()
         return {name: value[order] for name, value in local.items()}
-    counts = [torch.zeros(1, dtype=torch.int64, device=device) for _ in range(dist.get_world_size())]
+    rank, world = dist.get_rank(), dist.get_world_size()
+    counts = [torch.zeros(1, dtype=torch.int64, device=device) for _ in range(world)]
     dist.all_gather(counts, torch.tensor([len(local_keys)], device=device))
-    most = int(max(c.item() for c in counts))
+    counts = [int(c.item()) for c in counts]
 
-    def gathered(tensor: torch.Tensor) -> torch.Tensor:
-        padded = torch.zeros((most, *tensor.shape[1:]), dtype=tensor.dtype, device=device)
-        padded[:len(tensor)] = tensor
-        parts = [torch.empty_like(padded) for _ in counts]
-        dist.all_gather(parts, padded.contiguous())
-        return torch.cat([p[:int(c.item())] for p, c in zip(parts, counts, strict=True)])
+    def gathered(tensor: torch.Tensor) -> torch.Tensor | None:
+        padded = torch.zeros((max(counts), *tensor.shape[1:]), dtype=tensor.dtype, device=device)
+        padded[:len(tensor)] = tensor.to(device)
+        parts = [torch.empty_like(padded) for _ in counts] if rank == 0 else None
+        dist.gather(padded, parts, dst=0)
+        return torch.cat([p[:c].cpu() for p, c in zip(parts, counts, strict=True)]) if rank == 0 else None
 
     all_keys = gathered(local_keys)
+    values = {name: gathered(value) for name, value in local.items()}
+    if rank != 0:
+        return {}
     order = all_keys.argsort()
-    return {name: gathered(value)[order] for name, value in local.items()}
+    return {name: value[order] for name, value in values.items()}

@@ -11,6 +11,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from gan_dist.config import EvalConfig as EvalOptions  # the options of one evaluation
@@ -76,17 +77,17 @@ def _inception_metrics(target: Target, opts: EvalOptions, ctx, extractor) -> dic
     gen = collect.generated(target.G, target.latent_dim, target.num_classes, opts.num, opts.batch, opts.seed,
                             *ctx, extractor)
     wanted = set(opts.metrics)
-    reference = None
+    reference, selection = None, None
     if wanted & {"fid", "kid"}:
-        limit = min(opts.reference_num, target.data.count or opts.reference_num)
-        reference = _cached_reference(target.data, extractor, "all", limit, lambda i: i < limit, opts, ctx)
+        selection = collect.reference_selection(target.data, opts.reference_num, opts.seed)
+        reference = _cached_reference(target.data, extractor, selection, opts, ctx)
     tool = f"torch-fidelity, {getattr(extractor, 'name', 'custom extractor')}"
 
     def compute() -> dict[str, dict]:
         out = {}
         counts = {"num_generated": len(gen["features"]), "tool": tool}
-        # Only rank 0 holds cached reference features, so the note is made here.
-        ref_note = f"{len(reference['features'])} real samples (the first in dataset order)" if reference else ""
+        # Only rank 0 holds the reference features, so the note is made here.
+        ref_note = f"{len(reference['features'])} real samples ({selection.rule})" if reference else ""
         if "fid" in wanted:
             value = scores.frechet_distance(scores.statistics(gen["features"]), scores.statistics(reference["features"]))
             out["fid"] = {"value": value, **counts, "reference": ref_note}
@@ -103,17 +104,17 @@ def _inception_metrics(target: Target, opts: EvalOptions, ctx, extractor) -> dic
     return _on_rank0(ctx, compute)
 
 
-def _cached_reference(data: DatasetInfo, extractor, split: str, limit: int, keep, opts, ctx) -> dict:
-    """Real features, extracted once per (dataset, extractor, split, count) and cached."""
+def _cached_reference(data: DatasetInfo, extractor, selection: collect.Selection, opts, ctx) -> dict:
+    """Real features on rank 0 ({} elsewhere), extracted once per (dataset content, selection,
+    extractor) and cached."""
     rank, world, device = ctx
     name = getattr(extractor, "name", "")
-    path = cache_dir(opts) / f"{collect.dataset_key(data)}-{name}-{split}-{limit}.pt" if name else None
+    path = cache_dir(opts) / f"{collect.dataset_key(data, selection)}-{name}.pt" if name else None
     have = torch.tensor([1 if path is not None and path.is_file() else 0], device=device)
     _broadcast_tensor(have)  # rank 0 decides, so no rank waits in a gather the others skip
     if have.item():
         return torch.load(path, map_location="cpu", weights_only=True) if rank == 0 else {}
-    features = collect.real(data, keep, opts.batch, rank, world, device, extractor)
-    features = {k: v.cpu() for k, v in features.items()}
+    features = collect.real(data, selection, opts.batch, rank, world, device, extractor)
     if rank == 0 and path is not None:
         path.parent.mkdir(parents=True, exist_ok=True)
         torch.save(features, path.with_suffix(".tmp"))
@@ -128,8 +129,11 @@ def _classifier_metrics(target: Target, opts: EvalOptions, ctx, model) -> dict:
     model = (model or _classifier(target.data, opts, ctx)).to(device)
     gen = collect.generated(target.G, target.latent_dim, target.num_classes, opts.num, opts.batch, opts.seed,
                             *ctx, model)
-    train_part = _cached_reference(target.data, model, "train", 0, lambda i: not cls_mod.held_out(i), opts, ctx)
-    test_part = _cached_reference(target.data, model, "heldout", 0, cls_mod.held_out, opts, ctx)
+    held_out = cls_mod.held_out(np.arange(target.data.count))
+    train_part = _cached_reference(target.data, model, collect.Selection(
+        f"cls training part: index % {cls_mod.HOLDOUT_EVERY} != 0", target.data.count, ~held_out), opts, ctx)
+    test_part = _cached_reference(target.data, model, collect.Selection(
+        f"cls held-out part: index % {cls_mod.HOLDOUT_EVERY} == 0", target.data.count, held_out), opts, ctx)
 
     def summary(features: dict) -> dict:
         is_mean, is_std = scores.inception_score(features["logits"])
@@ -157,10 +161,12 @@ def _classifier(data: DatasetInfo, opts: EvalOptions, ctx) -> torch.nn.Module:
     _broadcast_tensor(have)
     model = cls_mod.load(path) if have.item() and rank == 0 else None
     if not have.item():
-        real = collect.real(data, lambda i: True, opts.batch, rank, world, device, None)
+        # uint8 samples on rank 0 only; a large dataset trains it on a subset.
+        selection = collect.reference_selection(data, cls_mod.MAX_TRAINING_SAMPLES, opts.seed)
+        real = collect.real(data, selection, opts.batch, rank, world, device, None)
         if rank == 0:
-            train = ~torch.tensor([cls_mod.held_out(i) for i in range(len(real["samples"]))], dtype=torch.bool)
-            samples, labels = real["samples"].to(torch.uint8).cpu(), real["labels"].cpu()
+            train = ~torch.from_numpy(cls_mod.held_out(real["index"].numpy()))
+            samples, labels = real["samples"], real["labels"]
             model = cls_mod.train_classifier(samples[train], labels[train], data.num_classes)
             acc = cls_mod.accuracy(model, samples[~train], labels[~train])
             cls_mod.save(model, path, {"channels": data.shape[0], "num_classes": data.num_classes,

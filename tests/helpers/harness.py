@@ -69,7 +69,8 @@ CASES = {
     # A corrupt sample (in OUT/bad-digits, written by the test) under data.on_error=raise.
     "bad-data-raise": ["data.on_error=raise", "train.max_steps=40"],
     # Rank 1 cannot read any shard (its node lost the storage): its stream gives up at once.
-    "fatal-data-raise": ["data.on_error=raise", "train.max_steps=20"],
+    "fatal-data-raise": ["data.on_error=raise", "train.max_steps=20", "data.shard_retries=1",
+                         "data.retry_backoff_s=0"],
     # torch.compile of G and D under DDP against the same run eager (R1 stays eager in both).
     "compile-r1": [*COMPILE, "train.compile=true"],
     "eager-r1": COMPILE,
@@ -77,7 +78,17 @@ CASES = {
     # reads a stale `latest` (step 10, as an NFS cache may show it): rank 0 decides for all.
     "stale-leg1": [*RESUME, "run.name=stale", "train.max_steps=21", "checkpoint.every_kimg=0.32"],
     "stale-leg2": [*RESUME, "run.name=stale", "train.max_steps=40", "checkpoint.every_kimg=0.32"],
+    # Over http (test_distributed starts the servers): shard 2 is cut off half-way on its first
+    # 5 requests, then served; 130 steps of 2 x 16 take every slot through two epochs (so
+    # every failure and retry, in whichever epoch it came, has reached metrics.jsonl).
+    "http-flaky": ["data.num_workers=2", "data.shuffle_buffer=16", "data.retry_backoff_s=0.05",
+                   "train.total_kimg=5", "train.max_steps=130", "log.every_steps=10"],
+    # Shard 2 is cut off on every request, under data.on_error=skip: both ranks stop together.
+    "http-lost": ["data.num_workers=2", "data.retry_backoff_s=0.05", "data.shard_retries=2", "train.total_kimg=7",
+                  "train.max_steps=200",
+                  "log.every_steps=5"],
 }
+HTTP_CASES = {"http-flaky": "GAN_DIST_TEST_FLAKY_URL", "http-lost": "GAN_DIST_TEST_LOST_URL"}
 
 
 class GlobalDraws:
@@ -169,6 +180,9 @@ def fit(self) -> None:
         nan_on_rank1(self)
     elif case == "perturb-rank1":
         _perturb_rank1_after_step2(self)
+    consumed = []  # (worker, keys) of every batch this rank trained on, in order
+    account = self.data_health.account
+    self.data_health.account = lambda batch: consumed.append((batch.worker, list(batch.keys))) or account(batch)
     initial_G = _state(self.G_raw)
     try:
         _fit(self)
@@ -176,7 +190,7 @@ def fit(self) -> None:
         trainer_mod.interpolate = _interpolate
         CURRENT["state"] = {"G0": initial_G, "G": _state(self.G_raw), "D": _state(self.D_raw), "G_ema": _state(self.ema.module),
                             "skipped": dict(self.progress.num_skipped), "step": self.progress.step,
-                            "graphs": _graphs_compiled(),
+                            "graphs": _graphs_compiled(), "consumed": consumed,
                             "broadcast_buffers": [getattr(m, "broadcast_buffers", None) for m in self.backend.ddp.values()]}
 
 
@@ -220,17 +234,17 @@ def storage_lost():
     """Every shard this process opens fails at its first byte (a node that lost the storage)."""
     from gan_dist.data import stream
 
-    read_shard = stream._read_shard
+    read_piece = stream.read_piece
 
-    def unreadable(url, shape, dtype, num_classes, expected=0):
-        yield stream._Bad(f"{url}: unreadable after key (none) (OSError: connection reset)", max(1, expected),
-                          whole_shard=True)
+    def unreadable(url, *args, **kwargs):
+        raise stream.ReadFailure(f"{url}: unreadable after key (none) (OSError: connection reset)")
+        yield  # a generator, as read_piece is
 
-    stream._read_shard = unreadable
+    stream.read_piece = unreadable
     try:
         yield
     finally:
-        stream._read_shard = read_shard
+        stream.read_piece = read_piece
 
 
 @contextmanager
@@ -274,6 +288,7 @@ def main() -> None:
         torch.set_default_dtype(torch.float64 if case.startswith("eq-") else torch.float32)
         CURRENT.update(case=case, images=images[dcgan], state={})
         data = f"{out}/bad-digits" if case == "bad-data-raise" else digits16 if dcgan else digits8
+        data = f"{os.environ[HTTP_CASES[case]]}/index.json" if case in HTTP_CASES else data
         overrides = [*TINY[2:], f"data.path={data}", f"run.root={out}/runs",
                      f"run.name={case}-w{world}", "run.overwrite=true", *CASES[case]]
         rank1 = int(os.environ.get("RANK", "0")) == 1

@@ -4,7 +4,11 @@ Writes OUT/rank<R>.json with the keys and batch counts of three passes (seed 0, 
 again with fresh worker processes, seed 1), each read with 2 DataLoader workers. The
 batch counts are also all-reduced (min and max), as DDP would meet them.
 
-    torchrun --nproc_per_node 2 stream_probe.py DATASET_DIR OUT_DIR
+With FEW_SHARDS_DIR (fewer shards than the 2 x 4 slots), it also reads two epochs of that
+dataset with 4 workers, batch 1 and no shuffle, recording per batch the worker, epoch, key
+and the bytes read; every decode in every worker appends its key to OUT/decoded/.
+
+    torchrun --nproc_per_node 2 stream_probe.py DATASET_DIR OUT_DIR [FEW_SHARDS_DIR]
 """
 
 import json
@@ -15,6 +19,27 @@ import torch
 import torch.distributed as dist
 
 from gan_dist.data.stream import make_loader, open_dataset
+
+
+def read_once(data_dir: str, out_dir: Path, rank: int, world_size: int) -> list:
+    import os
+
+    from gan_dist.data import reader
+
+    decoded_dir = out_dir / "decoded"
+    decoded_dir.mkdir(parents=True, exist_ok=True)
+    decode = reader.decode
+
+    def logged(raw, *args):  # runs in the (forked) workers
+        with open(decoded_dir / f"{rank}-{os.getpid()}.txt", "a") as log:
+            log.write(raw["__key__"] + "\n")
+        return decode(raw, *args)
+
+    reader.decode = logged
+    loader = make_loader(open_dataset(data_dir), 1, 0, rank, num_workers=4, shuffle_buffer=1,
+                         world_size=world_size, num_epochs=2)
+    # The DataLoader itself: FinitePass would cut every rank to the smallest rank's batch count.
+    return [(b.worker, b.epoch, b.keys[0], b.read_bytes) for b in loader.loader if b.keys]
 
 
 def main() -> None:
@@ -30,6 +55,8 @@ def main() -> None:
         dist.all_reduce(counts, op=dist.ReduceOp.MIN)
         result[name] = {"keys": [k for b in batches for k in b.keys], "batches": len(batches),
                         "min_batches": int(counts[0]), "max_batches": int(-counts[1])}
+    if len(sys.argv) > 3:
+        result["read_once"] = read_once(sys.argv[3], out_dir, rank, world_size)
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / f"rank{rank}.json").write_text(json.dumps(result))
     dist.destroy_process_group()
