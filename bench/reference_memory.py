@@ -8,7 +8,10 @@ with a small feature extractor (4x4 average pooling: 48 features) and reports th
 peak RSS (ru_maxrss) and the wall time. "before" runs the code of git revision REV (a
 temporary worktree; default: the commit before the read-once planner), which listed every
 record of the rank's shards, images included, before keeping the first N; "after" runs this
-checkout, which reads only the selected samples and keeps only their features.
+checkout, which reads only the selected samples and keeps only their features. Each code
+also builds a reference of one batch (250); the new code's peak for that is the process's
+own (torch's libraries alone are about 500 MiB of RSS here), and each row is also given
+above it: what the reference costs.
 """
 
 from __future__ import annotations
@@ -28,6 +31,7 @@ CHILD = r"""
 import json, resource, sys, time
 import torch
 from gan_dist.eval import collect
+assert collect.__file__.startswith(sys.argv[3]), collect.__file__
 from gan_dist.data.stream import open_dataset
 
 info = open_dataset(sys.argv[1])
@@ -60,8 +64,9 @@ def dataset(work: Path, count: int) -> Path:
 
 def measure(source_root: Path, data: Path, num: int) -> dict:
     env = {**os.environ, "PYTHONPATH": str(source_root), "OMP_NUM_THREADS": "1"}
-    result = subprocess.run([sys.executable, "-c", CHILD, str(data), str(num)], env=env, capture_output=True,
-                            text=True, check=False)
+    # Run from the source root: `python -c` puts the working directory first on sys.path.
+    result = subprocess.run([sys.executable, "-c", CHILD, str(data.resolve()), str(num), str(source_root)], env=env,
+                            cwd=source_root, capture_output=True, text=True, check=False)
     if result.returncode:
         sys.exit(f"measuring {source_root} failed:\n{result.stderr[-2000:]}")
     return json.loads(result.stdout.strip().splitlines()[-1])
@@ -81,14 +86,17 @@ def main() -> None:
         subprocess.run(["git", "-C", str(ROOT), "worktree", "add", "--detach", str(worktree), args.before],
                        check=True, capture_output=True)
         try:
-            rows = {"before": measure(worktree, data, args.reference), "after": measure(ROOT, data, args.reference)}
+            rows = {(name, num): measure(source, data, num) for name, source in (("before", worktree), ("after", ROOT))
+                    for num in (250, args.reference)}
         finally:
             subprocess.run(["git", "-C", str(ROOT), "worktree", "remove", "--force", str(worktree)], check=False)
     print(f"reference of {args.reference} from {args.count} samples of 3x32x32 ({size_mib:.0f} MiB of shards)\n")
-    print("| code | rows | peak RSS | time |\n|---|---|---|---|")
-    for name, row in rows.items():
+    own = rows[("after", 250)]["peak_rss_mib"]
+    print(f"| code | reference | peak RSS | above the process's own ({own:.0f} MiB) | time |\n|---|---|---|---|---|")
+    for (name, num), row in rows.items():
         label = f"before ({args.before})" if name == "before" else "after"
-        print(f"| {label} | {row['rows']} | {row['peak_rss_mib']:.0f} MiB | {row['seconds']:.1f} s |")
+        extra = row["peak_rss_mib"] - own
+        print(f"| {label} | {row['rows']} | {row['peak_rss_mib']:.0f} MiB | {extra:+.0f} MiB | {row['seconds']:.1f} s |")
 
 
 if __name__ == "__main__":

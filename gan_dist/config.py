@@ -56,7 +56,7 @@ class DataConfig:
     """Keep decoded shards in each worker's memory up to this size, so small datasets are read once; 0 turns it off."""
     num_classes: int = 0
     """Classes of a conditional run on a shard pattern without index.json (with an index, it is read from there)."""
-    shard_retries: int = 8
+    max_shard_retries: int = 8
     """Times a piece of a shard whose read failed (storage or network) is tried again, later in the epoch and after a doubling backoff, before the run stops naming it."""
     retry_backoff_s: float = 2.0
     """Wait before the first retry of a failed shard read; it doubles with each failure, up to 120 s."""
@@ -403,7 +403,7 @@ def validate(cfg: Config) -> None:
     _require(cfg.data.resolution >= 0, "data.resolution", "must be >= 0 (0 = native size)")
     _require(cfg.data.cache_mb >= 0, "data.cache_mb", "must be >= 0 (0 = off)")
     _require(cfg.data.num_classes >= 0, "data.num_classes", "must be >= 0")
-    _require(cfg.data.shard_retries >= 0, "data.shard_retries", "must be >= 0")
+    _require(cfg.data.max_shard_retries >= 0, "data.max_shard_retries", "must be >= 0")
     _require(cfg.data.retry_backoff_s >= 0, "data.retry_backoff_s", "must be >= 0 seconds")
     _require(cfg.eval.every_kimg >= 0, "eval.every_kimg", "must be >= 0 (0 = off)")
     _require(cfg.eval.num >= 2, "eval.num", "must be >= 2")

@@ -38,7 +38,7 @@ STATE_FORMAT = "gan_dist.checkpoint/1"
 # itself, and is refused.
 MAY_CHANGE = ("run.", "log.", "checkpoint.", "dist.", "train.total_kimg", "train.max_steps", "train.resume",
               "train.max_skipped_in_row", "train.rollback_on_divergence", "data.num_workers", "data.path", "data.root", "data.cache_mb",
-              "data.on_error", "data.shard_retries", "data.retry_backoff_s", "train.num_threads", "eval.", "train.compile", "train.tf32",
+              "data.on_error", "data.max_shard_retries", "data.retry_backoff_s", "train.num_threads", "eval.", "train.compile", "train.tf32",
               "optim.fused", "train.device")
 # Test-only: called with the file just written, to inject a crash between files.
 _after_file_hook = None
@@ -306,7 +306,11 @@ def _restore_rng(trainer, checkpoint: Path, rank: int) -> None:
     tensors = load_tensors(checkpoint / f"rank{rank}.pt")
     plain = json.loads((checkpoint / f"rank{rank}.json").read_text())
     stream = plain["stream"]
-    trainer.stream_workers = {int(w): tuple(pos) for w, pos in stream["workers"].items()}
+    # As batches report it: (epoch, position, (step, delivered) of that epoch's failures);
+    # failures of later epochs are replayed from the loader's start (stream_failures).
+    trainer.stream_workers = {int(w): (pos[0], pos[1], tuple((s, n) for e, s, n in (pos[2] if len(pos) > 2 else [])
+                                                           if e == pos[0]))
+                              for w, pos in stream["workers"].items()}
     torch.set_rng_state(tensors["torch"])
     if "cuda" in tensors and torch.cuda.is_available():
         torch.cuda.set_rng_state(tensors["cuda"])

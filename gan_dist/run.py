@@ -59,13 +59,17 @@ def dataset_path(cfg) -> str:
 
 
 def open_info(cfg, accelerator) -> DatasetInfo:
-    """Open the shards. A built-in dataset at its default place is prepared by rank 0 first;
-    an explicit data.path is only ever read, so a typo fails."""
+    """Open the shards: rank 0 reads index.json and every rank gets its answer (a node with a
+    stale or different copy cannot plan other reads). A built-in dataset at its default place
+    is prepared by rank 0 first; an explicit data.path is only ever read, so a typo fails."""
     path = dataset_path(cfg)
-    with accelerator.main_process_first():
-        if accelerator.is_main_process and not cfg.data.path and not Path(path).exists():
+
+    def decide() -> DatasetInfo:
+        if not cfg.data.path and not Path(path).exists():
             write_shards(open_source(cfg.data.dataset, root=cfg.data.root, resolution=cfg.data.resolution), path)
-        info = open_dataset(path)
+        return open_dataset(path)
+
+    info = parallel.decided_on_rank0(accelerator, decide)
     if not info.classes and cfg.data.num_classes:
         info.classes = [str(c) for c in range(cfg.data.num_classes)]
     if cfg.model.conditional and not info.num_classes:
@@ -82,7 +86,7 @@ def open_loader(cfg, accelerator, info: DatasetInfo, batch_per_device: int, stre
                        cfg.data.num_workers, cfg.data.shuffle_buffer, cfg.data.cache_mb,
                        pin_memory=accelerator.device.type == "cuda", world_size=accelerator.num_processes,
                        conditional=cfg.model.conditional, start=stream_start,
-                       shard_retries=cfg.data.shard_retries, retry_backoff_s=cfg.data.retry_backoff_s,
+                       max_shard_retries=cfg.data.max_shard_retries, retry_backoff_s=cfg.data.retry_backoff_s,
                        failure_log=failure_log)
 
 
@@ -95,8 +99,8 @@ def data_warnings(info: DatasetInfo, num_slots: int) -> list[str]:
     factor = read_multiplication(len(info.urls), info.shard_counts, info.offsets, num_slots, info.seekable)
     if factor > 1.05:
         how = ("every slot reads every shard and keeps its share" if info.shard_counts is None else
-               "a stream that cannot seek (pipe:, or http without index.json's byte offsets) reads each piece's "
-               "shard from its start")
+               "a stream that cannot seek (pipe:, http without index.json's byte offsets, or a server that "
+               "ignores Range requests, such as python -m http.server) reads each piece's shard from its start")
         warnings.append(f"reading this dataset with {num_slots} reader slots (processes x data.num_workers) reads "
                         f"{factor:.1f}x its bytes per epoch: {how}. Serve index.json and the shards over http(s) or a "
                         "file system, re-prepare with gan-dist prepare (which writes byte offsets), or use at "

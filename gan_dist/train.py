@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import faulthandler
 import importlib
+import shutil
 import signal
 from contextlib import nullcontext
 from dataclasses import dataclass
@@ -168,13 +169,13 @@ def train(config_path: str | None, overrides: list[str], debug: bool = False,
     checkpoint, state = plan.checkpoint, plan.state
     info = open_info(cfg, acc)
     if checkpoint is not None:
-        resume.check_data_matches(checkpoint, info)
+        parallel.decided_on_rank0(acc, lambda: resume.check_data_matches(checkpoint, info))
     now = resume.layout(acc.num_processes, cfg.data.num_workers, acc.device.type, info.identity()["sha256"])
     start = resume.stream_start(checkpoint, state, acc.process_index, now) if checkpoint else None
     # Storage failures each loader worker meets, one directory per leg of the run (the leg
     # after a resume replays the earlier legs' failures from the checkpoint instead).
-    leg = state["progress"]["step"] if checkpoint else 0
-    loader = open_loader(cfg, acc, info, per_device, start, str(run_dir / ".stream" / f"from-step-{leg}"))
+    failure_log = run_dir / ".stream" / f"from-step-{state['progress']['step'] if checkpoint else 0}"
+    loader = open_loader(cfg, acc, info, per_device, start, str(failure_log))
     loss = get_loss(cfg.loss.name)
     backend = _build_networks(cfg, acc, info, per_device)
     # Only now, with config, data, models and engines known to be good, is the run directory touched.
@@ -183,8 +184,9 @@ def train(config_path: str | None, overrides: list[str], debug: bool = False,
     ema = EMA(backend.raw["G"], cfg.train.ema_half_life_kimg, cfg.train.ema_rampup)
     console = Console(acc.is_main_process, int(cfg.train.total_kimg * 1000), run_dir, acc)
     console.summary(f"gan_dist run '{cfg.run.name}'", describe_run(cfg, acc, info, backend, per_device))
-    for warning in data_warnings(info, acc.num_processes * max(1, cfg.data.num_workers)):
-        console.warn(warning)
+    if acc.is_main_process:  # reading the first shard for the class check is rank 0's alone
+        for warning in data_warnings(info, acc.num_processes * max(1, cfg.data.num_workers)):
+            console.warn(warning)
     if debug:
         console.print(f"G: {backend.raw['G']}\nD: {backend.raw['D']}")
     if cfg.log.tensorboard:
@@ -196,6 +198,9 @@ def train(config_path: str | None, overrides: list[str], debug: bool = False,
                       f"({trainer.num_images / 1000:.1f} kimg)")
     if acc.is_main_process:
         clear_requeue_marker(run_dir)
+        # An earlier attempt from the same checkpoint left its failures here; this one reads anew.
+        shutil.rmtree(failure_log, ignore_errors=True)
+    acc.wait_for_everyone()  # before any loader worker starts (they start with fit)
     with (StopRequest() if stop_request is None else nullcontext(stop_request)) as trainer.stop_request:
         trainer.fit()
     acc.end_training()

@@ -117,3 +117,12 @@ def test_a_re_prepared_dataset_gets_new_cache_keys(sorted_folder, tmp_path):
     assert first_100.end == 100 and first_100.mask is None  # shuffled at prepare: read only the first 100
     assert dataset_key(a, first_100) != dataset_key(b, reference_selection(b, 100, 0))
     assert dataset_key(a, first_100) != dataset_key(a, reference_selection(a, 0, 0))
+
+
+def test_more_reader_slots_than_samples_is_refused_by_name(tmp_path):
+    from gan_dist.data.prepare import write_shards
+    from gan_dist.errors import UserError
+
+    data = write_shards(digits(), tmp_path / "five", limit=5)
+    with pytest.raises(UserError, match="5 samples, fewer than the 8 reader slots .*lower data.num_workers"):
+        make_loader(open_dataset(str(data)), 1, 0, 0, 4, 1, world_size=2)

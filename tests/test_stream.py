@@ -126,7 +126,7 @@ def test_a_shard_that_fails_is_deferred_and_read_once_in_its_epoch(digits_dir, t
 def test_a_shard_that_never_comes_back_ends_the_stream_by_name(digits_dir):
     info = open_dataset(str(digits_dir))
     info.urls[2] = f"pipe:exit 1; cat {info.urls[2]}"
-    batches = list(make_loader(info, 16, 0, 0, 0, 1, shard_retries=2, retry_backoff_s=0, num_epochs=1))
+    batches = list(make_loader(info, 16, 0, 0, 0, 1, max_shard_retries=2, retry_backoff_s=0, num_epochs=1))
     assert batches[-1].fatal and "shard-000002.tar" in batches[-1].fatal and "3 times" in batches[-1].fatal
     assert sum(b.shard_failures for b in batches) == 3 and sum(b.shard_retries for b in batches) == 2
 
@@ -176,7 +176,7 @@ def test_bad_data_is_skipped_and_counted_or_raised_with_its_name(train_main, tmp
 
 def test_a_truncated_shard_is_retried_then_stops_the_run_naming_it(train_main, tmp_path):
     path = _bad_dataset(tmp_path, "truncated tar")
-    code, _, err = train_main(*tiny_args(path, "train.total_kimg=3", "data.retry_backoff_s=0", "data.shard_retries=2"))
+    code, _, err = train_main(*tiny_args(path, "train.total_kimg=3", "data.retry_backoff_s=0", "data.max_shard_retries=2"))
     assert code == 2 and "shard-000003.tar" in err and "truncated" in err and "3 times" in err
     assert "Traceback" not in err
 
@@ -207,3 +207,36 @@ def test_nothing_but_bad_samples_stops_instead_of_hanging(tmp_path):
     info.urls, info.shard_counts = [info.urls[3]], [1]
     batch = next(iter(make_loader(info, 8, 0, 0, 0, 1)))
     assert batch.fatal and f"{stream.MAX_BAD_IN_A_ROW} bad samples in a row" in batch.fatal
+
+
+def test_a_failure_while_a_resume_skips_forward_does_not_shift_the_stream(digits_dir, monkeypatch):
+    """The storage fails again while a resumed epoch re-reads what it skips: that read is
+    retried in place, so the records after the skip are the uninterrupted stream's."""
+    from gan_dist.data import stream
+    from gan_dist.data.stream import ShardStream, StreamSpec, _Event
+
+    info = open_dataset(str(digits_dir))
+    failing = set()
+    read_piece = stream.read_piece
+
+    def flaky(url, piece, *args):
+        for n, record in enumerate(read_piece(url, piece, *args)):
+            if (piece.shard, piece.start) in failing and n == 5:
+                failing.discard((piece.shard, piece.start))
+                raise stream.ReadFailure(f"{url}: connection reset")
+            yield record
+
+    monkeypatch.setattr(stream, "read_piece", flaky)
+
+    def records(skip: int, count: int = 200):
+        spec = StreamSpec(info.urls, info.shape, info.dtype, 0, 16, 0, 0, 2, 50, 0, 0, info.shard_counts,
+                          info.offsets, None, 8, 0.0)
+        reader = ShardStream(spec)
+        reader.log = None
+        numbered = reader._numbered(0, 0, 0, 2, skip, [])
+        return [r[2] if not isinstance(r, _Event) else "event" for _, _, r in itertools.islice(numbered, count)]
+
+    uninterrupted = records(0, 300)
+    first_piece = stream.slot_pieces(info.shard_counts, 0, 0, 0, 2)[0]
+    failing.add((first_piece.shard, first_piece.start))  # fails inside what the resume skips
+    assert records(100) == uninterrupted[100:300] and not failing

@@ -72,15 +72,18 @@ class DataHealth:
             import torch.distributed as dist
 
             flag = torch.tensor([float(bool(self.stop))], device=self.acc.device)
-            dist.all_reduce(flag)
-            if flag.item():  # only at the end of a run: every rank names the same shard
-                reasons = [None] * self.acc.num_processes
-                dist.all_gather_object(reasons, self.stop)
-                raise UserError(next(r for r in reasons if r))
+            dist.all_reduce(flag)  # one per log line and checkpoint, under data.on_error=skip
+            self._act(bool(flag.item()))
 
     def _act(self, any_rank_stopped: bool) -> None:
+        """Every rank, on the same vote: stop all with the same message, naming the shard."""
         if any_rank_stopped:
-            raise UserError(self.stop or "another rank met a bad sample and stopped the run (its message is above)")
+            import torch.distributed as dist
+
+            reasons = [None] * self.acc.num_processes
+            dist.all_gather_object(reasons, self.stop)  # once, at the end of the run
+            stopped = [rank for rank, reason in enumerate(reasons) if reason]
+            raise UserError(f"rank {stopped[0]}: {reasons[stopped[0]]}" if self.acc.num_processes > 1 else reasons[0])
 
     def report(self, stats) -> None:
         """Before the interval's reduce: this rank's counts join the statistics."""

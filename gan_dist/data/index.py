@@ -33,6 +33,7 @@ class DatasetInfo:
     sha256s: list[str] | None = None
     class_counts: list[list[int]] | None = None
     order: str = ""  # "shuffled" or "source" (prepare --order); "" when the index does not say
+    range_requests: bool = True  # False: an http(s) server that answers Range with the whole file
 
     @property
     def num_classes(self) -> int:
@@ -41,7 +42,7 @@ class DatasetInfo:
     @property
     def seekable(self) -> bool:
         """Whether a piece costs only its own bytes (local files; http with offsets)."""
-        return all(not u.startswith("pipe:") for u in self.urls) and (
+        return all(not u.startswith("pipe:") for u in self.urls) and self.range_requests and (
             self.offsets is not None or all(not u.startswith(REMOTE) for u in self.urls))
 
     def identity(self) -> dict:
@@ -62,9 +63,9 @@ def _read_index(location: str) -> dict:
             return json.loads(done.stdout)
         return json.loads(Path(location).read_text())
     except (OSError, ValueError, subprocess.SubprocessError) as err:
-        detail = getattr(err, "stderr", b"") or b""
-        raise UserError(f"data.path: cannot read {location} ({type(err).__name__}: {err} "
-                        f"{detail.decode(errors='replace').strip()[:200]})") from err
+        detail = (getattr(err, "stderr", b"") or b"").decode(errors="replace").strip()[:200]
+        raise UserError(f"data.path: cannot read {location} ({type(err).__name__}: {err}"
+                        f"{'; ' + detail if detail else ''})") from err
 
 
 def _shard_url(location: str, name: str) -> str:
@@ -82,12 +83,17 @@ def _from_index(location: str) -> DatasetInfo:
     urls = [_shard_url(location, shard["name"]) for shard in shards]
     _check_local(urls)
     has = {key: all(key in shard for shard in shards) for key in ("offsets", "sha256", "class_counts")}
-    return DatasetInfo(urls, tuple(index["shape"]), index["dtype"], index["count"], index.get("classes", []),
+    info = DatasetInfo(urls, tuple(index["shape"]), index["dtype"], index["count"], index.get("classes", []),
                        [shard["count"] for shard in shards],
                        [shard["offsets"] for shard in shards] if has["offsets"] else None,
                        [shard["sha256"] for shard in shards] if has["sha256"] else None,
                        [shard["class_counts"] for shard in shards] if has["class_counts"] else None,
                        index.get("order", ""))
+    if has["offsets"] and urls[0].startswith(("http:", "https:")):
+        from gan_dist.data.reader import supports_range
+
+        info.range_requests = supports_range(urls[0])
+    return info
 
 
 def open_dataset(path: str) -> DatasetInfo:

@@ -134,6 +134,17 @@ def _http_open(url: str, first_byte: int, end_byte: int | None):
     return response, 0 if response.status == 206 else first_byte
 
 
+def supports_range(url: str) -> bool:
+    """Whether an http(s) server answers a Range request with only that range (python -m
+    http.server, for one, sends the whole file)."""
+    try:
+        response, discard = _http_open(url, 1, 2)
+        response.close()
+    except OSError:
+        return True  # unreachable now: the reads will say so
+    return discard == 0
+
+
 def _members(url: str, piece: Piece, offsets: list[int] | None, counter: Counter):
     """(name, bytes) of the piece's tar members, plus the number of samples still to skip."""
     end = offsets[piece.stop] if offsets and piece.stop is not None else None
@@ -143,8 +154,12 @@ def _members(url: str, piece: Piece, offsets: list[int] | None, counter: Counter
         return _pipe_members(url[5:], first, None if end is None else end - first, counter), skip
     if url.startswith(("http:", "https:")):
         response, discard = _http_open(url, first, end)
-        stream = _Limited(response, None if end is None else end - first + discard, counter)
-        stream.discard(discard)
+        try:
+            stream = _Limited(response, None if end is None else end - first + discard, counter)
+            stream.discard(discard)
+        except BaseException:
+            response.close()
+            raise
         return _closing(_stream_members(stream), response), skip
     if offsets:
         raw = open(url, "rb")  # noqa: SIM115 - closed by _closing when the piece ends
@@ -161,25 +176,26 @@ def _closing(members, resource):
 
 
 def _pipe_members(command: str, discard: int, limit: int | None, counter: Counter):
-    process = subprocess.Popen(command, shell=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-    finished = False
-    try:
-        stream = _Limited(process.stdout, None if limit is None else discard + limit, counter)
-        stream.discard(discard)
-        yield from _stream_members(stream)
-        finished = limit is None
-    finally:
-        if finished:
-            returncode = process.wait()
-            stderr = process.stderr.read().decode(errors="replace").strip()
-        else:  # the piece ends before the shard does: the rest is not wanted
-            process.kill()
-            process.wait()
-            returncode, stderr = 0, ""
-        process.stdout.close()
-        process.stderr.close()
-    if returncode:
-        raise ReadFailure(f"command exited with {returncode}: {stderr.splitlines()[-1][:200] if stderr else ''}")
+    import tempfile
+
+    # stderr to a file: a command that writes much to a pipe nobody reads would block.
+    with tempfile.TemporaryFile() as errors:
+        process = subprocess.Popen(command, shell=True, stdout=subprocess.PIPE, stderr=errors)
+        finished = False
+        try:
+            stream = _Limited(process.stdout, None if limit is None else discard + limit, counter)
+            stream.discard(discard)
+            yield from _stream_members(stream)
+            finished = limit is None
+        finally:
+            if not finished:  # the piece ends before the shard does (or the reader stopped): not wanted
+                process.kill()
+            returncode = process.wait() if finished else (process.wait(), 0)[1]  # killed on purpose: no error
+            process.stdout.close()
+        if returncode:
+            errors.seek(0)
+            lines = errors.read().decode(errors="replace").strip().splitlines()
+            raise ReadFailure(f"command exited with {returncode}: {lines[-1][:200] if lines else ''}")
 
 
 def read_piece(url: str, piece: Piece, offsets: list[int] | None, shape, dtype, num_classes: int,
@@ -188,7 +204,7 @@ def read_piece(url: str, piece: Piece, offsets: list[int] | None, shape, dtype, 
     that cannot be used; `ReadFailure` once the storage fails or the piece comes up short.
     piece.stop None: to the shard's end (a dataset without counts). `select(sample index in
     the shard)` False: None in that sample's place, undecoded."""
-    delivered, last_key = 0, "(none)"
+    delivered, last_key, members = 0, "(none)", None
     wanted = None if piece.stop is None else piece.stop - piece.start
     try:
         members, skip = _members(url, piece, offsets, counter)
@@ -205,13 +221,15 @@ def read_piece(url: str, piece: Piece, offsets: list[int] | None, shape, dtype, 
             last_key = raw["__key__"]
             yield record
             if delivered == wanted:
-                members.close()
                 return
     except ReadFailure as err:
         raise ReadFailure(f"{_name(url)}: {err} after key {last_key}") from None
     except Exception as err:  # noqa: BLE001 - tarfile, socket, http and OS errors all mean the storage failed
         reason = str(err).splitlines()[0][:200] if str(err) else ""
         raise ReadFailure(f"{_name(url)}: unreadable after key {last_key} ({type(err).__name__}: {reason})") from None
+    finally:  # also when the consumer stops early: the file, socket or command goes now
+        if members is not None:
+            members.close()
     if wanted is not None and delivered < wanted:
         raise ReadFailure(f"{_name(url)}: truncated, {delivered} of the {wanted} samples wanted after key {last_key}")
 
@@ -219,3 +237,23 @@ def read_piece(url: str, piece: Piece, offsets: list[int] | None, shape, dtype, 
 def _name(url: str) -> str:
     """The shard as the user knows it (a command is shown without its options)."""
     return url.rsplit(" ", 1)[-1] if url.startswith("pipe:") else url if "://" in url else str(Path(url))
+
+
+def read_retrying(url: str, piece: Piece, offsets: list[int] | None, shape, dtype, num_classes: int,
+                  counter: Counter, select=None, retries: int = 3, backoff_s: float = 2.0):
+    """read_piece, resumed where it broke off after a doubling backoff, up to `retries` times
+    (for readers that need every sample and cannot defer, such as evaluation)."""
+    import time
+
+    delivered = 0
+    for attempt in range(retries + 1):
+        try:
+            rest = Piece(piece.shard, piece.start + delivered, piece.stop)
+            for record in read_piece(url, rest, offsets, shape, dtype, num_classes, counter, select):
+                delivered += 1
+                yield record
+            return
+        except ReadFailure:
+            if attempt == retries:
+                raise
+            time.sleep(backoff_s * 2**attempt)

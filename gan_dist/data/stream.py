@@ -11,7 +11,7 @@ A storage failure while reading a piece (reader.py) is one failure event: the re
 piece is deferred to the end of the slot's queue and tried again after a backoff, resuming
 after the last sample it delivered, so no sample is read twice. The events are recorded
 with the stream position, so a resume replays them and continues exactly. A piece that
-fails data.shard_retries + 1 times ends the stream with a fatal batch naming it; the ranks
+fails data.max_shard_retries + 1 times ends the stream with a fatal batch naming it; the ranks
 then stop together (health.py).
 
 Decoding runs in the workers; batches stay uint8 (normalisation and augmentation happen on
@@ -95,7 +95,7 @@ class StreamSpec:
     shard_counts: list[int] | None = None  # from index.json: pieces, and a short shard is noticed
     offsets: list[list[int]] | None = None
     start: dict | None = None  # resume: {"rotation": r, "workers": {worker: (epoch, position, failures)}}
-    shard_retries: int = 8
+    max_shard_retries: int = 8
     retry_backoff_s: float = 2.0
     # Where each worker appends its storage failures as they happen ([epoch, step, delivered]
     # lines): a checkpoint also records those met while reading ahead of the trainer.
@@ -131,23 +131,28 @@ class ShardStream(torch.utils.data.IterableDataset):
 
     def _numbered(self, epoch: int, worker: int, slot: int, num_slots: int, skip: int, replay: list):
         """(epoch, position after it, record) for one epoch, starting after `skip` records."""
-        records = self._epoch(epoch, worker, slot, num_slots, replay)
+        records = self._epoch(epoch, worker, slot, num_slots, replay, skip)
+        position = skip
         for position, record in enumerate(itertools.islice(records, skip, None), start=skip + 1):
             yield epoch, position, record
+        if position == 0:  # an epoch without a single record: this slot would never make a batch
+            yield epoch, 0, _Event(fatal=f"reader slot {slot} of {num_slots} got no sample in epoch {epoch}: the data "
+                                         "has fewer samples than reader slots (processes x data.num_workers)")
 
-    def _epoch(self, epoch: int, worker: int, slot: int, num_slots: int, replay: list):
+    def _epoch(self, epoch: int, worker: int, slot: int, num_slots: int, replay: list, skip: int):
         import webdataset as wds
 
         spec = self.spec
         for old in [e for e in self.failures if e < epoch]:
             del self.failures[old]
         self.failures[epoch] = list(replay)
+        protected = skip + spec.shuffle_buffer if skip else 0
         if spec.shard_counts is not None:
             pieces = slot_pieces(spec.shard_counts, spec.seed, epoch, slot, num_slots)
-            records = self._walk(pieces, epoch, dict(replay))
+            records = self._walk(pieces, epoch, dict(replay), protected)
         else:  # a shard pattern: whole shards, or every shard with every num_slots-th sample kept
             shard_ids, by_sample = unindexed_assignment(len(spec.urls), spec.seed, epoch, slot, num_slots)
-            records = self._walk([Piece(i, 0, None) for i in shard_ids], epoch, dict(replay))
+            records = self._walk([Piece(i, 0, None) for i in shard_ids], epoch, dict(replay), protected)
             if by_sample:
                 records = _every(records, slot, num_slots)
         if spec.shuffle_buffer > 1:
@@ -155,55 +160,68 @@ class ShardStream(torch.utils.data.IterableDataset):
             records = wds.shuffle(spec.shuffle_buffer, initial=spec.shuffle_buffer, seed=seed)(records)
         return records
 
-    def _walk(self, pieces: list[Piece], epoch: int, replay: dict):
+    def _walk(self, pieces: list[Piece], epoch: int, replay: dict, protected: int = 0):
         """The records of `pieces` in order; a piece whose read fails goes to the back of the
-        queue with the samples it delivered removed. `replay` ({queue step: delivered}) repeats
-        the failures a resumed epoch had, without waiting, so its records come in the same order."""
+        queue with the samples it delivered removed. A resumed epoch repeats the failures it
+        had (`replay`: {queue step: delivered}) without waiting, and retries in place any new
+        one among its first `protected` outputs (what the resume skips, plus the shuffle
+        buffer), so its records come in the order the uninterrupted run had."""
         spec = self.spec
         queue = collections.deque((piece, 0, 0.0) for piece in pieces)
-        last_replayed = max(replay, default=-1)
+        produced = 0
         for step in itertools.count():
             if not queue:
                 return
-            piece, num_failed, not_before = queue.popleft()
+            piece, num_failed, not_before_s = queue.popleft()
             if num_failed:
                 yield _Event(retries=1)
-                if step > last_replayed:
-                    time.sleep(max(0.0, not_before - time.monotonic()))
-            delivered, limit = 0, replay.get(step)
+                produced += 1
+                if step > max(replay, default=-1):
+                    time.sleep(max(0.0, not_before_s - time.monotonic()))
+            limit, in_place, delivered = replay.get(step), produced < protected, 0
             try:
-                if limit is not None:  # the read that failed before the resume, up to where it failed
-                    for record in self._replayed(piece, limit):
+                if limit is not None or in_place:
+                    for record in self._in_place(piece, limit):
+                        produced += 1
                         yield record
+                        if isinstance(record, _Event):  # fatal: the storage never came back
+                            return
+                    if limit is None:
+                        continue
                     raise ReadFailure(f"shard {piece.shard} failed here before the resume")
                 for record in self._piece(piece, None):
-                    delivered += 1
+                    delivered, produced = delivered + 1, produced + 1
                     yield _Bad(str(record)) if isinstance(record, BadSample) else record
             except ReadFailure as err:
-                delivered = limit if limit is not None else delivered
                 if limit is None:
                     self._record_failure(epoch, step, delivered)
-                if num_failed >= spec.shard_retries:
-                    yield _Event(fatal=f"{err}; it failed {num_failed + 1} times in a row, the last "
-                                       f"{_backoff(spec, num_failed):.0f} s after the one before")
+                delivered = delivered if limit is None else limit
+                if num_failed >= spec.max_shard_retries:
+                    yield _Event(fatal=f"{err}; it failed {num_failed + 1} times (deferred between tries; "
+                                       f"data.max_shard_retries={spec.max_shard_retries}, data.retry_backoff_s="
+                                       f"{spec.retry_backoff_s:g})")
                     return
                 yield _Event(failures=1, message=str(err))
+                produced += 1
                 rest = Piece(piece.shard, piece.start + delivered, piece.stop)
                 queue.append((rest, num_failed + 1, time.monotonic() + _backoff(spec, num_failed + 1)))
 
-    def _replayed(self, piece: Piece, limit: int):
-        """The first `limit` records of a piece, retried (after a backoff, without events, which
-        would shift the stream) if the storage fails again before it gets there."""
+    def _in_place(self, piece: Piece, limit: int | None):
+        """A piece's records (the first `limit`; None: all), retried where they broke off after
+        a backoff, without events (which would shift the stream), if the storage fails; a fatal
+        event last when it never comes back."""
         delivered = 0
         for attempt in itertools.count(1):
             try:
-                for record in self._piece(Piece(piece.shard, piece.start + delivered, piece.stop), limit - delivered):
+                rest = Piece(piece.shard, piece.start + delivered, piece.stop)
+                for record in self._piece(rest, None if limit is None else limit - delivered):
                     delivered += 1
                     yield _Bad(str(record)) if isinstance(record, BadSample) else record
                 return
             except ReadFailure as err:
-                if attempt > self.spec.shard_retries:  # the stream ends here (_batches stops at a fatal event)
-                    yield _Event(fatal=f"{err}; it failed {attempt} times while the resumed epoch was replayed")
+                if attempt > self.spec.max_shard_retries:
+                    yield _Event(fatal=f"{err}; it failed {attempt} times in a row while a resumed epoch was "
+                                       f"replayed (data.max_shard_retries={self.spec.max_shard_retries})")
                     return
                 time.sleep(_backoff(self.spec, attempt))
 
@@ -247,8 +265,17 @@ def stream_failures(spec: StreamSpec, worker: int, epoch: int, known: list) -> l
     events |= {tuple(map(int, e)) for e in (start[2] if len(start) > 2 else [])}
     log = Path(spec.failure_log) / f"rank{spec.rank}-worker{worker}.jsonl" if spec.failure_log else None
     if log is not None and log.is_file():
-        events |= {tuple(json.loads(line)) for line in log.read_text().splitlines() if line.strip()}
+        events |= {tuple(event) for event in map(_event, log.read_text().splitlines()) if event}
     return [list(e) for e in sorted(events) if e[0] >= epoch]
+
+
+def _event(line: str) -> list[int] | None:
+    """One failure-log line; None for a line a worker is still writing."""
+    try:
+        event = json.loads(line)
+    except ValueError:
+        return None
+    return event if isinstance(event, list) and len(event) == 3 else None
 
 
 def _backoff(spec: StreamSpec, num_failed: int) -> float:
@@ -312,11 +339,15 @@ def _as_is(batch):
 def make_loader(info: DatasetInfo, batch_per_device: int, seed: int, rank: int, num_workers: int,
                 shuffle_buffer: int, cache_mb: float = 0, pin_memory: bool = False, world_size: int = 1,
                 conditional: bool = False, num_epochs: int = 0, start: dict | None = None,
-                shard_retries: int = 8, retry_backoff_s: float = 2.0, failure_log: str = ""):
+                max_shard_retries: int = 8, retry_backoff_s: float = 2.0, failure_log: str = ""):
     """This rank's DataLoader of `Batch`es: endless (num_epochs=0), or a finite pass of `num_epochs`."""
+    num_slots = world_size * max(1, num_workers)
+    if info.shard_counts is not None and info.count < num_slots:  # an empty slot would never yield a batch
+        raise UserError(f"the dataset has {info.count} samples, fewer than the {num_slots} reader slots "
+                        f"({world_size} processes x {max(1, num_workers)} data.num_workers): lower data.num_workers")
     spec = StreamSpec(info.urls, info.shape, info.dtype, info.num_classes if conditional else 0,
                       batch_per_device, seed, rank, world_size, shuffle_buffer, int(cache_mb * 2**20), num_epochs,
-                      info.shard_counts, info.offsets, start, shard_retries, retry_backoff_s, failure_log)
+                      info.shard_counts, info.offsets, start, max_shard_retries, retry_backoff_s, failure_log)
     loader = torch.utils.data.DataLoader(
         ShardStream(spec), batch_size=None, collate_fn=_as_is, num_workers=num_workers,
         generator=torch.Generator().manual_seed(derive_seed(seed, rank, LOADER)),

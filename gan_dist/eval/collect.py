@@ -19,13 +19,14 @@ import torch
 
 from gan_dist.data.index import DatasetInfo
 from gan_dist.data.plan import Piece
-from gan_dist.data.reader import Counter, read_piece
+from gan_dist.data.reader import Counter, ReadFailure, read_retrying
 from gan_dist.errors import UserError
 from gan_dist.seeds import derive_seed
 from gan_dist.visual import to_uint8
 
 Extract = Callable[[torch.Tensor], dict[str, torch.Tensor]]
 REFERENCE_PURPOSE = 11  # seed purpose of a random reference subset
+GATHER_ROWS = 4096  # rows per rank per gather call: 4096 x 2048 Inception features = 32 MiB
 
 
 class Selection(NamedTuple):
@@ -53,6 +54,32 @@ def reference_selection(info: DatasetInfo, num: int, seed: int) -> Selection:
     return Selection(f"random {num} of {count}, seed {seed}", count, mask)
 
 
+class Rows:
+    """Per-sample outputs gathered into buffers allocated once, at the first batch, for every
+    row expected. Appending small tensors between large per-batch temporaries fragments the
+    heap instead: building a 50k reference then kept about 570 MiB more resident than one
+    batch (bench/reference_memory.py), though only 10 MiB of features were alive."""
+
+    def __init__(self, expected: int):
+        self.expected, self.filled = expected, 0
+        self.buffers: dict[str, torch.Tensor] = {}
+
+    def add(self, out: dict[str, torch.Tensor]) -> None:
+        count = len(next(iter(out.values())))
+        if not self.buffers:
+            self.buffers = {k: torch.empty((self.expected, *v.shape[1:]), dtype=v.dtype) for k, v in out.items()}
+        for name, value in out.items():
+            self.buffers[name][self.filled:self.filled + count] = value
+        self.filled += count
+
+    def outputs(self) -> tuple[list[torch.Tensor], list[dict[str, torch.Tensor]]]:
+        """(keys, outputs) as gather_ordered takes them: nothing when no row came."""
+        if not self.filled:
+            return [], []
+        rows = {name: buffer[:self.filled] for name, buffer in self.buffers.items()}
+        return [rows.pop("key")], [rows]
+
+
 def dataset_key(info: DatasetInfo, selection: Selection | None = None) -> str:
     """Names a dataset's content (its shards' sha256s) and a selection of it, for caches."""
     import hashlib
@@ -71,8 +98,9 @@ def generated(G, latent_dim: int, num_classes: int, num: int, batch: int, seed: 
     """Features of `num` samples of G (the raw samples if `extract` is None), on rank 0.
 
     Images are quantised to uint8 first, as stored data is; 2-D points are passed as they are."""
-    keys, outputs = [], []
-    for chunk in range(rank, -(-num // batch), world_size):
+    chunks = range(rank, -(-num // batch), world_size)
+    rows = Rows(sum(min(batch, num - chunk * batch) for chunk in chunks))
+    for chunk in chunks:
         first = chunk * batch
         size = min(batch, num - first)
         z = chunk_latents(chunk, size, latent_dim, seed).to(device)
@@ -81,8 +109,8 @@ def generated(G, latent_dim: int, num_classes: int, num: int, batch: int, seed: 
         if samples.dim() == 4:
             samples = to_uint8(samples)
         out = extract(samples) if extract else {"samples": samples.float()}
-        outputs.append({k: v.cpu() for k, v in out.items()})
-        keys.append(torch.arange(first, first + size))
+        rows.add({**{k: v.cpu() for k, v in out.items()}, "key": torch.arange(first, first + size)})
+    keys, outputs = rows.outputs()
     template = None
     if not outputs:  # more ranks than chunks: this one only learns the output widths
         probe = G(chunk_latents(0, 1, latent_dim, seed).to(device),
@@ -111,8 +139,8 @@ def _selected_batches(info: DatasetInfo, selection: Selection, batch: int, rank:
         offset = first - piece.start
         select = None if selection.mask is None else (lambda i, o=offset: bool(selection.mask[i + o]))
         offsets = info.offsets[piece.shard] if info.offsets else None
-        records = read_piece(info.urls[piece.shard], piece, offsets, info.shape, info.dtype, info.num_classes,
-                             Counter(), select)
+        records = read_retrying(info.urls[piece.shard], piece, offsets, info.shape, info.dtype, info.num_classes,
+                                Counter(), select)
         for index, record in enumerate(records, start=first):
             if record is None or isinstance(record, Exception):  # not selected, or a bad sample (skipped)
                 continue
@@ -131,16 +159,44 @@ def real(info: DatasetInfo, selection: Selection, batch: int, rank: int, world_s
          extract: Extract | None) -> dict[str, torch.Tensor]:
     """Features of the selected real samples on rank 0 (the uint8 samples if `extract` is None),
     with their labels and dataset indices; {} on the other ranks."""
-    keys, outputs = [], []
-    for indices, samples, labels in _selected_batches(info, selection, batch, rank, world_size):
-        images = torch.from_numpy(samples).to(device)
-        out = extract(images) if extract else {"samples": images}
-        out = {k: v.cpu() for k, v in out.items()}  # device memory holds one batch
-        out["labels"] = torch.tensor(labels, dtype=torch.int64)
-        out["index"] = torch.tensor(indices, dtype=torch.int64)
-        outputs.append(out)
-        keys.append(torch.tensor(indices, dtype=torch.int64))
+    rows, failure = Rows(_num_selected(info, selection, rank, world_size)), ""
+    try:
+        for indices, samples, labels in _selected_batches(info, selection, batch, rank, world_size):
+            images = torch.from_numpy(samples).to(device)
+            out = extract(images) if extract else {"samples": images}
+            index = torch.tensor(indices, dtype=torch.int64)
+            rows.add({**{k: v.cpu() for k, v in out.items()},  # device memory holds one batch
+                      "labels": torch.tensor(labels, dtype=torch.int64), "index": index, "key": index})
+    except ReadFailure as err:  # retried already; the other ranks must not wait in the gather
+        failure = str(err)
+    _stop_together(failure, device)
+    keys, outputs = rows.outputs()
     return gather_ordered(keys, outputs, device, template=_template(info, extract, device))
+
+
+def _num_selected(info: DatasetInfo, selection: Selection, rank: int, world_size: int) -> int:
+    """This rank's selected samples (an upper bound: bad ones are skipped when read)."""
+    ranges = [(first, first + piece.size) for first, piece in rank_pieces(info, selection.end, rank, world_size)]
+    if selection.mask is None:
+        return sum(high - low for low, high in ranges)
+    return int(sum(selection.mask[low:high].sum() for low, high in ranges))
+
+
+def _stop_together(failure: str, device) -> None:
+    """Every rank: raise the same UserError when any rank could not read its share."""
+    import torch.distributed as dist
+
+    reasons = [failure]
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        flag = torch.tensor([float(bool(failure))], device=device)
+        dist.all_reduce(flag)
+        if flag.item():
+            reasons = [None] * dist.get_world_size()
+            dist.all_gather_object(reasons, failure)
+    failed = next((r for r in reasons if r), "")
+    if failed:
+        raise UserError(f"evaluation: cannot read the real samples: {failed}; check the shards "
+                        "(gan-dist prepare --verify DIR) and the storage")
 
 
 def _template(info: DatasetInfo, extract: Extract | None, device) -> dict[str, torch.Tensor]:
@@ -172,11 +228,20 @@ def gather_ordered(keys: list[torch.Tensor], outputs: list[dict[str, torch.Tenso
     counts = [int(c.item()) for c in counts]
 
     def gathered(tensor: torch.Tensor) -> torch.Tensor | None:
-        padded = torch.zeros((max(counts), *tensor.shape[1:]), dtype=tensor.dtype, device=device)
-        padded[:len(tensor)] = tensor.to(device)
-        parts = [torch.empty_like(padded) for _ in counts] if rank == 0 else None
-        dist.gather(padded, parts, dst=0)
-        return torch.cat([p[:c].cpu() for p, c in zip(parts, counts, strict=True)]) if rank == 0 else None
+        """Rank 0 receives GATHER_ROWS rows per rank at a time, straight to the CPU: its device
+        holds world_size x GATHER_ROWS rows, never the whole reference."""
+        pieces: list[list[torch.Tensor]] = [[] for _ in counts]
+        for first in range(0, max(counts), GATHER_ROWS):
+            chunk = torch.zeros((GATHER_ROWS, *tensor.shape[1:]), dtype=tensor.dtype, device=device)
+            mine = tensor[first:first + GATHER_ROWS]
+            chunk[:len(mine)] = mine.to(device)
+            parts = [torch.empty_like(chunk) for _ in counts] if rank == 0 else None
+            dist.gather(chunk, parts, dst=0)
+            for r, part in enumerate(parts or []):
+                pieces[r].append(part[:max(0, min(GATHER_ROWS, counts[r] - first))].cpu())
+        if rank != 0:
+            return None
+        return torch.cat([torch.cat(p) for p in pieces if p]) if any(pieces) else tensor[:0].cpu()
 
     all_keys = gathered(local_keys)
     values = {name: gathered(value) for name, value in local.items()}

@@ -61,8 +61,8 @@ def evaluate(target: Target, opts: EvalOptions, accelerator, extractors: dict | 
 
 def _modes2d(target: Target, opts: EvalOptions, ctx) -> dict:
     if target.dataset_name not in MIXTURES or target.data.shape != (2,):
-        raise UserError(f"modes2d scores the 2-D mixtures ({', '.join(MIXTURES)}); this run trained on "
-                        f"{target.dataset_name or 'other data'} of shape {list(target.data.shape)}")
+        raise UserError(f"modes2d scores the 2-D mixtures ({', '.join(MIXTURES)}); this run's data has samples "
+                        f"of shape {list(target.data.shape)}")
     points = collect.generated(target.G, target.latent_dim, 0, MODES2D_SAMPLES, opts.batch, opts.seed, *ctx, None)
     result = _on_rank0(ctx, lambda: mode_coverage(points["samples"].cpu().numpy(), target.dataset_name))
     return {**result, "tool": "gan_dist modes2d (PacGAN protocol: HQ within 3 std)", "reference": target.dataset_name}

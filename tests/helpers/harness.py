@@ -69,7 +69,7 @@ CASES = {
     # A corrupt sample (in OUT/bad-digits, written by the test) under data.on_error=raise.
     "bad-data-raise": ["data.on_error=raise", "train.max_steps=40"],
     # Rank 1 cannot read any shard (its node lost the storage): its stream gives up at once.
-    "fatal-data-raise": ["data.on_error=raise", "train.max_steps=20", "data.shard_retries=1",
+    "fatal-data-raise": ["data.on_error=raise", "train.max_steps=20", "data.max_shard_retries=1",
                          "data.retry_backoff_s=0"],
     # torch.compile of G and D under DDP against the same run eager (R1 stays eager in both).
     "compile-r1": [*COMPILE, "train.compile=true"],
@@ -84,7 +84,7 @@ CASES = {
     "http-flaky": ["data.num_workers=2", "data.shuffle_buffer=16", "data.retry_backoff_s=0.05",
                    "train.total_kimg=5", "train.max_steps=130", "log.every_steps=10"],
     # Shard 2 is cut off on every request, under data.on_error=skip: both ranks stop together.
-    "http-lost": ["data.num_workers=2", "data.retry_backoff_s=0.05", "data.shard_retries=2", "train.total_kimg=7",
+    "http-lost": ["data.num_workers=2", "data.retry_backoff_s=0.05", "data.max_shard_retries=2", "train.total_kimg=7",
                   "train.max_steps=200",
                   "log.every_steps=5"],
 }
