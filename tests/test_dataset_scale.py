@@ -126,3 +126,13 @@ def test_more_reader_slots_than_samples_is_refused_by_name(tmp_path):
     data = write_shards(digits(), tmp_path / "five", limit=5)
     with pytest.raises(UserError, match="5 samples, fewer than the 8 reader slots .*lower data.num_workers"):
         make_loader(open_dataset(str(data)), 1, 0, 0, 4, 1, world_size=2)
+
+
+def test_streams_that_cannot_seek_warn_with_their_read_factor(digits_dir):
+    from gan_dist.run import data_warnings
+
+    assert data_warnings(open_dataset(str(digits_dir)), 32) == []  # local: one seek per piece
+    piped = data_warnings(open_dataset(f"pipe:cat {digits_dir}/index.json"), 32)
+    assert len(piped) == 1 and "cannot seek" in piped[0] and "32 reader slots" in piped[0]
+    pattern = data_warnings(open_dataset(str(digits_dir / "shard-{000000..000007}.tar")), 32)
+    assert len(pattern) == 1 and "reads 32.0x its bytes" in pattern[0] and "every shard" in pattern[0]
