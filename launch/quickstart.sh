@@ -10,5 +10,5 @@ if [ ! -f data/digits/index.json ]; then
 fi
 .venv/bin/python train.py --config configs/default.yaml run.overwrite=true "$@"
 echo
-echo "Are the digits recognisable? (a classifier fitted on the real digits labels 256 samples)"
+echo "Are the digits recognisable? (a classifier fitted on the real digits labels 4,096 samples)"
 .venv/bin/python bench/digits_quality.py --run runs/default || true
