@@ -118,6 +118,8 @@ def main() -> int:
     args = parser.parse_args()
     if args.source == "mnist" and not args.mnist_root:
         parser.error("mnist needs --mnist-root DIR (torchvision's files under DIR/MNIST/raw)")
+    if args.source == "mnist" and not (Path(args.mnist_root) / "MNIST" / "raw").is_dir():
+        parser.error(f"--mnist-root {args.mnist_root}: no MNIST/raw folder in it; pass the folder that holds MNIST/")
     run_kimg = args.kimg or SETS[args.source][3]
     root = args.root / args.source
     folder = root / "folder"
