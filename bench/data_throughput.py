@@ -1,14 +1,19 @@
 """How fast does the shard reader deliver, and how fast does training consume?
 
-Part 1 writes synthetic RGB datasets (smooth random images, 32x32 and 64x64, npy and png)
-and times `make_loader` alone (no cache, batch 64) with 0, 1 and 2 DataLoader workers.
-Part 2 runs short trainings and reads the trainer's own img/s and data-wait fraction from
-metrics.jsonl: configs/default.yaml, the DCGAN-32 config (configs/dcgan_mnist32.yaml on
-MNIST when --mnist-root has it, else the digits at 32 px), and a DCGAN at 64 px.
+Part 1 writes synthetic 64x64 RGB uint8 datasets (smooth random images; per-sample npy, png
+and jpg) and times what the training process receives from `make_loader`: batches of 256,
+the default shuffle buffer, no decoded-sample cache, warm page cache (one untimed pass
+first), 0, 1 and 2 DataLoader workers, the median of 3 runs, each run a fresh loader in a
+fresh process. `--before REV` times the same datasets with the loader of git revision REV
+(a temporary worktree) beside the current one.
+Part 2 (skipped with --reader-only) runs short trainings and reads the trainer's own img/s
+and data-wait fraction from metrics.jsonl: configs/default.yaml, the DCGAN-32 config
+(configs/dcgan_mnist32.yaml on MNIST when --mnist-root has it, else the digits at 32 px),
+and a DCGAN at 64 px.
 
-    python bench/data_throughput.py [--mnist-root ../shared/data] [--images 4096]
+    python bench/data_throughput.py [--before REV] [--reader-only] [--images 8192] [--mnist-root ../shared/data]
 
-Prints one markdown table (paste it into docs/benchmarks.md with the date and machine).
+Prints markdown tables (paste them into docs/benchmarks.md with the date and machine).
 """
 
 from __future__ import annotations
@@ -16,20 +21,36 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import statistics
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from gan_dist.data.prepare import write_shards
-from gan_dist.data.sources import ArraySource
-from gan_dist.data.stream import make_loader, open_dataset
-
 ROOT = Path(__file__).resolve().parents[1]
+BATCH = 256
+FORMATS = ("npy", "png", "jpg")
+WORKERS = (0, 1, 2)
+
+# One timed run: a fresh loader of the given code, warm-up batches, then img/s over the rest.
+CHILD = r"""
+import json, sys, time
+from gan_dist.config import DataConfig
+from gan_dist.data import stream
+assert stream.__file__.startswith(sys.argv[4]), stream.__file__
+path, num_workers, num_batches = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+info = stream.open_dataset(path)
+loader = iter(stream.make_loader(info, 256, 0, 0, num_workers, shuffle_buffer=DataConfig().shuffle_buffer, cache_mb=0))
+for _ in range(3):
+    next(loader)
+start = time.perf_counter()
+for _ in range(num_batches):
+    next(loader)
+print(json.dumps({"img_per_s": num_batches * 256 / (time.perf_counter() - start)}))
+"""
 
 
 def smooth_images(count: int, resolution: int, seed: int = 0) -> np.ndarray:
@@ -41,15 +62,74 @@ def smooth_images(count: int, resolution: int, seed: int = 0) -> np.ndarray:
     return (fine.clamp(0, 1) * 255).round().to(torch.uint8).numpy()
 
 
-def reader_rate(path: Path, num_workers: int, num_batches: int = 60, warmup: int = 5) -> float:
-    info = open_dataset(str(path))
-    loader = iter(make_loader(info, 64, 0, 0, num_workers, shuffle_buffer=1000, cache_mb=0))
-    for _ in range(warmup):
-        next(loader)
-    start = time.perf_counter()
-    for _ in range(num_batches):
-        next(loader)
-    return num_batches * 64 / (time.perf_counter() - start)
+def datasets(work: Path, count: int) -> dict[str, Path]:
+    """The per-sample datasets every revision can read, written by the current code."""
+    from gan_dist.data.prepare import write_shards
+    from gan_dist.data.sources import ArraySource
+
+    source = ArraySource(smooth_images(count, 64), np.zeros(count, np.int64), [], "smooth 64px")
+    return {fmt: write_shards(source, work / f"64-{fmt}", fmt=fmt) for fmt in FORMATS}
+
+
+def loader_rate(code: Path, dataset: Path, num_workers: int, num_batches: int) -> float:
+    env = {**os.environ, "PYTHONPATH": str(code)}
+    # Run from the code's root: `python -c` puts the working directory first on sys.path.
+    result = subprocess.run([sys.executable, "-c", CHILD, str(dataset.resolve()), str(num_workers), str(num_batches),
+                             str(code)], env=env, cwd=code, capture_output=True, text=True, check=False)
+    if result.returncode:
+        sys.exit(f"timing {code} on {dataset} failed:\n{result.stderr[-2000:]}")
+    return json.loads(result.stdout.strip().splitlines()[-1])["img_per_s"]
+
+
+def reader_rows(work: Path, count: int, codes: dict[str, Path]) -> list[tuple]:
+    num_batches = max(4, count // BATCH - 4)
+    rows = []
+    for fmt, path in datasets(work, count).items():
+        size_mib = sum(f.stat().st_size for f in path.glob("*.tar")) / 2**20
+        loader_rate(ROOT, path, 0, num_batches)  # untimed: warms the page cache
+        for num_workers in WORKERS:
+            rates = {name: statistics.median(loader_rate(code, path, num_workers, num_batches) for _ in range(3))
+                     for name, code in codes.items()}
+            rows.append((f"64x64 RGB {fmt}, per sample ({size_mib:.0f} MiB)", num_workers, rates))
+    return rows
+
+
+def print_reader(rows: list[tuple], names: list[str]) -> None:
+    ratio = " | after / before" if len(names) == 2 else ""
+    print(f"| data | workers | {' | '.join(f'{n} img/s' for n in names)}{ratio} |")
+    print("|---|---|" + "---|" * (len(names) + (1 if ratio else 0)))
+    for what, num_workers, rates in rows:
+        cells = " | ".join(f"{rates[n]:,.0f}" for n in names)
+        extra = f" | {rates[names[1]] / rates[names[0]]:.2f}x" if ratio else ""
+        print(f"| {what} | {num_workers} | {cells}{extra} |")
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--images", type=int, default=8192, help="synthetic images per reader dataset")
+    parser.add_argument("--before", default="", help="also time the loader of this git revision")
+    parser.add_argument("--reader-only", action="store_true", help="skip the training rows")
+    parser.add_argument("--mnist-root", default="../shared/data", help="torchvision root holding MNIST/raw")
+    args = parser.parse_args()
+    with tempfile.TemporaryDirectory() as tmp:
+        work = Path(tmp)
+        codes = {"current": ROOT}
+        if args.before:
+            before = work / "before"
+            subprocess.run(["git", "-C", str(ROOT), "worktree", "add", "--detach", str(before), args.before],
+                           check=True, capture_output=True)
+            codes = {f"before ({args.before})": before, "after": ROOT}
+        try:
+            rows = reader_rows(work, args.images, codes)
+        finally:
+            if args.before:
+                subprocess.run(["git", "-C", str(ROOT), "worktree", "remove", "--force", str(before)], check=False)
+        print_reader(rows, list(codes))
+        if not args.reader_only:
+            print("\n| what | setting | img/s | data wait |\n|---|---|---|---|")
+            for what, setting, rate, wait in training_rows(work, args.mnist_root):
+                print(f"| {what} | {setting} | {rate:,.0f} | {wait:.1%} |")
+    return 0
 
 
 def train_rate(workdir: Path, config: str, *overrides: str) -> tuple[float, float]:
@@ -62,30 +142,6 @@ def train_rate(workdir: Path, config: str, *overrides: str) -> tuple[float, floa
     timed = records[1:-1] or records
     return (float(np.mean([r["Speed/img_per_s"] for r in timed])),
             float(np.mean([r["Speed/data_wait_fraction"] for r in timed])))
-
-
-def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--images", type=int, default=4096, help="synthetic images per reader dataset")
-    parser.add_argument("--mnist-root", default="../shared/data", help="torchvision root holding MNIST/raw")
-    args = parser.parse_args()
-    rows = []
-    with tempfile.TemporaryDirectory() as tmp:
-        work = Path(tmp)
-        for resolution in (32, 64):
-            images = smooth_images(args.images, resolution)
-            source = ArraySource(images, np.zeros(len(images), np.int64), [], f"smooth {resolution}px")
-            for fmt in ("npy", "png"):
-                path = write_shards(source, work / f"{resolution}-{fmt}", fmt=fmt)
-                size_mb = sum(f.stat().st_size for f in path.glob("*.tar")) / 2**20
-                for workers in (0, 1, 2):
-                    rows.append((f"reader, {resolution}x{resolution} RGB {fmt} ({size_mb:.1f} MiB)",
-                                 f"{workers} workers", reader_rate(path, workers), None))
-        rows += training_rows(work, args.mnist_root)
-    print("| what | setting | img/s | data wait |\n|---|---|---|---|")
-    for what, setting, rate, wait in rows:
-        print(f"| {what} | {setting} | {rate:,.0f} | {'' if wait is None else f'{wait:.1%}'} |")
-    return 0
 
 
 def training_rows(work: Path, mnist_root: str) -> list[tuple]:

@@ -12,8 +12,10 @@ the whole process group, and a worker that died first would take the checkpoint 
 
 from __future__ import annotations
 
+import atexit
 import signal
 import threading
+import weakref
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -66,6 +68,28 @@ def ignore_stop_signals(_worker_id: int) -> None:
     """DataLoader worker_init_fn."""
     for sig in STOP_SIGNALS:
         signal.signal(sig, signal.SIG_IGN)
+
+
+_LIVE_WORKER_ITERATORS: weakref.WeakSet = weakref.WeakSet()
+
+
+def shut_down_at_exit(iterator) -> None:
+    """Stop this DataLoader iterator's workers when the interpreter exits.
+
+    Python's exit ends daemonic children with SIGTERM, then joins them; workers that ignore
+    SIGTERM (above) would make that join wait for ever while the iterator is still referenced
+    (a global in a script). This hook runs first (atexit is last-in, first-out, and
+    multiprocessing registered its own at import) and asks the workers to stop the way the
+    iterator's own __del__ does."""
+    if not _LIVE_WORKER_ITERATORS:
+        atexit.unregister(_shut_down_live_iterators)
+        atexit.register(_shut_down_live_iterators)
+    _LIVE_WORKER_ITERATORS.add(iterator)
+
+
+def _shut_down_live_iterators() -> None:
+    for iterator in list(_LIVE_WORKER_ITERATORS):
+        iterator._shutdown_workers()  # torch's own shutdown path (also called by its __del__)
 
 
 def write_requeue_marker(run_dir: Path, signal_name: str, step: int, checkpoint: Path) -> None:

@@ -240,3 +240,18 @@ def test_a_failure_while_a_resume_skips_forward_does_not_shift_the_stream(digits
     first_piece = stream.slot_pieces(info.shard_counts, 0, 0, 0, 2)[0]
     failing.add((first_piece.shard, first_piece.start))  # fails inside what the resume skips
     assert records(100) == uninterrupted[100:300] and not failing
+
+
+def test_a_script_that_exits_with_its_loader_alive_does_not_hang(digits_dir):
+    """Workers ignore SIGTERM (a SLURM stop must reach the main process first), and Python's
+    exit terminates daemonic children with SIGTERM before joining them: a script holding a
+    live worker iterator in a global used to hang at exit for ever."""
+    script = ("import sys\nfrom gan_dist.data.stream import make_loader, open_dataset\n"
+              f"loader = iter(make_loader(open_dataset({str(digits_dir)!r}), 16, 0, 0, 1, 50))\n"
+              "next(loader)\nprint('took a batch', flush=True)\n")
+    try:
+        result = subprocess.run([sys.executable, "-c", script], check=False, capture_output=True, text=True,
+                                timeout=60)
+    except subprocess.TimeoutExpired as hang:
+        pytest.fail(f"the script did not exit: {hang.stdout!r}")
+    assert result.returncode == 0 and "took a batch" in result.stdout, result.stderr[-2000:]

@@ -38,7 +38,7 @@ from gan_dist.data.plan import Piece, slot_pieces, unindexed_assignment
 from gan_dist.data.reader import Counter, ReadFailure, read_piece
 from gan_dist.data.samples import BadSample
 from gan_dist.errors import UserError
-from gan_dist.preempt import ignore_stop_signals
+from gan_dist.preempt import ignore_stop_signals, shut_down_at_exit
 from gan_dist.seeds import derive_seed
 
 SAMPLE_ORDER, LOADER = 1, 2  # seed purposes (plan.py's shard order is 0)
@@ -336,6 +336,14 @@ def _as_is(batch):
     return batch
 
 
+class _Loader(torch.utils.data.DataLoader):
+    def _get_iterator(self):
+        iterator = super()._get_iterator()
+        if self.num_workers > 0:  # its workers ignore SIGTERM: see shut_down_at_exit
+            shut_down_at_exit(iterator)
+        return iterator
+
+
 def make_loader(info: DatasetInfo, batch_per_device: int, seed: int, rank: int, num_workers: int,
                 shuffle_buffer: int, cache_mb: float = 0, pin_memory: bool = False, world_size: int = 1,
                 conditional: bool = False, num_epochs: int = 0, start: dict | None = None,
@@ -348,7 +356,7 @@ def make_loader(info: DatasetInfo, batch_per_device: int, seed: int, rank: int, 
     spec = StreamSpec(info.urls, info.shape, info.dtype, info.num_classes if conditional else 0,
                       batch_per_device, seed, rank, world_size, shuffle_buffer, int(cache_mb * 2**20), num_epochs,
                       info.shard_counts, info.offsets, start, max_shard_retries, retry_backoff_s, failure_log)
-    loader = torch.utils.data.DataLoader(
+    loader = _Loader(
         ShardStream(spec), batch_size=None, collate_fn=_as_is, num_workers=num_workers,
         generator=torch.Generator().manual_seed(derive_seed(seed, rank, LOADER)),
         persistent_workers=num_workers > 0 and num_epochs == 0, pin_memory=pin_memory,
