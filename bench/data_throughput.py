@@ -2,9 +2,10 @@
 
 Part 1 writes synthetic 64x64 RGB uint8 datasets (smooth random images; per-sample npy, png
 and jpg) and times what the training process receives from `make_loader`: batches of 256,
-the default shuffle buffer, no decoded-sample cache, warm page cache (one untimed pass
+the default shuffle buffer, no decoded-sample cache, warm page cache (one untimed run
 first), 0, 1 and 2 DataLoader workers, the median of 3 runs, each run a fresh loader in a
-fresh process. `--before REV` times the same datasets with the loader of git revision REV
+fresh process, 60 batches timed after 30 (the workers' prefetched batches would flatter
+them). `--before REV` times the same datasets with the loader of git revision REV
 (a temporary worktree) beside the current one.
 Part 2 (skipped with --reader-only) runs short trainings and reads the trainer's own img/s
 and data-wait fraction from metrics.jsonl: configs/default.yaml, the DCGAN-32 config
@@ -44,7 +45,7 @@ assert stream.__file__.startswith(sys.argv[4]), stream.__file__
 path, num_workers, num_batches = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
 info = stream.open_dataset(path)
 loader = iter(stream.make_loader(info, 256, 0, 0, num_workers, shuffle_buffer=DataConfig().shuffle_buffer, cache_mb=0))
-for _ in range(3):
+for _ in range(30):  # past the workers' prefetched batches: time the steady state only
     next(loader)
 start = time.perf_counter()
 for _ in range(num_batches):
@@ -82,11 +83,11 @@ def loader_rate(code: Path, dataset: Path, num_workers: int, num_batches: int) -
 
 
 def reader_rows(work: Path, count: int, codes: dict[str, Path]) -> list[tuple]:
-    num_batches = max(4, count // BATCH - 4)
+    num_batches = 60
     rows = []
     for fmt, path in datasets(work, count).items():
         size_mib = sum(f.stat().st_size for f in path.glob("*.tar")) / 2**20
-        loader_rate(ROOT, path, 0, num_batches)  # untimed: warms the page cache
+        loader_rate(ROOT, path, 0, 4)  # untimed: warms the page cache
         for num_workers in WORKERS:
             rates = {name: statistics.median(loader_rate(code, path, num_workers, num_batches) for _ in range(3))
                      for name, code in codes.items()}
