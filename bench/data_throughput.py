@@ -1,12 +1,13 @@
 """How fast does the shard reader deliver, and how fast does training consume?
 
-Part 1 writes synthetic 64x64 RGB uint8 datasets (smooth random images; per-sample npy, png
-and jpg) and times what the training process receives from `make_loader`: batches of 256,
-the default shuffle buffer, no decoded-sample cache, warm page cache (one untimed run
-first), 0, 1 and 2 DataLoader workers, the median of 3 runs, each run a fresh loader in a
-fresh process, 60 batches timed after 30 (the workers' prefetched batches would flatter
-them). `--before REV` times the same datasets with the loader of git revision REV
-(a temporary worktree) beside the current one.
+Part 1 writes synthetic 64x64 RGB uint8 datasets (smooth random images; npy per sample,
+npy in chunks (prepare's default), png and jpg) and times what the training process receives
+from `make_loader`: batches of 256, the default shuffle buffer, warm page cache (one untimed
+run first), 0, 1 and 2 DataLoader workers streaming, and resident in host memory (no
+workers), the median of 3 runs, each run a fresh loader in a fresh process, timed after 30
+batches (the workers' prefetched batches would flatter them) over at least 60 batches and
+2 s. `--before REV` times the same datasets with the loader of git revision REV (a temporary
+worktree) beside the current one; a revision without chunks or resident mode gets "-" there.
 Part 2 (skipped with --reader-only) runs short trainings and reads the trainer's own img/s
 and data-wait fraction from metrics.jsonl: configs/default.yaml, the DCGAN-32 config
 (configs/dcgan_mnist32.yaml on MNIST when --mnist-root has it, else the digits at 32 px),
@@ -33,24 +34,29 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 BATCH = 256
-FORMATS = ("npy", "png", "jpg")
-WORKERS = (0, 1, 2)
+# (row, prepare format, chunk, read mode, worker counts); chunk 0 is prepare's default.
+LAYOUTS = (("npy, per sample", "npy", 1, "off", (0, 1, 2)), ("npy, chunked", "npy", 0, "off", (0, 1, 2)),
+           ("png, per sample", "png", 0, "off", (0, 1, 2)), ("jpg, per sample", "jpg", 0, "off", (0, 1, 2)),
+           ("npy, chunked, resident in host memory", "npy", 0, "host", (0,)))
 
 # One timed run: a fresh loader of the given code, warm-up batches, then img/s over the rest.
 CHILD = r"""
-import json, sys, time
+import inspect, json, sys, time
 from gan_dist.config import DataConfig
 from gan_dist.data import stream
 assert stream.__file__.startswith(sys.argv[4]), stream.__file__
-path, num_workers, num_batches = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+path, num_workers, min_batches, mode = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), sys.argv[5]
 info = stream.open_dataset(path)
-loader = iter(stream.make_loader(info, 256, 0, 0, num_workers, shuffle_buffer=DataConfig().shuffle_buffer, cache_mb=0))
-for _ in range(30):  # past the workers' prefetched batches: time the steady state only
+options = inspect.signature(stream.make_loader).parameters
+extra = {"cache_mb": 0} if "cache_mb" in options else {"resident": mode}  # before resident mode: no cache
+loader = iter(stream.make_loader(info, 256, 0, 0, num_workers, shuffle_buffer=DataConfig().shuffle_buffer, **extra))
+for _ in range(30):  # past the workers' prefetched batches (and the resident load): the steady state only
     next(loader)
-start = time.perf_counter()
-for _ in range(num_batches):
+start, count = time.perf_counter(), 0
+while count < min_batches or time.perf_counter() - start < 2.0:
     next(loader)
-print(json.dumps({"img_per_s": num_batches * 256 / (time.perf_counter() - start)}))
+    count += 1
+print(json.dumps({"img_per_s": count * 256 / (time.perf_counter() - start)}))
 """
 
 
@@ -63,35 +69,46 @@ def smooth_images(count: int, resolution: int, seed: int = 0) -> np.ndarray:
     return (fine.clamp(0, 1) * 255).round().to(torch.uint8).numpy()
 
 
-def datasets(work: Path, count: int) -> dict[str, Path]:
-    """The per-sample datasets every revision can read, written by the current code."""
+def dataset(work: Path, count: int, fmt: str, chunk: int) -> Path:
+    """A synthetic 64 px dataset written by the current code (every revision reads the per-sample ones)."""
     from gan_dist.data.prepare import write_shards
     from gan_dist.data.sources import ArraySource
 
-    source = ArraySource(smooth_images(count, 64), np.zeros(count, np.int64), [], "smooth 64px")
-    return {fmt: write_shards(source, work / f"64-{fmt}", fmt=fmt) for fmt in FORMATS}
+    out = work / f"64-{fmt}-chunk{chunk}"
+    if not out.exists():
+        source = ArraySource(smooth_images(count, 64), np.zeros(count, np.int64), [], "smooth 64px")
+        write_shards(source, out, fmt=fmt, chunk=chunk)
+    return out
 
 
-def loader_rate(code: Path, dataset: Path, num_workers: int, num_batches: int) -> float:
+def loader_rate(code: Path, dataset: Path, num_workers: int, mode: str) -> float | None:
+    """img/s, or None where this revision cannot read the layout or has no such mode."""
+    chunked = json.loads((dataset / "index.json").read_text()).get("chunk_size", 1) > 1
+    if (chunked or mode != "off") and not (code / "gan_dist" / "data" / "resident.py").is_file():
+        return None
     env = {**os.environ, "PYTHONPATH": str(code)}
     # Run from the code's root: `python -c` puts the working directory first on sys.path.
-    result = subprocess.run([sys.executable, "-c", CHILD, str(dataset.resolve()), str(num_workers), str(num_batches),
-                             str(code)], env=env, cwd=code, capture_output=True, text=True, check=False)
+    result = subprocess.run([sys.executable, "-c", CHILD, str(dataset.resolve()), str(num_workers), "60",
+                             str(code), mode], env=env, cwd=code, capture_output=True, text=True, check=False)
     if result.returncode:
         sys.exit(f"timing {code} on {dataset} failed:\n{result.stderr[-2000:]}")
     return json.loads(result.stdout.strip().splitlines()[-1])["img_per_s"]
 
 
+def _median(rates: list) -> float | None:
+    return None if None in rates else statistics.median(rates)
+
+
 def reader_rows(work: Path, count: int, codes: dict[str, Path]) -> list[tuple]:
-    num_batches = 60
     rows = []
-    for fmt, path in datasets(work, count).items():
+    for what, fmt, chunk, mode, worker_counts in LAYOUTS:
+        path = dataset(work, count, fmt, chunk)
         size_mib = sum(f.stat().st_size for f in path.glob("*.tar")) / 2**20
-        loader_rate(ROOT, path, 0, 4)  # untimed: warms the page cache
-        for num_workers in WORKERS:
-            rates = {name: statistics.median(loader_rate(code, path, num_workers, num_batches) for _ in range(3))
+        loader_rate(ROOT, path, 0, "off")  # untimed: warms the page cache
+        for num_workers in worker_counts:
+            rates = {name: _median([loader_rate(code, path, num_workers, mode) for _ in range(3)])
                      for name, code in codes.items()}
-            rows.append((f"64x64 RGB {fmt}, per sample ({size_mib:.0f} MiB)", num_workers, rates))
+            rows.append((f"64x64 RGB {what} ({size_mib:.0f} MiB)", num_workers if mode == "off" else "-", rates))
     return rows
 
 
@@ -100,8 +117,8 @@ def print_reader(rows: list[tuple], names: list[str]) -> None:
     print(f"| data | workers | {' | '.join(f'{n} img/s' for n in names)}{ratio} |")
     print("|---|---|" + "---|" * (len(names) + (1 if ratio else 0)))
     for what, num_workers, rates in rows:
-        cells = " | ".join(f"{rates[n]:,.0f}" for n in names)
-        extra = f" | {rates[names[1]] / rates[names[0]]:.2f}x" if ratio else ""
+        cells = " | ".join("-" if rates[n] is None else f"{rates[n]:,.0f}" for n in names)
+        extra = "" if not ratio else " | -" if None in rates.values() else f" | {rates[names[1]] / rates[names[0]]:.2f}x"
         print(f"| {what} | {num_workers} | {cells}{extra} |")
 
 
@@ -155,12 +172,12 @@ def training_rows(work: Path, mnist_root: str) -> list[tuple]:
         dcgan32 = ("configs/dcgan_mnist32.yaml", "data.dataset=digits")
         dcgan32_name = "DCGAN-32 (configs/dcgan_mnist32.yaml on the digits at 32 px)"
     runs = [
-        ("training, configs/default.yaml", "as shipped (0 workers, cache)",
+        ("training, configs/default.yaml", "as shipped (resident)",
          ("configs/default.yaml", "train.max_steps=3000", "log.every_steps=500")),
-        (dcgan32_name, "as shipped (2 workers, cache)", (*dcgan32, "train.max_steps=80", "log.every_steps=20")),
-        (dcgan32_name, "2 workers, no cache", (*dcgan32, "train.max_steps=80", "log.every_steps=20",
-                                               "data.cache_mb=0")),
-        ("training, DCGAN-64 (digits at 64 px, width 1)", "2 workers, cache",
+        (dcgan32_name, "as shipped (resident)", (*dcgan32, "train.max_steps=80", "log.every_steps=20")),
+        (dcgan32_name, "streamed, 2 workers", (*dcgan32, "train.max_steps=80", "log.every_steps=20",
+                                               "data.resident=off")),
+        ("training, DCGAN-64 (digits at 64 px, width 1)", "as shipped (resident)",
          ("configs/dcgan_mnist32.yaml", "data.dataset=digits", "data.resolution=64", "model.conditional=false",
           "train.max_steps=24", "log.every_steps=6")),
     ]

@@ -51,9 +51,9 @@ class DataConfig:
     num_workers: int = 2
     """DataLoader worker processes per training process (0 reads in the training process)."""
     shuffle_buffer: int = 1000
-    """Samples held in each worker's shuffle buffer, seeded from train.seed, rank and worker."""
-    cache_mb: float = 256.0
-    """Keep decoded shards in each worker's memory up to this size, so small datasets are read once; 0 turns it off."""
+    """Samples held in each streaming worker's shuffle buffer (at least 8 chunks of a chunked dataset), seeded from train.seed, rank and worker; 1 turns it off."""
+    resident: Literal["auto", "off", "host", "device"] = "auto"
+    """Hold the whole dataset in one array in each process, in host or device memory, and gather batches from it (no workers); off streams it from the shards; auto holds it in host memory when it is at most 4 GiB and a copy per process fits in a quarter of the node's available memory."""
     num_classes: int = 0
     """Classes of a conditional run on a shard pattern without index.json (with an index, it is read from there)."""
     max_shard_retries: int = 8
@@ -293,8 +293,8 @@ def _literal_choices(cls: type, name: str) -> tuple | None:
 
 
 def _fix_yaml_values(schema_cls: type, values: Any) -> Any:
-    """Undo two YAML readings: `no` is False (Literal fields that accept 'no' want the string),
-    and `key=` is None (string fields want '')."""
+    """Undo two YAML readings: `no` and `off` are False (Literal fields that accept 'no' or 'off'
+    want the string), and `key=` is None (string fields want '')."""
     if not isinstance(values, dict):
         return values
     hints = typing.get_type_hints(schema_cls)
@@ -302,11 +302,16 @@ def _fix_yaml_values(schema_cls: type, values: Any) -> Any:
         hint = hints.get(key)
         if dataclasses.is_dataclass(hint):
             values[key] = _fix_yaml_values(hint, value)
-        elif value is False and "no" in (_literal_choices(schema_cls, key) or ()):
-            values[key] = "no"
+        elif value is False and {"no", "off"} & set(_literal_choices(schema_cls, key) or ()):
+            values[key] = "no" if "no" in _literal_choices(schema_cls, key) else "off"
         elif value is None and hint is str:
             values[key] = ""
     return values
+
+
+# Keys an older gan_dist took, and what replaced them.
+REMOVED = {"data.cache_mb": "datasets that fit in memory are held whole instead (data.resident, by default auto); "
+                            "delete the key"}
 
 
 def _keys_at(schema: DictConfig, dotted_parent: str) -> list[str]:
@@ -317,6 +322,8 @@ def _keys_at(schema: DictConfig, dotted_parent: str) -> list[str]:
 def _explain(err: OmegaConfBaseException, schema: DictConfig, origin: str) -> UserError:
     """One line that names the key, the problem, and the closest valid key."""
     key = getattr(err, "full_key", None) or "?"
+    if isinstance(err, ConfigKeyError) and key in REMOVED:
+        return UserError(f"{origin}: config key '{key}' was removed: {REMOVED[key]}")
     if isinstance(err, ConfigKeyError):
         parent = key.rpartition(".")[0]
         valid = [f"{parent}.{k}" if parent else k for k in _keys_at(schema, parent)]
@@ -401,7 +408,6 @@ def validate(cfg: Config) -> None:
     _require(cfg.data.num_workers >= 0, "data.num_workers", "must be >= 0")
     _require(cfg.data.shuffle_buffer >= 1, "data.shuffle_buffer", "must be >= 1")
     _require(cfg.data.resolution >= 0, "data.resolution", "must be >= 0 (0 = native size)")
-    _require(cfg.data.cache_mb >= 0, "data.cache_mb", "must be >= 0 (0 = off)")
     _require(cfg.data.num_classes >= 0, "data.num_classes", "must be >= 0")
     _require(cfg.data.max_shard_retries >= 0, "data.max_shard_retries", "must be >= 0")
     _require(cfg.data.retry_backoff_s >= 0, "data.retry_backoff_s", "must be >= 0 seconds")

@@ -37,7 +37,7 @@ STATE_FORMAT = "gan_dist.checkpoint/1"
 # Keys a resumed run may change; any other difference changes tensor shapes or the training
 # itself, and is refused.
 MAY_CHANGE = ("run.", "log.", "checkpoint.", "dist.", "train.total_kimg", "train.max_steps", "train.resume",
-              "train.max_skipped_in_row", "train.rollback_on_divergence", "data.num_workers", "data.path", "data.root", "data.cache_mb",
+              "train.max_skipped_in_row", "train.rollback_on_divergence", "data.num_workers", "data.path", "data.root", "data.resident",
               "data.on_error", "data.max_shard_retries", "data.retry_backoff_s", "train.num_threads", "eval.", "train.compile", "train.tf32",
               "optim.fused", "train.device")
 # Test-only: called with the file just written, to inject a crash between files.
@@ -113,7 +113,7 @@ def _write_shared(trainer, tmp: Path) -> None:
              "ema_num_averaged": int(trainer.ema.averaged.n_averaged), "config": trainer.config_dict,
              "config_hash": config_hash(trainer.config_dict),
              **layout(trainer.acc.num_processes, trainer.cfg.data.num_workers, trainer.acc.device.type,
-                      trainer.info.identity()["sha256"]),
+                      trainer.info.identity()["sha256"], trainer.data_mode),
              "dataset_identity": trainer.info.identity(), "num_threads": torch.get_num_threads(),
              "num_samples": trainer.info.count, "elapsed_s": trainer.elapsed_s()}
     (tmp / "state.json").write_text(json.dumps(state, indent=1))
@@ -242,21 +242,36 @@ def checkpoint_device(checkpoint: Path, state: dict) -> str:
     return "cuda" if "cuda" in load_tensors(checkpoint / "rank0.pt") else "cpu"
 
 
-def layout(world_size: int, num_workers: int, device: str, dataset: str) -> dict:
+def data_mode(read_mode: str) -> str:
+    """How positions are counted: in a streamed dataset (this version's shuffle), or resident
+    (host and device memory give the same order, so switching between them is no change)."""
+    from gan_dist.data.stream import STREAM_FORMAT
+
+    return STREAM_FORMAT if read_mode == "off" else "resident"
+
+
+def layout(world_size: int, num_workers: int, device: str, dataset: str, mode: str) -> dict:
     """What a bit-exact resume needs unchanged: every per-rank, per-worker random stream and
-    data position belongs to one rank, one worker and one device type (a CUDA generator takes
-    no CPU generator's state), and to one dataset (a re-prepared one has other samples at
-    every stream position)."""
-    return {"world_size": world_size, "num_workers": num_workers, "device": device, "dataset": dataset}
+    data position belongs to one rank, one worker (resident data has none: 0) and one device
+    type (a CUDA generator takes no CPU generator's state), to one dataset (a re-prepared one
+    has other samples at every stream position), and to one way of reading it."""
+    return {"world_size": world_size, "num_workers": 0 if mode == "resident" else num_workers, "device": device,
+            "dataset": dataset, "data_mode": mode}
+
+
+# Checkpoints from before a key was recorded are taken to match on it, except the data mode:
+# a checkpoint without one counted positions in the stream before chunks, with another shuffle.
+RECORDED_SINCE = {"data_mode": "stream/1"}
 
 
 def same_layout(state: dict, now: dict) -> bool:
-    # Checkpoints from before a key was recorded are taken to match on it.
-    return all(state.get(key) in (None, value) for key, value in now.items())
+    return all(state.get(key, RECORDED_SINCE.get(key)) in (None, value) for key, value in now.items())
 
 
 def describe_layout(values: dict) -> str:
-    return (f"{values['world_size']} processes x {values['num_workers']} workers on {values['device']}, "
+    mode = values.get("data_mode", RECORDED_SINCE["data_mode"])
+    reading = "resident" if mode == "resident" else f"{values['num_workers']} workers ({mode})"
+    return (f"{values['world_size']} processes x {reading} on {values['device']}, "
             f"dataset {values.get('dataset') or '(not recorded)'}")
 
 
@@ -282,7 +297,8 @@ def restore(trainer, checkpoint: Path, state: dict) -> None:
     trainer.backend.load(checkpoint, load_tensors)
     trainer.progress.restore(state["progress"])
     acc = trainer.acc
-    now = layout(acc.num_processes, trainer.cfg.data.num_workers, acc.device.type, trainer.info.identity()["sha256"])
+    now = layout(acc.num_processes, trainer.cfg.data.num_workers, acc.device.type, trainer.info.identity()["sha256"],
+                 trainer.data_mode)
     if same_layout(state, now):
         _restore_rng(trainer, checkpoint, acc.process_index)
     else:

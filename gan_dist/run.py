@@ -79,15 +79,27 @@ def open_info(cfg, accelerator) -> DatasetInfo:
     return info
 
 
-def open_loader(cfg, accelerator, info: DatasetInfo, batch_per_device: int, stream_start: dict | None = None,
-                failure_log: str = "") -> torch.utils.data.DataLoader:
+def read_mode(cfg, accelerator, info: DatasetInfo) -> tuple[str, str]:
+    """(how the data is read: "off" (streamed), "host" or "device" (resident), why), decided by
+    rank 0 from its node's memory for data.resident=auto, so that every rank reads alike."""
+    import os
+
+    from gan_dist.data import resident
+
+    processes_on_node = int(os.environ.get("LOCAL_WORLD_SIZE", accelerator.num_processes))
+    return parallel.decided_on_rank0(accelerator, lambda: resident.choose(
+        info, cfg.data.resident, processes_on_node, resident.available_memory_bytes()))
+
+
+def open_loader(cfg, accelerator, info: DatasetInfo, batch_per_device: int, mode: str,
+                stream_start: dict | None = None, failure_log: str = ""):
     """This rank's loader, starting where `stream_start` says (a resume) or at epoch 0."""
     return make_loader(info, batch_per_device, cfg.train.seed, accelerator.process_index,
-                       cfg.data.num_workers, cfg.data.shuffle_buffer, cfg.data.cache_mb,
+                       cfg.data.num_workers, cfg.data.shuffle_buffer,
                        pin_memory=accelerator.device.type == "cuda", world_size=accelerator.num_processes,
                        conditional=cfg.model.conditional, start=stream_start,
                        max_shard_retries=cfg.data.max_shard_retries, retry_backoff_s=cfg.data.retry_backoff_s,
-                       failure_log=failure_log)
+                       failure_log=failure_log, resident=mode, device=accelerator.device)
 
 
 def data_warnings(info: DatasetInfo, num_slots: int) -> list[str]:
@@ -96,7 +108,8 @@ def data_warnings(info: DatasetInfo, num_slots: int) -> list[str]:
     from gan_dist.data.plan import read_multiplication
 
     warnings = [w for w in [class_skew(info)] if w]
-    factor = read_multiplication(len(info.urls), info.shard_counts, info.offsets, num_slots, info.seekable)
+    factor = read_multiplication(len(info.urls), info.shard_counts, info.offsets, num_slots, info.seekable,
+                                 info.chunk_size)
     if factor > 1.05:
         how = ("every slot reads every shard and keeps its share" if info.shard_counts is None else
                "a stream that cannot seek (pipe:, http without index.json's byte offsets, or a server that "
@@ -143,7 +156,8 @@ def write_provenance(run_dir: Path, accelerator, mixed_precision: str) -> None:
     (run_dir / RUN_MARKER).write_text(json.dumps(record, indent=1))
 
 
-def describe_run(cfg, accelerator, info: DatasetInfo, backend, batch_per_device: int) -> dict[str, str]:
+def describe_run(cfg, accelerator, info: DatasetInfo, backend, batch_per_device: int,
+                 reading: str = "") -> dict[str, str]:
     G_raw, D_raw = backend.raw["G"], backend.raw["D"]
     return {
         "devices": f"{accelerator.num_processes} process(es) on {accelerator.device.type} "
@@ -154,7 +168,7 @@ def describe_run(cfg, accelerator, info: DatasetInfo, backend, batch_per_device:
         "loss": cfg.loss.name + (f", R1 gamma {cfg.loss.r1_gamma}" if cfg.loss.r1_gamma else "")
         + (f", GP {cfg.loss.gp_weight}" if cfg.loss.gp_weight else ""),
         "dataset": f"{dataset_path(cfg)}: {info.count or '?'} samples of {list(info.shape)} {info.dtype}, "
-                   f"{info.num_classes} classes",
+                   f"{info.num_classes} classes" + (f"; {reading}" if reading else ""),
         "batch": f"{cfg.train.batch_size} global = {accelerator.num_processes} x {batch_per_device}"
                  f" ({cfg.train.num_micro_batches} micro-batch(es))",
         "length": f"{cfg.train.total_kimg} kimg" + (f", at most {cfg.train.max_steps} steps"

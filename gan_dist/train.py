@@ -153,7 +153,14 @@ def train(config_path: str | None, overrides: list[str], debug: bool = False,
     from gan_dist.console import Console
     from gan_dist.ema import EMA
     from gan_dist.losses import get_loss
-    from gan_dist.run import data_warnings, describe_run, open_info, open_loader, prepare_run_dir
+    from gan_dist.run import (
+        data_warnings,
+        describe_run,
+        open_info,
+        open_loader,
+        prepare_run_dir,
+        read_mode,
+    )
     from gan_dist.trainer import Trainer
 
     cfg = config_mod.load_config(config_path, overrides)
@@ -170,12 +177,16 @@ def train(config_path: str | None, overrides: list[str], debug: bool = False,
     info = open_info(cfg, acc)
     if checkpoint is not None:
         parallel.decided_on_rank0(acc, lambda: resume.check_data_matches(checkpoint, info))
-    now = resume.layout(acc.num_processes, cfg.data.num_workers, acc.device.type, info.identity()["sha256"])
+    mode, reading = read_mode(cfg, acc, info)
+    if mode != "off":  # resident data starts no loader workers: their cores are the trainer's
+        parallel.configure_threads(cfg.train.num_threads, 0, acc.device.type)
+    now = resume.layout(acc.num_processes, cfg.data.num_workers, acc.device.type, info.identity()["sha256"],
+                        resume.data_mode(mode))
     start = resume.stream_start(checkpoint, state, acc.process_index, now) if checkpoint else None
     # Storage failures each loader worker meets, one directory per leg of the run (the leg
     # after a resume replays the earlier legs' failures from the checkpoint instead).
     failure_log = run_dir / ".stream" / f"from-step-{state['progress']['step'] if checkpoint else 0}"
-    loader = open_loader(cfg, acc, info, per_device, start, str(failure_log))
+    loader = open_loader(cfg, acc, info, per_device, mode, start, str(failure_log))
     loss = get_loss(cfg.loss.name)
     backend = _build_networks(cfg, acc, info, per_device)
     # Only now, with config, data, models and engines known to be good, is the run directory touched.
@@ -183,9 +194,9 @@ def train(config_path: str | None, overrides: list[str], debug: bool = False,
         prepare_run_dir(run_dir, cfg, acc)
     ema = EMA(backend.raw["G"], cfg.train.ema_half_life_kimg, cfg.train.ema_rampup)
     console = Console(acc.is_main_process, int(cfg.train.total_kimg * 1000), run_dir, acc)
-    console.summary(f"gan_dist run '{cfg.run.name}'", describe_run(cfg, acc, info, backend, per_device))
+    console.summary(f"gan_dist run '{cfg.run.name}'", describe_run(cfg, acc, info, backend, per_device, reading))
     if acc.is_main_process:  # reading the first shard for the class check is rank 0's alone
-        for warning in data_warnings(info, acc.num_processes * max(1, cfg.data.num_workers)):
+        for warning in data_warnings(info, acc.num_processes * max(1, cfg.data.num_workers)) if mode == "off" else []:
             console.warn(warning)
     if debug:
         console.print(f"G: {backend.raw['G']}\nD: {backend.raw['D']}")

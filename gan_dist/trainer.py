@@ -26,7 +26,7 @@ from gan_dist import parallel
 from gan_dist.augment import DIFFAUG_PURPOSE, FLIP_PURPOSE, Augment
 from gan_dist.config import to_dict as config_to_dict
 from gan_dist.data.health import DataHealth
-from gan_dist.data.stream import Batch, DatasetInfo
+from gan_dist.data.stream import STREAM_FORMAT, Batch, DatasetInfo
 from gan_dist.ema import EMA
 from gan_dist.errors import UserError
 from gan_dist.eval.periodic import PeriodicEval
@@ -149,6 +149,7 @@ class Trainer:
         self.config_dict = config_to_dict(cfg)
         self.stream_workers = {}  # this rank's data position: worker -> (epoch, records read, storage failures)
         self.data_spec = getattr(getattr(data, "dataset", None), "spec", None)  # a stream's (not a test's batches)
+        self.data_mode = getattr(data, "data_mode", STREAM_FORMAT)  # as resume.layout records it
         self.checkpoint_due = False
         # The newest checkpoint this run committed or resumed from (rollbacks return to it).
         self.last_checkpoint: Path | None = None

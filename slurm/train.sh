@@ -70,7 +70,9 @@ if [[ -z "$gpus" && -n "${SLURM_JOB_GPUS:-}" ]]; then gpus="$(tr ',' '\n' <<<"$S
 nproc="${NPROC_PER_NODE:-${gpus:-0}}"
 ((nproc > 0)) || nproc=1  # no GPU allocated: one CPU process per node unless NPROC_PER_NODE says more
 # The batch script runs on the head node, so a port free here is free where the rendezvous listens.
-port="${MASTER_PORT:-$("$python" -c 'import socket; s = socket.socket(); s.bind(("", 0)); print(s.getsockname()[1])')}"
+# Below the kernel's ephemeral range: a port the kernel hands out (bind to 0) can be handed out
+# again to srun's own sockets in the moment before the rendezvous binds it.
+port="${MASTER_PORT:-$("$python" "$root/slurm/free_port.py" "${SLURM_JOB_ID:-0}")}"
 export LAUNCHER="$launcher" NNODES="$nnodes" NPROC_PER_NODE="$nproc" MASTER_ADDR="$master" MASTER_PORT="$port"
 export RDZV_ID="gan_dist-${SLURM_JOB_ID:-dry-run}" GAN_DIST_ROOT="$root"
 # srun no longer passes sbatch's --cpus-per-task on to its steps (SLURM 22.05+).

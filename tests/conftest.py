@@ -20,11 +20,12 @@ LAUNCH_ENV = ("WORLD_SIZE", "RANK", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
 
 @pytest.fixture(scope="session")
 def digits_dir(tmp_path_factory) -> Path:
-    """The 8x8 digits as shards, prepared once for the session."""
+    """The 8x8 digits as shards of 256 in chunks of 64, prepared once for the session (the
+    automatic chunk would hold a whole shard: cut smaller, pieces start and end inside chunks)."""
     from gan_dist.data.prepare import write_shards
     from gan_dist.data.sources import digits
 
-    return write_shards(digits(), tmp_path_factory.mktemp("data") / "digits", shard_size=256)
+    return write_shards(digits(), tmp_path_factory.mktemp("data") / "digits", shard_size=256, chunk=64)
 
 
 @pytest.fixture(autouse=True)

@@ -125,27 +125,6 @@ def test_stream_is_deterministic_with_workers(digits_dir):
     assert runs[0] == runs[1]
 
 
-def test_cache_does_not_change_the_stream(digits_dir):
-    info = open_dataset(str(digits_dir))
-    cached = _keys(make_loader(info, 32, 0, 0, 0, 64, cache_mb=16), 200)
-    uncached = _keys(make_loader(info, 32, 0, 0, 0, 64, cache_mb=0), 200)
-    assert len(cached) == 6400 and cached == uncached
-
-
-def test_cached_shards_are_decoded_once(digits_dir, monkeypatch):
-    from gan_dist.data import reader
-
-    calls = []
-    real_decode = reader.decode
-    monkeypatch.setattr(reader, "decode", lambda *args: calls.append(1) or real_decode(*args))
-    info = open_dataset(str(digits_dir))
-    keys = _keys(make_loader(info, 100, 0, 0, 0, 10, cache_mb=16), 60)  # 6,000 samples, >3 passes
-    assert len(keys) == 6000 and len(calls) == info.count
-    calls.clear()
-    _keys(make_loader(info, 100, 0, 0, 0, 10, cache_mb=0), 60)
-    assert len(calls) >= 6000  # every sample decoded again (plus the shuffle buffer read ahead)
-
-
 def test_stream_is_endless_and_batches_are_uint8(digits_dir):
     info = open_dataset(str(digits_dir))
     batches = list(itertools.islice(iter(make_loader(info, 100, 0, 0, 0, 10)), 30))  # 3000 > 1797 samples

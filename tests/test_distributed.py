@@ -19,7 +19,7 @@ from gan_dist.data.sources import digits
 
 pytestmark = pytest.mark.launch
 
-EQ_CASES = ["eq-mlp-r1", "eq-mlp-hinge", "eq-mlp-gp", "eq-mlp-diffaug", "eq-mlp-code", "eq-dcgan-r1",
+EQ_CASES = ["eq-mlp-r1", "eq-mlp-r1-resident", "eq-mlp-hinge", "eq-mlp-gp", "eq-mlp-diffaug", "eq-mlp-code", "eq-dcgan-r1",
             "eq-dcgan-hinge"]
 MICRO_CASES = {"eq-mlp-r1-micro2": "eq-mlp-r1", "eq-dcgan-hinge-micro2": "eq-dcgan-hinge"}
 TWO_RANK_ONLY = ["http-flaky", "http-lost", "bn_d-r1-ncritic-micro", "spectral-gp-conditional", "nan-on-rank1", "perturb-rank1",
@@ -31,7 +31,7 @@ def _corrupt_copy(out):
     """The digits with one undecodable sample in shard 3."""
     from shards import rewrite_shard
 
-    path = write_shards(digits(), out / "bad-digits")
+    path = write_shards(digits(), out / "bad-digits", chunk=1)
     rewrite_shard(path, 3, [{"__key__": "broken01", "npy": b"not an array", "cls": b"1"}])
 
 
@@ -133,7 +133,7 @@ def test_a_shard_cut_off_five_times_is_retried_and_trained_on_once(harness, digi
     """Over http, shard 2's first 5 requests break off half-way: the run goes on, each slot's
     first epoch holds exactly its planned samples (shard 2's among them, each once), and the
     failures and retries are in metrics.jsonl."""
-    from test_stream import _keys_in
+    from shards import keys_in
 
     from gan_dist.data.plan import plan_epoch
     from gan_dist.data.stream import open_dataset
@@ -141,7 +141,7 @@ def test_a_shard_cut_off_five_times_is_retried_and_trained_on_once(harness, digi
     ranks = [harness("http-flaky", 2, r) for r in (0, 1)]
     assert [r["outcome"] for r in ranks] == ["ok", "ok"]
     info = open_dataset(str(digits_dir))
-    keys_of = [_keys_in(url) for url in info.urls]
+    keys_of = [keys_in(url) for url in info.urls]
     plan = plan_epoch(info.shard_counts, 0, 0, 4)
     epoch0 = []
     for rank, state in enumerate(ranks):

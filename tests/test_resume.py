@@ -38,10 +38,17 @@ def _assert_bitwise_equal(a, b, where=""):
         assert a == b, where
 
 
-def test_stop_and_resume_equals_the_uninterrupted_run(train_main, digits_dir, tmp_path):
-    assert train_main(*tiny_args(digits_dir, *FULL, "run.name=full", "train.max_steps=40"))[0] == 0
-    assert train_main(*tiny_args(digits_dir, *FULL, "run.name=split", "train.max_steps=21"))[0] == 0
-    code, out, err = train_main(*tiny_args(digits_dir, *FULL, "run.name=split", "train.max_steps=40"))
+@pytest.mark.parametrize("mode", ["off", "host"])
+def test_stop_and_resume_equals_the_uninterrupted_run(train_main, digits_dir, tmp_path, mode):
+    """Streamed (2 workers) and resident, on chunks of 64: the stop at step 21 of 32-sample
+    batches lies inside a chunk."""
+    flags = (*FULL, f"data.resident={mode}")
+    assert train_main(*tiny_args(digits_dir, *flags, "run.name=full", "train.max_steps=40"))[0] == 0
+    assert train_main(*tiny_args(digits_dir, *flags, "run.name=split", "train.max_steps=21"))[0] == 0
+    workers = json.loads((tmp_path / "runs" / "split" / "checkpoints" / "step_00000021" / "rank0.json").read_text())
+    positions = [position[1] for position in workers["stream"]["workers"].values()]
+    assert len(positions) == (2 if mode == "off" else 1) and any(p % 64 for p in positions)
+    code, out, err = train_main(*tiny_args(digits_dir, *flags, "run.name=split", "train.max_steps=40"))
     assert code == 0, err
     assert "resumed from" in out and "step_00000021 at step 21" in out
     full, split = _final(tmp_path / "runs" / "full", 40), _final(tmp_path / "runs" / "split", 40)
@@ -251,8 +258,8 @@ def test_a_device_change_is_a_layout_change(train_main, digits_dir, tmp_path, ho
     (checkpoint / "state.json").write_text(json.dumps(state))
     code, out, err = train_main(*tiny_args(digits_dir, "train.max_steps=10"))
     assert code == 0, err
-    assert "resumed with 1 processes x 0 workers on cpu, dataset" in out
-    assert "where the checkpoint had 1 processes x 0 workers on cuda" in out
+    assert "resumed with 1 processes x resident on cpu, dataset" in out
+    assert "where the checkpoint had 1 processes x resident on cuda" in out
     assert "resumed from" in out and "at step 5" in out
     assert json.loads((checkpoint.parent / "step_00000010" / "state.json").read_text())["device"] == "cpu"
 
@@ -267,17 +274,18 @@ def test_resume_is_exact_with_deferred_shards_and_fewer_shards_than_slots(train_
     from gan_dist.data.prepare import write_shards
     from gan_dist.data.sources import digits
 
-    data = write_shards(digits(), tmp_path / "three", shard_size=600)
+    data = write_shards(digits(), tmp_path / "three", shard_size=600, chunk=50)
     counts = [600, 600, 597]
     planned = {p for epoch in range(3) for pieces in plan_epoch(counts, 0, epoch, 4) for p in pieces}
     read_piece, marks = stream.read_piece, {}
 
-    def dropped_half_way(url, piece, *args):  # forked into the loader workers
-        mark = marks["dir"] / f"{piece.shard}-{piece.start}-{piece.stop}"
-        for n, record in enumerate(read_piece(url, piece, *args)):
-            if piece in planned and n == piece.size // 2 and not mark.exists():
+    def dropped_half_way(url, piece, *args, **kwargs):  # forked into the loader workers
+        mark, delivered = marks["dir"] / f"{piece.shard}-{piece.start}-{piece.stop}", 0
+        for record in read_piece(url, piece, *args, **kwargs):
+            if piece in planned and delivered >= piece.size // 2 and not mark.exists():
                 mark.touch()
                 raise stream.ReadFailure(f"{url}: connection reset")
+            delivered += len(record)
             yield record
 
     def run(name: str, steps: int):
@@ -286,7 +294,7 @@ def test_resume_is_exact_with_deferred_shards_and_fewer_shards_than_slots(train_
         return train_main(*tiny_args(data, *flags, f"run.name={name}", f"train.max_steps={steps}"))
 
     monkeypatch.setattr(stream, "read_piece", dropped_half_way)
-    flags = (*FULL, "data.num_workers=4", "data.retry_backoff_s=0", "data.shuffle_buffer=16")
+    flags = (*FULL, "data.num_workers=4", "data.retry_backoff_s=0", "data.shuffle_buffer=16", "data.resident=off")
     assert run("full", 40)[0] == 0
     assert run("split", 21)[0] == 0
     leg1 = [json.loads(line) for line in (tmp_path / "runs" / "split" / "metrics.jsonl").read_text().splitlines()]

@@ -11,6 +11,7 @@ import time
 import numpy as np
 import pytest
 from conftest import tiny_args
+from shards import keys_in
 
 from gan_dist.data.prepare import write_shards
 from gan_dist.data.sources import ArraySource, digits
@@ -20,8 +21,8 @@ from gan_dist.errors import UserError
 
 def _finite_keys(info, rank, world_size, num_workers, seed=0, batch=16):
     loader = make_loader(info, batch, seed, rank, num_workers, shuffle_buffer=50, world_size=world_size, num_epochs=1)
-    batches = [b for b in loader if b.keys]
-    return [k for b in batches for k in b.keys], len(batches)
+    batches = [b for b in loader if len(b.keys)]
+    return [int(k) for b in batches for k in b.keys], len(batches)
 
 
 @pytest.mark.parametrize("num_workers, shard_size", [(2, 100), (2, 1000), (0, 256)])
@@ -43,17 +44,10 @@ def test_each_epoch_deals_the_shards_anew(digits_dir):
     info = open_dataset(str(digits_dir))  # 8 shards
     dealt = [slot_pieces(info.shard_counts, 0, epoch, 0, 2) for epoch in range(4)]
     assert len({tuple(d) for d in dealt}) > 1
-    shard_of = {key: n for n, url in enumerate(info.urls) for key in _keys_in(url)}
-    keys = [k for b in make_loader(info, 16, 0, 0, 0, 1, world_size=2, num_epochs=1) for k in b.keys]
-    read = {(shard_of[k], i) for k in keys for i in [_keys_in(info.urls[shard_of[k]]).index(k)]}
+    shard_of = {key: n for n, url in enumerate(info.urls) for key in keys_in(url)}
+    keys = [int(k) for b in make_loader(info, 16, 0, 0, 0, 1, world_size=2, num_epochs=1) for k in b.keys]
+    read = {(shard_of[k], i) for k in keys for i in [keys_in(info.urls[shard_of[k]]).index(k)]}
     assert all(any(p.shard == s and p.start <= i < p.stop for p in dealt[0]) for s, i in read)
-
-
-def _keys_in(url):
-    import tarfile
-
-    with tarfile.open(url) as tar:
-        return list(dict.fromkeys(m.name.split(".")[0] for m in tar))
 
 
 def _free_port() -> int:
@@ -147,10 +141,11 @@ BAD_MESSAGES = {"corrupt image": "corrupt .npy", "wrong shape": "shape [1, 9, 8]
 
 
 def _bad_dataset(tmp_path, case: str):
-    """The digits in 8 shards, with one bad sample (or a truncated shard) in shard 3."""
+    """The digits in 8 shards, one entry per sample, with one bad sample (or a truncated
+    shard) in shard 3 (test_chunks.py has the chunked cases)."""
     from shards import rewrite_shard
 
-    path = write_shards(digits(), tmp_path / case.replace(" ", "_"))
+    path = write_shards(digits(), tmp_path / case.replace(" ", "_"), chunk=1)
     shard = path / "shard-000003.tar"
     if case == "truncated tar":
         data = shard.read_bytes()
@@ -191,7 +186,8 @@ def test_many_bad_samples_warn_loudly(train_main, tmp_path):
     images = digits()
     from shards import rewrite_shard
 
-    path = write_shards(ArraySource(images.samples, images.labels, images.classes, "half broken"), tmp_path / "d")
+    path = write_shards(ArraySource(images.samples, images.labels, images.classes, "half broken"), tmp_path / "d",
+                        chunk=1)
     for shard in (1, 5):
         rewrite_shard(path, shard, [BAD_CASES["corrupt image"](f"bad{shard}{i:04d}") for i in range(200)])
     code, out, err = train_main(*tiny_args(path, "train.total_kimg=2"))
@@ -219,22 +215,24 @@ def test_a_failure_while_a_resume_skips_forward_does_not_shift_the_stream(digits
     failing = set()
     read_piece = stream.read_piece
 
-    def flaky(url, piece, *args):
-        for n, record in enumerate(read_piece(url, piece, *args)):
-            if (piece.shard, piece.start) in failing and n == 5:
+    def flaky(url, piece, *args, **kwargs):
+        delivered = 0
+        for record in read_piece(url, piece, *args, **kwargs):
+            if (piece.shard, piece.start) in failing and delivered >= 5:
                 failing.discard((piece.shard, piece.start))
                 raise stream.ReadFailure(f"{url}: connection reset")
+            delivered += len(record)
             yield record
 
     monkeypatch.setattr(stream, "read_piece", flaky)
 
     def records(skip: int, count: int = 200):
-        spec = StreamSpec(info.urls, info.shape, info.dtype, 0, 16, 0, 0, 2, 50, 0, 0, info.shard_counts,
-                          info.offsets, None, 8, 0.0)
+        spec = StreamSpec(info.urls, info.shape, info.dtype, 0, 16, 0, 0, 2, 50, info.chunk_size, 0,
+                          info.shard_counts, info.offsets, None, 8, 0.0)
         reader = ShardStream(spec)
         reader.log = None
-        numbered = reader._numbered(0, 0, 0, 2, skip, [])
-        return [r[2] if not isinstance(r, _Event) else "event" for _, _, r in itertools.islice(numbered, count)]
+        units = (["event"] if isinstance(r, _Event) else r.keys.tolist() for _, _, r in reader._numbered(0, 0, 0, 2, skip, []))
+        return list(itertools.islice(itertools.chain.from_iterable(units), count))
 
     uninterrupted = records(0, 300)
     first_piece = stream.slot_pieces(info.shard_counts, 0, 0, 0, 2)[0]

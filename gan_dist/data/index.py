@@ -33,11 +33,24 @@ class DatasetInfo:
     sha256s: list[str] | None = None
     class_counts: list[list[int]] | None = None
     order: str = ""  # "shuffled" or "source" (prepare --order); "" when the index does not say
+    chunk_size: int = 1  # samples per tar entry (offsets are per entry); 1: the per-sample layout
     range_requests: bool = True  # False: an http(s) server that answers Range with the whole file
 
     @property
     def num_classes(self) -> int:
         return len(self.classes)
+
+    @property
+    def sample_bytes(self) -> int:
+        import numpy as np
+
+        return int(np.prod(self.shape)) * np.dtype(self.dtype).itemsize
+
+    def layout(self, shard: int):
+        """How shard `shard` stores its samples (reader.Layout)."""
+        from gan_dist.data.reader import Layout
+
+        return Layout(self.chunk_size, self.shard_counts[shard] if self.shard_counts else None)
 
     @property
     def seekable(self) -> bool:
@@ -88,7 +101,12 @@ def _from_index(location: str) -> DatasetInfo:
                        [shard["offsets"] for shard in shards] if has["offsets"] else None,
                        [shard["sha256"] for shard in shards] if has["sha256"] else None,
                        [shard["class_counts"] for shard in shards] if has["class_counts"] else None,
-                       index.get("order", ""))
+                       index.get("order", ""), int(index.get("chunk_size", 1)))
+    if has["offsets"]:
+        entries = [len(o) - 1 for o in info.offsets]
+        if entries != [-(-n // info.chunk_size) for n in info.shard_counts]:
+            raise UserError(f"data.path: {location} lists byte offsets that do not match its sample counts and "
+                            f"chunk size {info.chunk_size}; re-run gan-dist prepare")
     if has["offsets"] and urls[0].startswith(("http:", "https:")):
         from gan_dist.data.reader import supports_range
 
@@ -131,7 +149,7 @@ def _first_sample(url: str):
     try:
         for record in read_piece(url, Piece(0, 0, None), None, None, None, 0, Counter()):
             if not isinstance(record, Exception):
-                return record[0]
+                return record.samples[0]
             problems.append(str(record))
     except ReadFailure as err:
         problems.append(str(err))

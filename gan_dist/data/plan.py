@@ -74,17 +74,18 @@ def unindexed_assignment(num_shards: int, seed: int, epoch: int, slot: int,
 
 
 def read_multiplication(num_shards: int, counts: list[int] | None, offsets: list[list[int]] | None,
-                        num_slots: int, seekable: bool) -> float:
-    """Bytes an epoch reads over the dataset's bytes. 1.0 for seekable indexed data. A stream
-    that cannot seek (pipe:, or http without offsets) reads each piece's shard from its start;
-    without counts, fewer shards than slots make every slot read every shard."""
+                        num_slots: int, seekable: bool, chunk_size: int = 1) -> float:
+    """Bytes an epoch reads over the dataset's bytes. 1.0 for seekable indexed data (give or
+    take the chunks cut between two slots). A stream that cannot seek (pipe:, or http without
+    offsets) reads each piece's shard from its start; without counts, fewer shards than slots
+    make every slot read every shard."""
     if counts is None:
         return float(num_slots) if num_shards < num_slots else 1.0
     if seekable:
         return 1.0
     plan = plan_epoch(counts, 0, 0, num_slots)
-    def position(piece: Piece, sample: int) -> int:
-        return offsets[piece.shard][sample] if offsets else sample
+    def position(piece: Piece, sample: int) -> int:  # where the entry holding `sample` starts
+        return offsets[piece.shard][sample // chunk_size] if offsets else sample
 
     useful = sum(position(p, p.stop) - position(p, p.start) for pieces in plan for p in pieces)
     read = sum(position(p, p.stop) for pieces in plan for p in pieces)

@@ -8,9 +8,15 @@ directory that is renamed into place at the end: an interrupted prepare never le
 dataset. Sample keys are the source index (`00000042`), so the same source and seed always
 give the same bytes (tar mtime is fixed) and the same sha256s, whatever the worker count.
 
-index.json lists, per shard, the byte offset where each sample starts (and where the last
-one ends): readers take sub-shard ranges with one seek or an HTTP Range request, so any
-number of readers reads every byte once (gan_dist.data.plan).
+npy datasets are written in chunks (samples.py) of about 2 MiB by default (`--chunk`): one
+tar entry per chunk of N samples. Per-sample entries cost a tar header, an npy header and a
+Python object per image, which caps one reader near 10,000 images/s; a chunk costs them once
+per N (docs/benchmarks.md). png/jpg stay per sample (each image is its own compressed file).
+
+index.json lists, per shard, the byte offset where each entry (a sample, or a chunk) starts,
+and where the last one ends: readers take sub-shard ranges with one seek or an HTTP Range
+request, so any number of readers reads every byte once (gan_dist.data.plan); a range that
+starts or ends inside a chunk reads that chunk and keeps its part.
 """
 
 from __future__ import annotations
@@ -31,10 +37,14 @@ from gan_dist.data.sources import TORCHVISION_SETS, SizeMismatch, open_source
 from gan_dist.errors import UserError
 from gan_dist.seeds import derive_seed
 
-INDEX_FORMAT = "gan_dist.shards/3"  # /3 added the sample order, byte offsets and class counts
+INDEX_FORMAT = "gan_dist.shards/4"  # /3 added the sample order, byte offsets and class counts; /4 chunks
 ORDERS = ("shuffled", "source")
 PREPARE_ORDER = 7  # seed purpose
 MAX_SHARD_SIZE = 10_000
+# An automatic chunk holds about this many bytes: large enough that per-entry costs vanish
+# (bench/data_throughput.py), small enough that a worker's shuffle over 8 chunks stays small.
+CHUNK_TARGET_BYTES = 2 << 20
+MAX_CHUNK_ROWS = 1024
 BUILTIN_DATASETS = ("digits", "ring8", "grid25", *TORCHVISION_SETS)
 
 
@@ -47,6 +57,22 @@ def shard_bounds(count: int, shard_size: int = 0) -> list[tuple[int, int]]:
     num_shards = min(count, max(8, math.ceil(count / MAX_SHARD_SIZE)))
     edges = [n * count // num_shards for n in range(num_shards + 1)]
     return list(itertools.pairwise(edges))
+
+
+def chunk_rows(chunk: int, fmt: str, shape: tuple[int, ...], dtype: str) -> int:
+    """Samples per tar entry: `chunk` as given (1: the per-sample layout), or automatic (0):
+    about CHUNK_TARGET_BYTES for npy, per sample for png/jpg."""
+    if chunk < 0:
+        raise UserError(f"--chunk must be >= 0 (0 = automatic, 1 = one entry per sample), got {chunk}")
+    if fmt != "npy":
+        if chunk > 1:
+            raise UserError(f"--chunk {chunk} applies to --format npy; {fmt} images are stored one per entry "
+                            "(drop --chunk, or use --format npy)")
+        return 1
+    if chunk:
+        return chunk
+    sample_bytes = max(1, int(np.prod(shape)) * np.dtype(dtype).itemsize)
+    return int(min(MAX_CHUNK_ROWS, max(1, 2 ** round(math.log2(max(1, CHUNK_TARGET_BYTES / sample_bytes))))))
 
 
 def sample_order(count: int, order: str, seed: int, limit: int = 0) -> np.ndarray:
@@ -72,23 +98,38 @@ def sha256_of(path: Path) -> str:
 _SOURCE = None
 
 
-def _write_shard(job: tuple[Path, np.ndarray, str]) -> dict:
+def _loaded(indices: np.ndarray, skipped: list):
+    """(source index, array, label) of the readable samples; the others noted in `skipped`."""
+    for i in indices.tolist():
+        try:
+            array, label = _SOURCE.load(i)
+        except SizeMismatch as err:  # stops the whole prepare: a mixed-size folder needs --resolution
+            raise SizeMismatch(f"{_SOURCE.name_of(i)}: {err}") from None
+        except samples_mod.BadSample as err:
+            skipped.append({"file": _SOURCE.name_of(i), "reason": str(err)})
+            continue
+        yield i, array, label
+
+
+def _write_shard(job: tuple[Path, np.ndarray, str, int]) -> dict:
     import webdataset as wds
 
-    path, indices, fmt = job
+    path, indices, fmt, rows = job
     skipped, offsets, labels = [], [0], []
+    loaded = _loaded(indices, skipped)
     with wds.TarWriter(str(path), mtime=0, encoder=False) as sink:
-        for i in indices.tolist():
-            try:
-                array, label = _SOURCE.load(i)
-            except SizeMismatch as err:  # stops the whole prepare: a mixed-size folder needs --resolution
-                raise SizeMismatch(f"{_SOURCE.name_of(i)}: {err}") from None
-            except samples_mod.BadSample as err:
-                skipped.append({"file": _SOURCE.name_of(i), "reason": str(err)})
-                continue
-            sink.write(samples_mod.encode(f"{i:08d}", array, label, fmt))
-            offsets.append(sink.tarstream.offset)  # where the next sample's first header starts
-            labels.append(label)
+        if rows == 1:
+            for i, array, label in loaded:
+                sink.write(samples_mod.encode(f"{i:08d}", array, label, fmt))
+                offsets.append(sink.tarstream.offset)  # where the next entry's first header starts
+                labels.append(label)
+        else:
+            while chunk := list(itertools.islice(loaded, rows)):
+                keys, arrays, chunk_labels = zip(*chunk, strict=True)
+                sink.write(samples_mod.encode_chunk(f"{keys[0]:08d}", np.stack(arrays), np.array(chunk_labels),
+                                                    np.array(keys)))
+                offsets.append(sink.tarstream.offset)
+                labels.extend(chunk_labels)
     class_counts = np.bincount(labels, minlength=len(_SOURCE.classes)).tolist() if _SOURCE.classes else []
     return {"name": path.name, "count": len(labels), "sha256": sha256_of(path), "skipped": skipped,
             "seen": len(indices), "offsets": offsets, "class_counts": class_counts}
@@ -125,9 +166,10 @@ def _run_jobs(jobs: list, workers: int, total: int) -> list[dict]:
 
 def write_shards(source, out: str | Path, shard_size: int = 0, force: bool = False,
                  fmt: str = "npy", workers: int = 1, order: str = "shuffled", seed: int = 0,
-                 limit: int = 0) -> Path:
+                 limit: int = 0, chunk: int = 0) -> Path:
     """Write `source` as shards + index.json into `out`, atomically (shard_size 0: automatic),
-    in a seeded random order (or the source's own), optionally only `limit` samples."""
+    in a seeded random order (or the source's own), optionally only `limit` samples, in
+    entries of `chunk` samples (0: automatic, 1: one per sample)."""
     global _SOURCE
     out = Path(out)
     if shard_size < 0:
@@ -139,6 +181,7 @@ def write_shards(source, out: str | Path, shard_size: int = 0, force: bool = Fal
                         f"samples of shape {list(source.shape)}: use --format npy")
     if out.exists() and not force:
         raise UserError(f"{out} already exists; pass --force to replace it")
+    rows = chunk_rows(chunk, fmt, source.shape, source.dtype)
     indices = sample_order(len(source), order, seed, limit)
     count = len(indices)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -148,11 +191,11 @@ def write_shards(source, out: str | Path, shard_size: int = 0, force: bool = Fal
     tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
     tmp.mkdir()
     try:
-        jobs = [(tmp / f"shard-{n:06d}.tar", indices[start:stop], fmt)
+        jobs = [(tmp / f"shard-{n:06d}.tar", indices[start:stop], fmt, rows)
                 for n, (start, stop) in enumerate(shard_bounds(count, shard_size))]
         _SOURCE = source
         results = _run_jobs(jobs, workers, count)
-        index = _index(source, results, fmt, {"order": order, "seed": seed, "limit": limit})
+        index = _index(source, results, fmt, {"order": order, "seed": seed, "limit": limit, "chunk_size": rows})
         (tmp / "index.json").write_text(json.dumps(index, indent=1))
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -230,6 +273,9 @@ def add_arguments(parser) -> None:
     parser.add_argument("--seed", type=int, default=0, help="seed of the sample order (recorded in index.json)")
     parser.add_argument("--shard-size", type=int, default=0,
                         help="samples per shard (default: at least 8 shards, at most 10,000 samples each)")
+    parser.add_argument("--chunk", type=int, default=0,
+                        help="npy: samples per tar entry (default: about 2 MiB of them, at most 1,024; 1 = one entry "
+                             "per sample, the layout before chunks); png/jpg are always one per entry")
     parser.add_argument("--workers", type=int, default=1, help="processes encoding shards in parallel")
     parser.add_argument("--force", action="store_true", help="replace an existing output directory")
 
@@ -248,7 +294,7 @@ def run(args) -> int:
     if Path(args.out).exists() and not args.force:
         raise UserError(f"{args.out} already exists; pass --force to replace it")
     for flag, value in (("--workers", args.workers - 1), ("--resolution", args.resolution), ("--limit", args.limit),
-                        ("--shard-size", args.shard_size)):
+                        ("--shard-size", args.shard_size), ("--chunk", args.chunk)):
         if value < 0:
             raise UserError(f"{flag} must be >= {1 if flag == '--workers' else 0}, got {getattr(args, flag[2:].replace('-', '_'))}")
     if args.channels is not None and args.source != "imagefolder":
@@ -256,9 +302,10 @@ def run(args) -> int:
     source = open_source(args.source, args.name, args.root, args.split, args.resolution, args.download,
                          args.channels or 3)
     out = write_shards(source, args.out, args.shard_size, args.force, args.format, args.workers,
-                       args.order, args.seed, args.limit)
+                       args.order, args.seed, args.limit, args.chunk)
     index = json.loads((out / "index.json").read_text())
-    print(f"wrote {index['count']} samples of shape {index['shape']} ({args.format}, {args.order} order, "
+    layout = f"chunks of {index['chunk_size']}" if index["chunk_size"] > 1 else "one entry per sample"
+    print(f"wrote {index['count']} samples of shape {index['shape']} ({args.format}, {layout}, {args.order} order, "
           f"seed {args.seed}) in {len(index['shards'])} shards to {out}")
     for item in index["skipped"][:20]:
         print(f"  skipped {item['file']}: {item['reason']}")

@@ -1,7 +1,10 @@
 """Reading one piece of a shard (samples [start, stop)) from a file, an http(s) server or a command.
 
-With index.json's byte offsets a local piece is one seek and a remote one an HTTP Range
-request: the reader pulls exactly the piece's bytes. Without offsets (an index written by an
+A piece comes out as `Block`s of decoded rows (one per chunk, or one row per sample of the
+per-sample layout) and `BadSample`s counting the samples that cannot be used, in order.
+With index.json's byte offsets (one per tar entry: a sample, or a chunk of chunk_size) a
+local piece is one seek and a remote one an HTTP Range request: the reader pulls exactly the
+entries that hold the piece, and keeps the piece's rows of the first and last chunk. Without offsets (an index written by an
 older gan_dist) a local shard is walked header by header, seeking over the samples before the
 piece; a stream that cannot seek (pipe:, or a server that ignores Range) is read from the
 shard's start and the part before the piece discarded undecoded. Every byte pulled from
@@ -14,13 +17,17 @@ the stream (stream.py) defers the rest of the piece and tries again later.
 
 from __future__ import annotations
 
+import itertools
 import subprocess
 import tarfile
 import urllib.request
 from pathlib import Path
+from typing import NamedTuple
+
+import numpy as np
 
 from gan_dist.data.plan import Piece
-from gan_dist.data.samples import BadSample, decode
+from gan_dist.data.samples import BadSample, decode, decode_chunk, is_chunk, sample_block
 
 HTTP_TIMEOUT_S = 60  # a transfer that stalls this long fails (and is retried later)
 
@@ -198,29 +205,54 @@ def _pipe_members(command: str, discard: int, limit: int | None, counter: Counte
             raise ReadFailure(f"command exited with {returncode}: {lines[-1][:200] if lines else ''}")
 
 
+class Layout(NamedTuple):
+    """How samples are stored in a shard: chunk_size samples per tar entry (1: per sample),
+    `count` of them in all (None: unknown, a shard pattern without index.json)."""
+
+    chunk_size: int = 1
+    count: int | None = None
+
+    def entries(self, piece: Piece) -> Piece:
+        """The tar entries that hold the piece's samples."""
+        stop = None if piece.stop is None else -(-piece.stop // self.chunk_size)
+        return Piece(piece.shard, piece.start // self.chunk_size, stop)
+
+    def rows_of(self, entry: int) -> int | None:
+        if self.chunk_size == 1 or self.count is None:
+            return None
+        return min(self.chunk_size, self.count - entry * self.chunk_size)
+
+
+PER_SAMPLE = Layout()
+
+
 def read_piece(url: str, piece: Piece, offsets: list[int] | None, shape, dtype, num_classes: int,
-               counter: Counter, select=None):
-    """Decoded (array, label, key) tuples of the piece, a `BadSample` instance for each sample
-    that cannot be used; `ReadFailure` once the storage fails or the piece comes up short.
-    piece.stop None: to the shard's end (a dataset without counts). `select(sample index in
-    the shard)` False: None in that sample's place, undecoded."""
+               counter: Counter, select=None, layout: Layout = PER_SAMPLE):
+    """`Block`s and `BadSample`s of the piece's samples, in order; `ReadFailure` once the storage
+    fails or the piece comes up short. piece.stop None: to the shard's end (a dataset without
+    counts). Per-sample layout only: `select(sample index in the shard)` False gives None in
+    that sample's place, undecoded."""
     delivered, last_key, members = 0, "(none)", None
     wanted = None if piece.stop is None else piece.stop - piece.start
+    entries = layout.entries(piece)
+    position = entries.start * layout.chunk_size  # shard index of the next entry's first sample
     try:
-        members, skip = _members(url, piece, offsets, counter)
+        members, skip = _members(url, entries, offsets, counter)
         for raw in _samples(members):
             if skip:
                 skip -= 1
                 continue
-            try:
-                record = None if select is not None and not select(piece.start + delivered) else \
-                    decode(raw, shape, dtype, num_classes)
-            except BadSample as err:
-                record = BadSample(f"{_name(url)} key {raw['__key__']}: {err}")
-            delivered += 1
             last_key = raw["__key__"]
-            yield record
-            if delivered == wanted:
+            if is_chunk(raw):
+                records, num_rows = _chunk_records(raw, position, piece, url, shape, dtype, num_classes, layout)
+            else:
+                records, num_rows = [_sample_record(raw, url, shape, dtype, num_classes, select,
+                                                    piece.start + delivered)], 1
+            for record in records:
+                delivered += size_of(record)
+                yield record
+            position += num_rows
+            if wanted is not None and delivered >= wanted:
                 return
     except ReadFailure as err:
         raise ReadFailure(f"{_name(url)}: {err} after key {last_key}") from None
@@ -234,22 +266,77 @@ def read_piece(url: str, piece: Piece, offsets: list[int] | None, shape, dtype, 
         raise ReadFailure(f"{_name(url)}: truncated, {delivered} of the {wanted} samples wanted after key {last_key}")
 
 
+def size_of(record) -> int:
+    """Samples a record stands for: None (not selected) one, a BadSample its count, a Block its rows."""
+    return 1 if record is None else record.count if isinstance(record, BadSample) else len(record)
+
+
+def _sample_record(raw: dict, url: str, shape, dtype, num_classes: int, select, index: int):
+    """One per-sample entry: a one-row Block, a BadSample, or None (not selected)."""
+    if select is not None and not select(index):
+        return None
+    try:
+        return sample_block(*decode(raw, shape, dtype, num_classes))
+    except BadSample as err:
+        return BadSample(f"{_name(url)} key {raw['__key__']}: {err}")
+
+
+def _chunk_records(raw: dict, position: int, piece: Piece, url: str, shape, dtype, num_classes: int,
+                   layout: Layout) -> tuple[list, int]:
+    """(records, rows the entry holds) for the piece's rows [low, high) of a chunk entry whose
+    first sample is shard sample `position`: good runs as Blocks, bad runs as BadSamples."""
+    expected = layout.rows_of(position // layout.chunk_size) if layout.chunk_size > 1 else None
+    block, bad, message = decode_chunk(raw, shape, dtype, num_classes, expected)
+    num_rows = expected if expected is not None else (len(block) if block is not None else 1)
+    low = max(piece.start, position) - position
+    high = num_rows if piece.stop is None else min(piece.stop, position + num_rows) - position
+    where = f"{_name(url)} chunk {raw['__key__']}"
+    if block is None:
+        return [BadSample(f"{where}: {message}", high - low)], num_rows
+    if bad is None:
+        return [block.rows(slice(low, high)) if (low, high) != (0, len(block)) else block], num_rows
+    records, mask = [], bad[low:high]
+    edges = [0, *(np.flatnonzero(np.diff(mask.astype(np.int8))) + 1).tolist(), high - low]
+    for a, b in itertools.pairwise(edges):
+        records.append(BadSample(f"{where}: {message}", b - a) if mask[a] else block.rows(slice(low + a, low + b)))
+    return records, num_rows
+
+
+def per_sample(records, first: int, select=None):
+    """read_piece's records one sample at a time, from shard sample `first`: (array, label, key),
+    a BadSample, or None where `select(index)` is False."""
+    index = first
+    for record in records:
+        if record is None or isinstance(record, BadSample):
+            count = 1 if record is None else record.count
+            yield from [record] * count
+            index += count
+            continue
+        for row in range(len(record)):
+            wanted = select is None or select(index)
+            yield (record.samples[row], int(record.labels[row]), record.keys[row]) if wanted else None
+            index += 1
+
+
 def _name(url: str) -> str:
     """The shard as the user knows it (a command is shown without its options)."""
     return url.rsplit(" ", 1)[-1] if url.startswith("pipe:") else url if "://" in url else str(Path(url))
 
 
 def read_retrying(url: str, piece: Piece, offsets: list[int] | None, shape, dtype, num_classes: int,
-                  counter: Counter, select=None, retries: int = 3, backoff_s: float = 2.0):
-    """read_piece, resumed where it broke off after a doubling backoff, up to `retries` times
-    (for readers that need every sample and cannot defer, such as evaluation)."""
+                  counter: Counter, select=None, retries: int = 3, backoff_s: float = 2.0,
+                  layout: Layout = PER_SAMPLE):
+    """read_piece one sample at a time (per_sample), resumed where it broke off after a
+    doubling backoff, up to `retries` times (for readers that need every sample and cannot
+    defer, such as evaluation)."""
     import time
 
     delivered = 0
     for attempt in range(retries + 1):
         try:
             rest = Piece(piece.shard, piece.start + delivered, piece.stop)
-            for record in read_piece(url, rest, offsets, shape, dtype, num_classes, counter, select):
+            records = read_piece(url, rest, offsets, shape, dtype, num_classes, counter, select, layout)
+            for record in per_sample(records, rest.start, select):
                 delivered += 1
                 yield record
             return

@@ -35,13 +35,15 @@ import torch
 
 from gan_dist.data.index import CURL, REMOTE, DatasetInfo, open_dataset  # noqa: F401 - re-exported
 from gan_dist.data.plan import Piece, slot_pieces, unindexed_assignment
-from gan_dist.data.reader import Counter, ReadFailure, read_piece
-from gan_dist.data.samples import BadSample
+from gan_dist.data.reader import Counter, Layout, ReadFailure, read_piece
+from gan_dist.data.samples import BadSample, Block, concatenate
+from gan_dist.data.shuffle import capacity_rows, held_rows_bound, shuffled
 from gan_dist.errors import UserError
 from gan_dist.preempt import ignore_stop_signals, shut_down_at_exit
 from gan_dist.seeds import derive_seed
 
-SAMPLE_ORDER, LOADER = 1, 2  # seed purposes (plan.py's shard order is 0)
+SAMPLE_ORDER, LOADER = 1, 2  # seed purposes (plan.py's shard order is 0, resident.py's order 3)
+STREAM_FORMAT = "stream/2"  # how positions count (resume.layout): /2 in units of blocks' rows (shuffle.py)
 MAX_BAD_IN_A_ROW = 1000
 MAX_MESSAGES = 3
 MAX_BACKOFF_S = 120.0
@@ -50,12 +52,13 @@ MAX_BACKOFF_S = 120.0
 class Batch(NamedTuple):
     samples: torch.Tensor | None
     labels: torch.Tensor | None
-    keys: list[str]
+    keys: np.ndarray | list  # int64 source indices (object where a foreign shard's keys are text)
     bad_count: int = 0
     bad_messages: tuple[str, ...] = ()
     fatal: str = ""
     worker: int = 0  # the (rotated) worker that made it, and where its stream stood after it:
-    epoch: int = 0  # records `position` of epoch `epoch` consumed (what a resume skips to),
+    epoch: int = 0  # `position` units of epoch `epoch` consumed (what a resume skips to; a unit
+    # is a sample, a counted run of bad ones, or a storage event),
     position: int = 0
     failures: tuple = ()  # and that epoch's storage failures so far, ((queue step, delivered), ...)
     shard_failures: int = 0  # since the worker's previous batch
@@ -65,7 +68,7 @@ class Batch(NamedTuple):
 
 class _Bad(NamedTuple):
     message: str
-    count: int = 1
+    count: int = 1  # samples: a corrupt chunk is all of its samples (one stream unit)
 
 
 class _Event(NamedTuple):
@@ -90,7 +93,7 @@ class StreamSpec:
     rank: int
     world_size: int
     shuffle_buffer: int
-    cache_bytes: int = 0
+    chunk_size: int = 1
     num_epochs: int = 0  # 0: endless
     shard_counts: list[int] | None = None  # from index.json: pieces, and a short shard is noticed
     offsets: list[list[int]] | None = None
@@ -106,8 +109,6 @@ class ShardStream(torch.utils.data.IterableDataset):
     def __init__(self, spec: StreamSpec):
         super().__init__()
         self.spec = spec
-        self.cache: dict[int, dict[int, object]] = {}  # shard -> sample -> decoded record
-        self.cache_used = 0
         self.failures: dict[int, list] = {}  # epoch -> this worker's storage failures in it
         self.counter = Counter()
 
@@ -130,23 +131,30 @@ class ShardStream(torch.utils.data.IterableDataset):
         return _batches(records, spec.batch_per_device, worker, self)
 
     def _numbered(self, epoch: int, worker: int, slot: int, num_slots: int, skip: int, replay: list):
-        """(epoch, position after it, record) for one epoch, starting after `skip` records."""
+        """(epoch, position before it, record) for one epoch, from unit `skip` on (a resume
+        that stopped inside a block gets the block's remaining rows)."""
         records = self._epoch(epoch, worker, slot, num_slots, replay, skip)
-        position = skip
-        for position, record in enumerate(itertools.islice(records, skip, None), start=skip + 1):
+        position = 0
+        for record in records:
+            size = len(record) if isinstance(record, Block) else 1
+            if position + size <= skip:
+                position += size
+                continue
+            if position < skip:
+                record, position = record.rows(slice(skip - position, None)), skip
             yield epoch, position, record
+            position += len(record) if isinstance(record, Block) else 1
         if position == 0:  # an epoch without a single record: this slot would never make a batch
             yield epoch, 0, _Event(fatal=f"reader slot {slot} of {num_slots} got no sample in epoch {epoch}: the data "
                                          "has fewer samples than reader slots (processes x data.num_workers)")
 
     def _epoch(self, epoch: int, worker: int, slot: int, num_slots: int, replay: list, skip: int):
-        import webdataset as wds
-
         spec = self.spec
         for old in [e for e in self.failures if e < epoch]:
             del self.failures[old]
         self.failures[epoch] = list(replay)
-        protected = skip + spec.shuffle_buffer if skip else 0
+        capacity = capacity_rows(spec.shuffle_buffer, spec.chunk_size)
+        protected = skip + held_rows_bound(capacity, spec.chunk_size) if skip else 0
         if spec.shard_counts is not None:
             pieces = slot_pieces(spec.shard_counts, spec.seed, epoch, slot, num_slots)
             records = self._walk(pieces, epoch, dict(replay), protected)
@@ -155,17 +163,17 @@ class ShardStream(torch.utils.data.IterableDataset):
             records = self._walk([Piece(i, 0, None) for i in shard_ids], epoch, dict(replay), protected)
             if by_sample:
                 records = _every(records, slot, num_slots)
-        if spec.shuffle_buffer > 1:
-            seed = derive_seed(spec.seed, spec.rank, worker, epoch, SAMPLE_ORDER)
-            records = wds.shuffle(spec.shuffle_buffer, initial=spec.shuffle_buffer, seed=seed)(records)
+        if capacity:
+            rng = np.random.default_rng(derive_seed(spec.seed, spec.rank, worker, epoch, SAMPLE_ORDER))
+            records = shuffled(records, capacity, rng)
         return records
 
     def _walk(self, pieces: list[Piece], epoch: int, replay: dict, protected: int = 0):
         """The records of `pieces` in order; a piece whose read fails goes to the back of the
         queue with the samples it delivered removed. A resumed epoch repeats the failures it
-        had (`replay`: {queue step: delivered}) without waiting, and retries in place any new
-        one among its first `protected` outputs (what the resume skips, plus the shuffle
-        buffer), so its records come in the order the uninterrupted run had."""
+        had (`replay`: {queue step: samples delivered}) without waiting, and retries in place
+        any new one among its first `protected` units (what the resume skips, plus what the
+        shuffle buffer holds), so its records come in the order the uninterrupted run had."""
         spec = self.spec
         queue = collections.deque((piece, 0, 0.0) for piece in pieces)
         produced = 0
@@ -182,7 +190,7 @@ class ShardStream(torch.utils.data.IterableDataset):
             try:
                 if limit is not None or in_place:
                     for record in self._in_place(piece, limit):
-                        produced += 1
+                        produced += _units(record)
                         yield record
                         if isinstance(record, _Event):  # fatal: the storage never came back
                             return
@@ -190,8 +198,8 @@ class ShardStream(torch.utils.data.IterableDataset):
                         continue
                     raise ReadFailure(f"shard {piece.shard} failed here before the resume")
                 for record in self._piece(piece, None):
-                    delivered, produced = delivered + 1, produced + 1
-                    yield _Bad(str(record)) if isinstance(record, BadSample) else record
+                    delivered, produced = delivered + _samples_in(record), produced + _units(record)
+                    yield record
             except ReadFailure as err:
                 if limit is None:
                     self._record_failure(epoch, step, delivered)
@@ -215,8 +223,8 @@ class ShardStream(torch.utils.data.IterableDataset):
             try:
                 rest = Piece(piece.shard, piece.start + delivered, piece.stop)
                 for record in self._piece(rest, None if limit is None else limit - delivered):
-                    delivered += 1
-                    yield _Bad(str(record)) if isinstance(record, BadSample) else record
+                    delivered += _samples_in(record)
+                    yield record
                 return
             except ReadFailure as err:
                 if attempt > self.spec.max_shard_retries:
@@ -226,27 +234,17 @@ class ShardStream(torch.utils.data.IterableDataset):
                 time.sleep(_backoff(self.spec, attempt))
 
     def _piece(self, piece: Piece, limit: int | None):
-        """A piece's records (at most `limit`), from memory where the whole piece is cached."""
+        """A piece's records (its first `limit` samples): Blocks, and _Bad for bad samples."""
         spec = self.spec
-        cached = self.cache.get(piece.shard, {})
-        stop = piece.stop if limit is None else piece.start + limit
-        if stop == piece.start:
-            return
-        if stop is not None and all(i in cached for i in range(piece.start, stop)):
-            yield from (cached[i] for i in range(piece.start, stop))
+        if limit is not None:
+            piece = Piece(piece.shard, piece.start, piece.start + limit)
+        if piece.stop == piece.start:
             return
         offsets = spec.offsets[piece.shard] if spec.offsets else None
-        records = read_piece(spec.urls[piece.shard], Piece(piece.shard, piece.start, stop) if limit is not None
-                             else piece, offsets, spec.shape, spec.dtype, spec.num_classes, self.counter)
-        for i, record in enumerate(records, start=piece.start):
-            # Kept only while the cache has room, so a worker never holds more than
-            # data.cache_mb of decoded samples.
-            size_bytes = 64 if isinstance(record, BadSample) else record[0].nbytes + 64
-            if self.cache_used + size_bytes <= spec.cache_bytes and i not in cached:
-                self.cache.setdefault(piece.shard, cached)[i] = record
-                self.cache_used += size_bytes
-            yield record
-
+        layout = Layout(spec.chunk_size, spec.shard_counts[piece.shard] if spec.shard_counts else None)
+        for record in read_piece(spec.urls[piece.shard], piece, offsets, spec.shape, spec.dtype, spec.num_classes,
+                                 self.counter, layout=layout):
+            yield _Bad(str(record), record.count) if isinstance(record, BadSample) else record
 
     def _record_failure(self, epoch: int, step: int, delivered: int) -> None:
         self.failures[epoch].append((step, delivered))
@@ -282,21 +280,35 @@ def _backoff(spec: StreamSpec, num_failed: int) -> float:
     return min(MAX_BACKOFF_S, spec.retry_backoff_s * 2 ** (num_failed - 1))
 
 
+def _units(record) -> int:
+    """Stream units a walk record takes: a Block its rows; a run of bad samples or an event, one."""
+    return len(record) if isinstance(record, Block) else 1
+
+
+def _samples_in(record) -> int:
+    return len(record) if isinstance(record, Block) else record.count if isinstance(record, _Bad) else 0
+
+
 def _every(records, first: int, step: int):
-    """Every step-th sample from the first-th on; events pass through."""
+    """Every step-th sample from the first-th on (bad ones included in the count); events pass."""
     index = 0
     for record in records:
         if isinstance(record, _Event):
             yield record
             continue
-        if index % step == first:
+        count = _samples_in(record)
+        kept = np.flatnonzero((np.arange(index, index + count) % step) == first)
+        index += count
+        if len(kept) == count:
             yield record
-        index += 1
+        elif len(kept):
+            yield record.rows(kept) if isinstance(record, Block) else _Bad(record.message, len(kept))
 
 
 def _batches(numbered_records, batch_size: int, worker: int, stream: ShardStream):
-    """Full batches of good samples; bad ones are counted into the next batch (the rest dropped at the end)."""
-    items, bad_count, messages, bad_in_a_row = [], 0, [], 0
+    """Full batches of good samples, cut from the blocks as they come; bad ones are counted into
+    the next batch (the rest dropped at the end)."""
+    parts, rows, bad_count, messages, bad_in_a_row = [], 0, 0, [], 0
     events = {"failures": 0, "retries": 0}
     for epoch, position, record in numbered_records:
         if isinstance(record, _Event):
@@ -316,15 +328,20 @@ def _batches(numbered_records, batch_size: int, worker: int, stream: ShardStream
                             fatal=f"{bad_in_a_row} bad samples in a row and no good one, e.g. {messages[0]}")
                 return
             continue
-        bad_in_a_row = 0
-        items.append(record)
-        if len(items) == batch_size:
-            arrays, labels, keys = zip(*items)
-            yield Batch(torch.from_numpy(np.stack(arrays)), torch.tensor(labels, dtype=torch.int64), list(keys),
-                        bad_count, tuple(messages), worker=worker, epoch=epoch, position=position,
+        bad_in_a_row, start = 0, 0
+        while start < len(record):
+            take = min(batch_size - rows, len(record) - start)
+            parts.append(record.rows(slice(start, start + take)) if take < len(record) else record)
+            rows, start = rows + take, start + take
+            if rows < batch_size:
+                continue
+            block = concatenate(parts)
+            samples = block.samples if block.samples.flags.writeable else block.samples.copy()
+            yield Batch(torch.from_numpy(samples), torch.from_numpy(block.labels), block.keys,
+                        bad_count, tuple(messages), worker=worker, epoch=epoch, position=position + start,
                         failures=tuple(stream.failures.get(epoch, ())), shard_failures=events["failures"],
                         shard_retries=events["retries"], read_bytes=stream.counter.bytes)
-            items, bad_count, messages = [], 0, []
+            parts, rows, bad_count, messages = [], 0, 0, []
             events = {"failures": 0, "retries": 0}
             stream.counter.bytes = 0
     if bad_count:  # a finite pass that ends on bad samples still reports them
@@ -345,16 +362,25 @@ class _Loader(torch.utils.data.DataLoader):
 
 
 def make_loader(info: DatasetInfo, batch_per_device: int, seed: int, rank: int, num_workers: int,
-                shuffle_buffer: int, cache_mb: float = 0, pin_memory: bool = False, world_size: int = 1,
+                shuffle_buffer: int, pin_memory: bool = False, world_size: int = 1,
                 conditional: bool = False, num_epochs: int = 0, start: dict | None = None,
-                max_shard_retries: int = 8, retry_backoff_s: float = 2.0, failure_log: str = ""):
-    """This rank's DataLoader of `Batch`es: endless (num_epochs=0), or a finite pass of `num_epochs`."""
+                max_shard_retries: int = 8, retry_backoff_s: float = 2.0, failure_log: str = "",
+                resident: str = "off", device=None):
+    """This rank's loader of `Batch`es: endless (num_epochs=0), or a finite pass of `num_epochs`.
+    resident "host" or "device": the whole dataset in one array there (resident.py) and no
+    worker processes; "off": streamed from the shards by `num_workers` workers."""
+    if resident != "off":
+        from gan_dist.data.resident import ResidentLoader
+
+        return ResidentLoader(info, batch_per_device, seed, rank, world_size, conditional, num_epochs, start,
+                              max_shard_retries, retry_backoff_s, device if resident == "device" else None,
+                              pin_memory)
     num_slots = world_size * max(1, num_workers)
     if info.shard_counts is not None and info.count < num_slots:  # an empty slot would never yield a batch
         raise UserError(f"the dataset has {info.count} samples, fewer than the {num_slots} reader slots "
                         f"({world_size} processes x {max(1, num_workers)} data.num_workers): lower data.num_workers")
     spec = StreamSpec(info.urls, info.shape, info.dtype, info.num_classes if conditional else 0,
-                      batch_per_device, seed, rank, world_size, shuffle_buffer, int(cache_mb * 2**20), num_epochs,
+                      batch_per_device, seed, rank, world_size, shuffle_buffer, info.chunk_size, num_epochs,
                       info.shard_counts, info.offsets, start, max_shard_retries, retry_backoff_s, failure_log)
     loader = _Loader(
         ShardStream(spec), batch_size=None, collate_fn=_as_is, num_workers=num_workers,
@@ -363,6 +389,7 @@ def make_loader(info: DatasetInfo, batch_per_device: int, seed: int, rank: int, 
         worker_init_fn=ignore_stop_signals if num_workers > 0 else None,
         prefetch_factor=4 if num_workers > 0 else None,
     )
+    loader.data_mode = STREAM_FORMAT
     return loader if num_epochs == 0 else FinitePass(loader, finite_batches(info, spec, num_workers))
 
 
@@ -395,7 +422,7 @@ class FinitePass:
     def __iter__(self):
         full = 0
         for batch in self.loader:
-            if batch.keys and full == self.num_batches:
+            if len(batch.keys) and full == self.num_batches:
                 return
-            full += bool(batch.keys)
+            full += bool(len(batch.keys))
             yield batch  # batches of bad samples only are passed on, not counted

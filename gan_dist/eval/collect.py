@@ -140,7 +140,7 @@ def _selected_batches(info: DatasetInfo, selection: Selection, batch: int, rank:
         select = None if selection.mask is None else (lambda i, o=offset: bool(selection.mask[i + o]))
         offsets = info.offsets[piece.shard] if info.offsets else None
         records = read_retrying(info.urls[piece.shard], piece, offsets, info.shape, info.dtype, info.num_classes,
-                                Counter(), select)
+                                Counter(), select, layout=info.layout(piece.shard))
         for index, record in enumerate(records, start=first):
             if record is None or isinstance(record, Exception):  # not selected, or a bad sample (skipped)
                 continue

@@ -37,11 +37,15 @@ DCGAN = ["model.name=dcgan", "model.width_mult=0.125", "data.dataset=digits", "d
 NONSAT_R1 = ["loss.name=nonsaturating", "loss.r1_gamma=1", "loss.r1_interval=1"]
 HINGE_NCRITIC = ["loss.name=hinge", "train.n_critic=2"]
 COMPILE = ["loss.r1_gamma=1", "loss.r1_interval=2", "train.max_steps=6", "log.every_steps=3"]
-RESUME = ["run.overwrite=false", "train.total_kimg=2", "data.num_workers=2", "checkpoint.every_kimg=0",
+STREAMED = ["data.resident=off"]  # cases about reader slots, workers and storage
+RESUME = [*STREAMED, "run.overwrite=false", "train.total_kimg=2", "data.num_workers=2", "checkpoint.every_kimg=0",
           "log.every_steps=7", "log.sample_every_kimg=0.3", "loss.r1_gamma=1", "loss.r1_interval=3"]
 
 CASES = {
     "eq-mlp-r1": [*EQ_SHARED, *NONSAT_R1],
+    # No data hook: the product's resident loader on the chunked digits. Its order is a function
+    # of the global batch (rank r takes the r-th part of global batch k), so it needs none.
+    "eq-mlp-r1-resident": [*EQ_SHARED, *NONSAT_R1, "data.resident=host"],
     "eq-mlp-hinge": [*EQ_SHARED, *HINGE_NCRITIC],
     "eq-mlp-gp": [*EQ_SHARED, "loss.name=wasserstein", "loss.gp_weight=10"],
     "eq-mlp-diffaug": [*EQ_SHARED, *NONSAT_R1, "data.diffaugment=color,translation,cutout"],
@@ -67,9 +71,9 @@ CASES = {
     "resume-leg1": [*RESUME, "run.name=resume-split", "train.max_steps=21"],
     "resume-leg2": [*RESUME, "run.name=resume-split", "train.max_steps=40"],
     # A corrupt sample (in OUT/bad-digits, written by the test) under data.on_error=raise.
-    "bad-data-raise": ["data.on_error=raise", "train.max_steps=40"],
+    "bad-data-raise": [*STREAMED, "data.on_error=raise", "train.max_steps=40"],
     # Rank 1 cannot read any shard (its node lost the storage): its stream gives up at once.
-    "fatal-data-raise": ["data.on_error=raise", "train.max_steps=20", "data.max_shard_retries=1",
+    "fatal-data-raise": [*STREAMED, "data.on_error=raise", "train.max_steps=20", "data.max_shard_retries=1",
                          "data.retry_backoff_s=0"],
     # torch.compile of G and D under DDP against the same run eager (R1 stays eager in both).
     "compile-r1": [*COMPILE, "train.compile=true"],
@@ -81,10 +85,10 @@ CASES = {
     # Over http (test_distributed starts the servers): shard 2 is cut off half-way on its first
     # 5 requests, then served; 130 steps of 2 x 16 take every slot through two epochs (so
     # every failure and retry, in whichever epoch it came, has reached metrics.jsonl).
-    "http-flaky": ["data.num_workers=2", "data.shuffle_buffer=16", "data.retry_backoff_s=0.05",
+    "http-flaky": [*STREAMED, "data.num_workers=2", "data.shuffle_buffer=16", "data.retry_backoff_s=0.05",
                    "train.total_kimg=5", "train.max_steps=130", "log.every_steps=10"],
     # Shard 2 is cut off on every request, under data.on_error=skip: both ranks stop together.
-    "http-lost": ["data.num_workers=2", "data.retry_backoff_s=0.05", "data.max_shard_retries=2", "train.total_kimg=7",
+    "http-lost": [*STREAMED, "data.num_workers=2", "data.retry_backoff_s=0.05", "data.max_shard_retries=2", "train.total_kimg=7",
                   "train.max_steps=200",
                   "log.every_steps=5"],
 }
@@ -175,14 +179,15 @@ def fit(self) -> None:
         self._noise = draws.noise
         self.augment.before_d = draws.before_d
         trainer_mod.interpolate = draws.interpolate
-        self.data = global_batches(self, CURRENT["images"])
+        if "data.resident=host" not in CASES[case]:
+            self.data = global_batches(self, CURRENT["images"])
     elif case == "nan-on-rank1":
         nan_on_rank1(self)
     elif case == "perturb-rank1":
         _perturb_rank1_after_step2(self)
     consumed = []  # (worker, keys) of every batch this rank trained on, in order
     account = self.data_health.account
-    self.data_health.account = lambda batch: consumed.append((batch.worker, list(batch.keys))) or account(batch)
+    self.data_health.account = lambda batch: consumed.append((batch.worker, np.asarray(batch.keys).tolist())) or account(batch)
     initial_G = _state(self.G_raw)
     try:
         _fit(self)

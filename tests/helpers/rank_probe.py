@@ -8,6 +8,7 @@ training path is the product's own.
 import os
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from gan_dist import trainer as trainer_mod
@@ -21,7 +22,7 @@ class _KeyRecorder:
 
     def __iter__(self):
         for batch in self.loader:
-            self.sink.setdefault("first_keys", list(batch[2]))
+            self.sink.setdefault("first_keys", np.asarray(batch[2]).tolist())
             yield batch
 
 

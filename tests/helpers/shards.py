@@ -8,9 +8,10 @@ from pathlib import Path
 from gan_dist.data.prepare import sha256_of
 
 
-def rewrite_shard(dataset: Path, shard: int, samples: list[dict]) -> Path:
-    """Replace shard `shard` with raw webdataset samples; its count, offsets, sha256 and class
-    counts in index.json follow, as a prepare of these samples would write them."""
+def rewrite_shard(dataset: Path, shard: int, samples: list[dict], rows: list[int] | None = None) -> Path:
+    """Replace shard `shard` with raw webdataset entries (samples, or chunks of `rows[i]`
+    samples); its count, offsets, sha256 and class counts in index.json follow, as a prepare
+    of these entries would write them."""
     import webdataset as wds
 
     index = json.loads((dataset / "index.json").read_text())
@@ -24,7 +25,26 @@ def rewrite_shard(dataset: Path, shard: int, samples: list[dict]) -> Path:
             label = sample.get("cls", b"").decode(errors="replace")
             if label.isdigit() and int(label) < len(class_counts):
                 class_counts[int(label)] += 1
-    entry.update(count=len(samples), offsets=offsets, sha256=sha256_of(path), class_counts=class_counts)
+    count = len(samples) if rows is None else sum(rows)
+    entry.update(count=count, offsets=offsets, sha256=sha256_of(path), class_counts=class_counts)
     index["count"] = sum(s["count"] for s in index["shards"])
     (dataset / "index.json").write_text(json.dumps(index))
     return path
+
+
+def keys_in(url: str) -> list[int]:
+    """The sample keys of a local shard in their order, whichever layout it has."""
+    import io
+    import tarfile
+
+    import numpy as np
+
+    keys = []
+    with tarfile.open(url) as tar:
+        for member in tar:
+            key, _, field = member.name.partition(".")
+            if field == "keys.npy":
+                keys.extend(np.load(io.BytesIO(tar.extractfile(member).read())).tolist())
+            elif field in ("npy", "png", "jpg") and key.isdigit():
+                keys.append(int(key))
+    return keys

@@ -39,7 +39,7 @@ def read_once(data_dir: str, out_dir: Path, rank: int, world_size: int) -> list:
     loader = make_loader(open_dataset(data_dir), 1, 0, rank, num_workers=4, shuffle_buffer=1,
                          world_size=world_size, num_epochs=2)
     # The DataLoader itself: FinitePass would cut every rank to the smallest rank's batch count.
-    return [(b.worker, b.epoch, b.keys[0], b.read_bytes) for b in loader.loader if b.keys]
+    return [(b.worker, b.epoch, int(b.keys[0]), b.read_bytes) for b in loader.loader if len(b.keys)]
 
 
 def main() -> None:
@@ -50,10 +50,10 @@ def main() -> None:
     result = {"world_size": world_size}
     for name, seed in (("first", 0), ("again", 0), ("other_seed", 1)):
         loader = make_loader(info, 16, seed, rank, num_workers=2, shuffle_buffer=50, world_size=world_size, num_epochs=1)
-        batches = [b for b in loader if b.keys]
+        batches = [b for b in loader if len(b.keys)]
         counts = torch.tensor([len(batches), -len(batches)])
         dist.all_reduce(counts, op=dist.ReduceOp.MIN)
-        result[name] = {"keys": [k for b in batches for k in b.keys], "batches": len(batches),
+        result[name] = {"keys": [int(k) for b in batches for k in b.keys], "batches": len(batches),
                         "min_batches": int(counts[0]), "max_batches": int(-counts[1])}
     if len(sys.argv) > 3:
         result["read_once"] = read_once(sys.argv[3], out_dir, rank, world_size)
