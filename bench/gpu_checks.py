@@ -12,7 +12,8 @@ fails prints its row with FAILED and its traceback, and the others still run.
   finite losses (the scalers' overflows counted per network).
 - no (fp32): fused Adam's found_inf leaves weights, moments and step counts untouched on a
   NaN step; a checkpoint written on the CPU resumes on the GPU; the real loader (synthetic
-  64 px shards, 2 and 12 workers) feeding DCGAN-64; the speed rows in fp32 and the bare loop.
+  64 px chunked shards, streamed by 2 and 12 workers, and resident on the device) feeding
+  DCGAN-64; the speed rows in fp32 and the bare loop.
 - bf16: host syncs per step as for fp16, then the bf16 and bf16 + channels_last + compile
   speed rows (compile last: a cold compile is the slowest thing here).
 
@@ -214,22 +215,24 @@ def real_loader(sizes: Sizes) -> None:
     write_shards(ArraySource(samples, np.zeros(len(samples), np.int64), [], "synthetic 64 px"), shards,
                  shard_size=512, workers=4)
     setting = f"DCGAN-64 fp32, batch {sizes.batch}, {sizes.loader_images} synthetic 64 px npy images"
-    for workers in sizes.workers:
-        checked(f"real loader, {workers} worker(s)", setting)(_loader_row)(sizes, shards, workers, setting)
+    readings = [(f"{workers} worker(s), streamed", ["data.resident=off", f"data.num_workers={workers}"])
+                for workers in sizes.workers] + [("resident on the device", ["data.resident=device"])]
+    for what, reading in readings:
+        checked(f"real loader, {what}", setting)(_loader_row)(sizes, shards, what, reading, setting)
 
 
-def _loader_row(sizes: Sizes, shards: Path, workers: int, setting: str) -> None:
+def _loader_row(sizes: Sizes, shards: Path, what: str, reading: list[str], setting: str) -> None:
     from gan_dist.train import train
 
     config, _, model_overrides = MODELS["DCGAN-64"]
     root = tempfile.mkdtemp()
     steps = sizes.warmup + sizes.steps
     train(str(overhead.ROOT / "configs" / config),
-          [*model_overrides, *sizes.width, f"data.path={shards}", f"data.num_workers={workers}",
+          [*model_overrides, *sizes.width, f"data.path={shards}", *reading,
            f"run.root={root}", f"train.batch_size={sizes.batch}", f"train.max_steps={steps}",
            f"log.every_steps={max(1, steps // 3)}", "log.sample_every_kimg=1e9", "checkpoint.every_kimg=0"])
     last = json.loads(next(Path(root).glob("*/metrics.jsonl")).read_text().splitlines()[-1])
-    row("checks", f"real loader, {workers} worker(s)", setting, f"{last['Speed/img_per_s']:,.0f} img/s",
+    row("checks", f"real loader, {what}", setting, f"{last['Speed/img_per_s']:,.0f} img/s",
         f"data wait {last['Speed/data_wait_fraction']:.0%} of the last interval")
 
 

@@ -37,7 +37,7 @@ STATE_FORMAT = "gan_dist.checkpoint/1"
 # Keys a resumed run may change; any other difference changes tensor shapes or the training
 # itself, and is refused.
 MAY_CHANGE = ("run.", "log.", "checkpoint.", "dist.", "train.total_kimg", "train.max_steps", "train.resume",
-              "train.max_skipped_in_row", "train.rollback_on_divergence", "data.num_workers", "data.path", "data.root", "data.resident",
+              "train.max_skipped_in_row", "train.rollback_on_divergence", "data.num_workers", "data.path", "data.root", "data.resident", "data.cache_mb",
               "data.on_error", "data.max_shard_retries", "data.retry_backoff_s", "train.num_threads", "eval.", "train.compile", "train.tf32",
               "optim.fused", "train.device")
 # Test-only: called with the file just written, to inject a crash between files.

@@ -66,7 +66,8 @@ def test_the_gpu_check_dry_run_runs_every_check(tmp_path):
     table = (out / "gpu.md").read_text()
     assert "FAILED" not in table, table
     for check in ("fp16 + R1 trains", "bf16 + R1 trains", "fused Adam found_inf | cpu, a NaN D step | PASS",
-                  "CPU checkpoint resumes", "real loader, 1 worker(s)", "real loader, 2 worker(s)"):
+                  "CPU checkpoint resumes", "real loader, 1 worker(s), streamed", "real loader, 2 worker(s), streamed",
+                  "real loader, resident on the device"):
         assert check in table, check
     speed = [line for line in table.splitlines() if line.startswith(("| DCGAN-64", "| ResNet-32"))]
     assert len(speed) == 8 and sum("compiled on a GPU only" in line for line in speed) == 2, speed

@@ -320,7 +320,7 @@ def _batches(numbered_records, batch_size: int, worker: int, stream: ShardStream
             events["retries"] += record.retries
             continue
         if isinstance(record, _Bad):
-            bad_count, bad_in_a_row = bad_count + record.count, bad_in_a_row + record.count
+            bad_count, bad_in_a_row = bad_count + record.count, bad_in_a_row + 1  # runs: one corrupt chunk is one
             if len(messages) < MAX_MESSAGES:
                 messages.append(record.message)
             if bad_in_a_row >= MAX_BAD_IN_A_ROW:
