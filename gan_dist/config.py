@@ -49,7 +49,7 @@ class DataConfig:
     resolution: int = 0
     """Resize images to this many pixels square when preparing a built-in dataset (0 keeps the native size)."""
     num_workers: int = 2
-    """DataLoader worker processes per training process (0 reads in the training process)."""
+    """DataLoader worker processes per training process for streamed data (0 reads in the training process); resident data uses none."""
     shuffle_buffer: int = 1000
     """Samples held in each streaming worker's shuffle buffer (at least 8 chunks of a chunked dataset), seeded from train.seed, rank and worker; 1 turns it off."""
     resident: Literal["auto", "off", "host", "device"] = "auto"

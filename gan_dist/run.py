@@ -79,27 +79,30 @@ def open_info(cfg, accelerator) -> DatasetInfo:
     return info
 
 
-def read_mode(cfg, accelerator, info: DatasetInfo) -> tuple[str, str]:
+def read_mode(cfg, accelerator, info: DatasetInfo, previous: str | None = None) -> tuple[str, str]:
     """(how the data is read: "off" (streamed), "host" or "device" (resident), why), decided by
-    rank 0 from its node's memory for data.resident=auto, so that every rank reads alike."""
+    rank 0 from its node's memory for data.resident=auto, so that every rank reads alike;
+    `previous`: the resumed checkpoint's data mode, kept under auto while it fits."""
     import os
 
     from gan_dist.data import resident
 
     processes_on_node = int(os.environ.get("LOCAL_WORLD_SIZE", accelerator.num_processes))
     return parallel.decided_on_rank0(accelerator, lambda: resident.choose(
-        info, cfg.data.resident, processes_on_node, resident.available_memory_bytes()))
+        info, cfg.data.resident, processes_on_node, resident.available_memory_bytes(), previous))
 
 
 def open_loader(cfg, accelerator, info: DatasetInfo, batch_per_device: int, mode: str,
                 stream_start: dict | None = None, failure_log: str = ""):
-    """This rank's loader, starting where `stream_start` says (a resume) or at epoch 0."""
-    return make_loader(info, batch_per_device, cfg.train.seed, accelerator.process_index,
+    """This rank's loader, starting where `stream_start` says (a resume) or at epoch 0. Resident
+    data is read here, before training, so its load is not taken for a stalled data wait."""
+    loader = make_loader(info, batch_per_device, cfg.train.seed, accelerator.process_index,
                        cfg.data.num_workers, cfg.data.shuffle_buffer,
                        pin_memory=accelerator.device.type == "cuda", world_size=accelerator.num_processes,
                        conditional=cfg.model.conditional, start=stream_start,
                        max_shard_retries=cfg.data.max_shard_retries, retry_backoff_s=cfg.data.retry_backoff_s,
                        failure_log=failure_log, resident=mode, device=accelerator.device)
+    return loader.load() if mode != "off" else loader
 
 
 def data_warnings(info: DatasetInfo, num_slots: int) -> list[str]:

@@ -147,20 +147,33 @@ def _build_networks(cfg, acc, info, per_device: int):
     return parallel.build_backend(cfg, acc, G, D, *build_optimizers(cfg, G, D), per_device)
 
 
+def _open_data(cfg, acc, info, plan: ResumePlan, per_device: int, run_dir: Path):
+    """(read mode, why, this rank's loader, its failure log) for a new run or a resume."""
+    from gan_dist import resume
+    from gan_dist.run import open_loader, read_mode
+
+    checkpoint, state = plan.checkpoint, plan.state
+    if checkpoint is not None:
+        parallel.decided_on_rank0(acc, lambda: resume.check_data_matches(checkpoint, info))
+    mode, reading = read_mode(cfg, acc, info, state.get("data_mode") if checkpoint is not None else None)
+    if mode != "off":  # resident data starts no loader workers: their cores are the trainer's
+        parallel.configure_threads(cfg.train.num_threads, 0, acc.device.type)
+    now = resume.layout(acc.num_processes, cfg.data.num_workers, acc.device.type, info.identity()["sha256"],
+                        resume.data_mode(mode))
+    start = resume.stream_start(checkpoint, state, acc.process_index, now) if checkpoint else None
+    # Storage failures each loader worker meets, one directory per leg of the run (the leg
+    # after a resume replays the earlier legs' failures from the checkpoint instead).
+    failure_log = run_dir / ".stream" / f"from-step-{state['progress']['step'] if checkpoint else 0}"
+    return mode, reading, open_loader(cfg, acc, info, per_device, mode, start, str(failure_log)), failure_log
+
+
 def train(config_path: str | None, overrides: list[str], debug: bool = False,
           stop_request: StopRequest | None = None) -> int:
     from gan_dist import resume
     from gan_dist.console import Console
     from gan_dist.ema import EMA
     from gan_dist.losses import get_loss
-    from gan_dist.run import (
-        data_warnings,
-        describe_run,
-        open_info,
-        open_loader,
-        prepare_run_dir,
-        read_mode,
-    )
+    from gan_dist.run import data_warnings, describe_run, open_info, prepare_run_dir
     from gan_dist.trainer import Trainer
 
     cfg = config_mod.load_config(config_path, overrides)
@@ -175,18 +188,7 @@ def train(config_path: str | None, overrides: list[str], debug: bool = False,
     per_device = parallel.batch_per_device(cfg.train.batch_size, acc.num_processes, cfg.train.num_micro_batches)
     checkpoint, state = plan.checkpoint, plan.state
     info = open_info(cfg, acc)
-    if checkpoint is not None:
-        parallel.decided_on_rank0(acc, lambda: resume.check_data_matches(checkpoint, info))
-    mode, reading = read_mode(cfg, acc, info)
-    if mode != "off":  # resident data starts no loader workers: their cores are the trainer's
-        parallel.configure_threads(cfg.train.num_threads, 0, acc.device.type)
-    now = resume.layout(acc.num_processes, cfg.data.num_workers, acc.device.type, info.identity()["sha256"],
-                        resume.data_mode(mode))
-    start = resume.stream_start(checkpoint, state, acc.process_index, now) if checkpoint else None
-    # Storage failures each loader worker meets, one directory per leg of the run (the leg
-    # after a resume replays the earlier legs' failures from the checkpoint instead).
-    failure_log = run_dir / ".stream" / f"from-step-{state['progress']['step'] if checkpoint else 0}"
-    loader = open_loader(cfg, acc, info, per_device, mode, start, str(failure_log))
+    mode, reading, loader, failure_log = _open_data(cfg, acc, info, plan, per_device, run_dir)
     loss = get_loss(cfg.loss.name)
     backend = _build_networks(cfg, acc, info, per_device)
     # Only now, with config, data, models and engines known to be good, is the run directory touched.
@@ -196,7 +198,8 @@ def train(config_path: str | None, overrides: list[str], debug: bool = False,
     console = Console(acc.is_main_process, int(cfg.train.total_kimg * 1000), run_dir, acc)
     console.summary(f"gan_dist run '{cfg.run.name}'", describe_run(cfg, acc, info, backend, per_device, reading))
     if acc.is_main_process:  # reading the first shard for the class check is rank 0's alone
-        for warning in data_warnings(info, acc.num_processes * max(1, cfg.data.num_workers)) if mode == "off" else []:
+        warnings = data_warnings(info, acc.num_processes * max(1, cfg.data.num_workers)) if mode == "off" else []
+        for warning in warnings:
             console.warn(warning)
     if debug:
         console.print(f"G: {backend.raw['G']}\nD: {backend.raw['D']}")

@@ -121,3 +121,36 @@ def test_chunk_options_are_checked(tmp_path):
     assert json.loads((write_shards(source, tmp_path / "auto") / "index.json").read_text())["chunk_size"] == 1024
     rgb64 = ArraySource(np.zeros((4, 3, 64, 64), np.uint8), np.zeros(4, int), [], "zeros")
     assert json.loads((write_shards(rgb64, tmp_path / "a64") / "index.json").read_text())["chunk_size"] == 128
+
+
+def test_the_read_factor_of_a_stream_that_cannot_seek_counts_whole_chunks():
+    from gan_dist.data.plan import read_multiplication
+
+    # One shard of 10 chunks of 100 samples, 1,000 bytes each, on 3 slots: the pieces [0, 333),
+    # [333, 666), [666, 1000) read from the shard's start to the end of the chunk holding their
+    # last sample (4, 7 and 10 chunks) and need 4 chunks each.
+    offsets = [[1000 * i for i in range(11)]]
+    assert read_multiplication(1, [1000], offsets, 3, seekable=False, chunk_size=100) == pytest.approx(21 / 12)
+    assert read_multiplication(1, [1000], offsets, 3, seekable=True, chunk_size=100) == 1.0
+
+
+def test_a_shard_pattern_over_chunked_shards_knows_its_chunk_size(chunked):
+    pattern = open_dataset(str(chunked[0] / "shard-{000000..000007}.tar"))
+    assert pattern.chunk_size == 100 and pattern.shard_counts is None
+    assert open_dataset(str(chunked[1] / "shard-{000000..000007}.tar")).chunk_size == 1
+    import itertools
+
+    keys = _keys(itertools.islice(iter(make_loader(pattern, 16, 0, 0, 0, 1000)), 1797 // 16))
+    assert len(set(keys)) == len(keys) == 1792 and set(keys) <= {k for u in pattern.urls for k in keys_in(u)}
+
+
+def test_an_index_with_no_chunk_size_is_refused_by_name(chunked, tmp_path):
+    import shutil
+
+    broken = tmp_path / "broken"
+    shutil.copytree(chunked[0], broken)
+    index = json.loads((broken / "index.json").read_text())
+    index["chunk_size"] = 0
+    (broken / "index.json").write_text(json.dumps(index))
+    with pytest.raises(UserError, match="gives chunk_size 0 .*re-run gan-dist prepare"):
+        open_dataset(str(broken))

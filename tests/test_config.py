@@ -89,11 +89,20 @@ def test_gan_dist_check_validates_registries(capsys):
 
 @pytest.mark.parametrize("override", ["optim.generator.warmup_kimg=-5", "log.sample_every_kimg=0",
                                       "optim.discriminator.grad_clip_norm=-1", "train.ema_rampup=-0.1",
-                                      "optim.generator.eps=0", "data.cache_mb=-1", "train.num_threads=-2"])
+                                      "optim.generator.eps=0", "data.max_shard_retries=-1", "train.num_threads=-2"])
 def test_out_of_range_values_are_refused(override):
     key = override.split("=")[0]
     with pytest.raises(UserError, match=f"config key '{key}'"):
         load_config(None, [override])
+
+
+def test_a_removed_key_says_what_replaced_it(tmp_path):
+    with pytest.raises(UserError, match=r"config key 'data.cache_mb' was removed: .*data.resident.*delete the key"):
+        load_config(None, ["data.cache_mb=512"])
+    path = tmp_path / "old.yaml"
+    path.write_text("data:\n  cache_mb: 512\n")
+    with pytest.raises(UserError, match="'data.cache_mb' was removed"):
+        load_config(str(path), [])
 
 
 def test_invalid_yaml_is_a_user_error(tmp_path):

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import torch
 from conftest import tiny_args
+from shards import keys_in
 
 from gan_dist.data.index import DatasetInfo
 from gan_dist.data.prepare import write_shards
@@ -45,28 +46,52 @@ def test_the_order_depends_on_the_global_batch_only(digits_dir):
     assert all(torch.equal(a.samples, b.samples) for a, b in zip(on_device, one))
 
 
-def test_bad_samples_are_dropped_and_counted_every_epoch_once(tmp_path):
+def _with_bad_samples(clean, out, shard: int, bad_rows: list[int]):
+    """A copy of `clean` (per-sample shards) whose shard `shard` has `bad_rows` corrupt, all else kept."""
+    import shutil
+    import tarfile
+
     from shards import rewrite_shard
 
-    path = write_shards(digits(), tmp_path / "bad", chunk=1)
-    good = [{"__key__": "00009000", "npy": _npy(np.zeros((1, 8, 8), np.uint8)), "cls": b"1"}]
-    rewrite_shard(path, 3, good + [{"__key__": f"bad{i}", "npy": b"\x93NUMPY garbage", "cls": b"1"} for i in range(2)])
-    info = open_dataset(str(path))
-    ranks = [_batches(info, 50, rank, 2, count=80) for rank in (0, 1)]  # 8,000 samples: 4 epochs
-    epochs = sorted({b.epoch for b in ranks[0]})
-    assert sum(b.bad_count for b in ranks[0]) == 2 * len(epochs) and sum(b.bad_count for b in ranks[1]) == 0
-    assert "shard-000003.tar key bad0: corrupt .npy" in ranks[0][0].bad_messages[0]
+    shutil.copytree(clean, out)
+    entries = {}
+    with tarfile.open(out / f"shard-{shard:06d}.tar") as tar:
+        for member in tar:
+            key, _, field = member.name.partition(".")
+            entries.setdefault(key, {"__key__": key})[field] = tar.extractfile(member).read()
+    samples = list(entries.values())
+    for row in bad_rows:
+        samples[row]["npy"] = b"\x93NUMPY garbage"
+    rewrite_shard(out, shard, samples)
+    return open_dataset(str(out))
+
+
+def test_bad_samples_keep_their_place_and_are_counted_where_the_order_reaches_them(tmp_path):
+    """Each bad sample is counted once per epoch, in the batch (and on the rank) whose part of
+    the order holds it, and the next good row takes its place; the order is the one a clean
+    copy gives, so ranks whose reads met different bad samples still agree on every position."""
+    clean = write_shards(digits(), tmp_path / "clean", chunk=1)
+    info = _with_bad_samples(clean, tmp_path / "bad", 3, [1, 2])
+    bad_keys = set(keys_in(info.urls[3])[1:3])
+    ranks = [_batches(info, 50, rank, 2, count=80) for rank in (0, 1)]  # 8,000 samples: 4.45 epochs
+    hits = [b.bad_count for r in ranks for b in r]
+    epochs = 8000 / info.count
+    assert 2 * int(epochs) <= sum(hits) <= 2 * int(epochs) + 2 and max(hits) <= 2
+    assert len([h for h in hits if h]) >= 4, "the count is spread over the batches that reach them"
+    assert all(b.bad_messages for r in ranks for b in r if b.bad_count)
+    assert "shard-000003.tar key" in next(b for b in ranks[0] + ranks[1] if b.bad_count).bad_messages[0]
     keys = {int(k) for r in ranks for b in r for k in b.keys}
-    assert 9000 in keys and len(keys) == info.count - 2
+    assert not keys & bad_keys and len(keys) == info.count - 2 and all(len(b.keys) == 50 for r in ranks for b in r)
+    reference = [_batches(open_dataset(str(clean)), 50, rank, 2, count=80) for rank in (0, 1)]
+    for got, want in zip(ranks[0] + ranks[1], reference[0] + reference[1], strict=True):
+        assert (got.epoch, got.position) == (want.epoch, want.position)
+        same = np.isin(want.keys, list(bad_keys), invert=True)
+        assert got.keys[same].tolist() == want.keys[same].tolist() and got.bad_count == (~same).sum()
     assert ranks[0][0].read_bytes == ranks[1][0].read_bytes > 0 and ranks[0][1].read_bytes == 0
-
-
-def _npy(array) -> bytes:
-    import io
-
-    buffer = io.BytesIO()
-    np.save(buffer, array)
-    return buffer.getvalue()
+    stop = 30  # a resume mid-epoch counts what follows, not the epoch's bad samples again
+    start = {"workers": {0: (ranks[0][stop].epoch, ranks[0][stop].position, [])}}
+    resumed = _batches(info, 50, 0, 2, count=80 - stop - 1, start=start)
+    assert [b.bad_count for b in resumed] == [b.bad_count for b in ranks[0][stop + 1:]]
 
 
 def test_a_shard_that_cannot_be_loaded_ends_the_stream_by_name(digits_dir):
@@ -92,6 +117,18 @@ def test_auto_holds_what_fits_and_streams_the_rest():
     assert choose(imagenet64, "host", 1, 1)[0] == "host" and choose(ffhq64, "off", 1, 128 * GIB)[0] == "off"
     with pytest.raises(UserError, match="data.resident=device needs the dataset's index.json"):
         choose(_info(10, counts=False), "device", 1, 128 * GIB)
+
+
+def test_auto_keeps_a_resumed_checkpoint_s_mode_while_it_fits():
+    from gan_dist.data.stream import STREAM_FORMAT
+
+    ffhq64 = _info(70_000)
+    mode, why = choose(ffhq64, "auto", 8, 128 * GIB, previous=STREAM_FORMAT)
+    assert mode == "off" and "as the checkpoint was" in why
+    assert choose(ffhq64, "auto", 8, 128 * GIB, previous="resident")[0] == "host"
+    assert choose(ffhq64, "auto", 8, 16 * GIB, previous="resident")[0] == "off"  # no longer fits
+    assert choose(ffhq64, "auto", 8, 128 * GIB, previous="stream/1")[0] == "host"  # a layout change anyway
+    assert choose(ffhq64, "host", 8, 128 * GIB, previous=STREAM_FORMAT)[0] == "host"
 
 
 LAYOUTS = {  # (prepare options, workers, world size, resident)
@@ -131,7 +168,8 @@ def test_switching_between_streamed_and_resident_is_a_layout_change(train_main, 
     assert "1 processes x resident on cpu" in out and "where the checkpoint had 1 processes x 0 workers (stream/2)" in out
     state = json.loads((tmp_path / "runs" / "tiny" / "checkpoints" / "step_00000010" / "state.json").read_text())
     assert state["data_mode"] == "resident" and state["num_workers"] == 0
-    code, out, err = train_main(*tiny_args(digits_dir, "train.max_steps=15", "data.resident=host",
+    code, out, err = train_main(*tiny_args(digits_dir, "train.max_steps=15", "data.resident=auto",
                                            "data.num_workers=0"))
     assert code == 0, err
-    assert "at step 10" in out and "resumed with" not in out  # resident data has no workers: no change
+    # auto keeps the checkpoint's mode; resident data has no workers, so their count is no change
+    assert "at step 10" in out and "resumed with" not in out

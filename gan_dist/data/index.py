@@ -29,7 +29,7 @@ class DatasetInfo:
     count: int = 0
     classes: list[str] = field(default_factory=list)
     shard_counts: list[int] | None = None  # None: a shard pattern without index.json
-    offsets: list[list[int]] | None = None  # per shard, the byte offset of each sample and of the end
+    offsets: list[list[int]] | None = None  # per shard, the byte offset of each tar entry and of the end
     sha256s: list[str] | None = None
     class_counts: list[list[int]] | None = None
     order: str = ""  # "shuffled" or "source" (prepare --order); "" when the index does not say
@@ -102,6 +102,9 @@ def _from_index(location: str) -> DatasetInfo:
                        [shard["sha256"] for shard in shards] if has["sha256"] else None,
                        [shard["class_counts"] for shard in shards] if has["class_counts"] else None,
                        index.get("order", ""), int(index.get("chunk_size", 1)))
+    if info.chunk_size < 1:
+        raise UserError(f"data.path: {location} gives chunk_size {info.chunk_size} (at least 1: samples per tar "
+                        "entry); re-run gan-dist prepare")
     if has["offsets"]:
         entries = [len(o) - 1 for o in info.offsets]
         if entries != [-(-n // info.chunk_size) for n in info.shard_counts]:
@@ -137,8 +140,10 @@ def open_dataset(path: str) -> DatasetInfo:
                         f"(... --out {path}) or point data.path at it")
     urls = [f"{CURL} {u}" if u.startswith(("http:", "https:")) else u for u in wds.shardlists.expand_urls(path)]
     _check_local(urls)
-    first = _first_sample(urls[0])
-    return DatasetInfo(urls, tuple(first.shape), str(first.dtype))
+    # A pattern's chunk size is its first entry's row count (the shuffle's span and the read
+    # plan count entries): prepare writes every entry but a shard's last with chunk_size rows.
+    first, chunk_size = _first_sample(urls[0])
+    return DatasetInfo(urls, tuple(first.shape), str(first.dtype), chunk_size=chunk_size)
 
 
 def _first_sample(url: str):
@@ -149,7 +154,7 @@ def _first_sample(url: str):
     try:
         for record in read_piece(url, Piece(0, 0, None), None, None, None, 0, Counter()):
             if not isinstance(record, Exception):
-                return record.samples[0]
+                return record.samples[0], len(record)
             problems.append(str(record))
     except ReadFailure as err:
         problems.append(str(err))

@@ -84,9 +84,13 @@ def read_multiplication(num_shards: int, counts: list[int] | None, offsets: list
     if seekable:
         return 1.0
     plan = plan_epoch(counts, 0, 0, num_slots)
-    def position(piece: Piece, sample: int) -> int:  # where the entry holding `sample` starts
-        return offsets[piece.shard][sample // chunk_size] if offsets else sample
 
-    useful = sum(position(p, p.stop) - position(p, p.start) for pieces in plan for p in pieces)
-    read = sum(position(p, p.stop) for pieces in plan for p in pieces)
+    def start(piece: Piece) -> int:  # byte where the entry holding the piece's first sample starts
+        return offsets[piece.shard][piece.start // chunk_size] if offsets else piece.start
+
+    def end(piece: Piece) -> int:  # and where the entry holding its last sample ends
+        return offsets[piece.shard][-(-piece.stop // chunk_size)] if offsets else piece.stop
+
+    useful = sum(end(p) - start(p) for pieces in plan for p in pieces)
+    read = sum(end(p) for pieces in plan for p in pieces)
     return read / max(1, useful)

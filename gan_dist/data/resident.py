@@ -3,23 +3,29 @@ gathered from it by index. For datasets that fit in memory (MNIST, CIFAR-10, FFH
 GB) it has no worker processes, no shuffle buffer and no per-sample Python: a batch is one
 `index_select`.
 
-Every rank holds the whole array (read once when the loader first runs, shards in parallel
-threads, bad samples dropped and counted). The order is one stream of epochs, epoch e being
-a permutation of every sample seeded by (train.seed, e) alone; global batch k is the stream's
-k-th run of batch_per_device x world_size samples and rank r takes its r-th part. So the
-data a step trains on depends on the global batch size only: not on the worker count, and
-the same for 1 process x 2B as for 2 processes x B. A position is (epoch, offset) of the next
-global batch: a resume continues from it exactly.
+Every rank holds the whole array (read once when the loader is opened, shards in parallel
+threads). The order is one stream of epochs, epoch e being a permutation of all info.count
+rows seeded by (train.seed, e) alone; global batch k is the stream's k-th run of
+batch_per_device x world_size rows and rank r takes its r-th part. So the data a step trains
+on depends on the global batch size only: not on the worker count, and the same for
+1 process x 2B as for 2 processes x B. A position is (epoch, offset) of the next global
+batch: a resume continues from it exactly.
+
+A bad sample keeps its row and its place in the order, so every rank has the same order
+whatever its reads met: where the order reaches it, the batch counts it as bad (on the rank
+whose part it is in, once per epoch, as a stream would) and takes the next good row instead.
 
 `choose` picks the mode for data.resident=auto: resident in host memory when one copy is at
 most AUTO_MAX_BYTES and a copy per process on the node fits in a quarter of the memory
-available; streamed otherwise (docs/data.md).
+available; streamed otherwise (docs/data.md). A resumed run keeps the checkpoint's mode while
+that still fits, so an auto run does not change layout between legs.
 """
 
 from __future__ import annotations
 
 import concurrent.futures
 import os
+import threading
 import time
 from pathlib import Path
 
@@ -36,8 +42,9 @@ from gan_dist.seeds import derive_seed
 RESIDENT_ORDER = 3  # seed purpose (stream.py numbers 1 and 2, plan.py 0)
 AUTO_MAX_BYTES = 4 << 30
 AUTO_MEMORY_SHARE = 4  # of the node's available memory, all its processes' copies together
+MAX_MESSAGES = 3  # per batch
+MAX_KEPT_MESSAGES = 1024  # distinct ones kept from loading; later bad samples share the last
 MAX_LOAD_THREADS = 8
-MAX_MESSAGES = 3
 MODES = ("auto", "off", "host", "device")
 
 
@@ -52,9 +59,11 @@ def available_memory_bytes() -> int:
     return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
 
 
-def choose(info: DatasetInfo, setting: str, processes_on_node: int, available_bytes: int) -> tuple[str, str]:
-    """(mode, why): "host", "device" or "off" for data.resident=`setting`."""
-    size = info.count * info.sample_bytes
+def choose(info: DatasetInfo, setting: str, processes_on_node: int, available_bytes: int,
+           previous: str | None = None) -> tuple[str, str]:
+    """(mode, why): "host", "device" or "off" for data.resident=`setting`; `previous` is the
+    data mode a resumed checkpoint recorded ("resident" or a stream format), kept under auto
+    while it still fits."""
     if setting in ("host", "device"):
         if info.shard_counts is None:
             raise UserError(f"data.resident={setting} needs the dataset's index.json (data.path is a shard pattern); "
@@ -62,24 +71,20 @@ def choose(info: DatasetInfo, setting: str, processes_on_node: int, available_by
         return setting, f"data.resident={setting}"
     if setting == "off":
         return "off", "data.resident=off"
-    gib = size / 2**30
     if info.shard_counts is None:
         return "off", "streamed: a shard pattern has no sample count to size it by"
+    size = info.count * info.sample_bytes
+    gib = size / 2**30
     if size > AUTO_MAX_BYTES:
         return "off", f"streamed: {gib:.1f} GiB decoded is above the {AUTO_MAX_BYTES / 2**30:.0f} GiB held resident"
     if processes_on_node * size > available_bytes / AUTO_MEMORY_SHARE:
         return "off", (f"streamed: {processes_on_node} copies of {gib:.2f} GiB exceed a quarter of the "
                        f"{available_bytes / 2**30:.0f} GiB available")
+    from gan_dist.data.stream import STREAM_FORMAT
+
+    if previous == STREAM_FORMAT:  # it would fit, but switching would start a new epoch
+        return "off", "streamed, as the checkpoint was (data.resident=host holds it resident from the next epoch)"
     return "host", f"resident in host memory: {gib:.2f} GiB decoded, one copy per process"
-
-
-class _Data:
-    """The loaded dataset and what loading it met (counted once per epoch, as a stream would)."""
-
-    def __init__(self, samples, labels, keys, bad_count, messages, fatal, failures, retries, read_bytes):
-        self.samples, self.labels, self.keys = samples, labels, keys
-        self.bad_count, self.messages, self.fatal = bad_count, messages, fatal
-        self.failures, self.retries, self.read_bytes = failures, retries, read_bytes
 
 
 class ResidentLoader:
@@ -95,31 +100,37 @@ class ResidentLoader:
         self.num_epochs, self.start = num_epochs, start or {}
         self.max_shard_retries, self.retry_backoff_s = max_shard_retries, retry_backoff_s
         self.device, self.pin_memory = device, pin_memory
-        self.data: _Data | None = None
+        self.data: Loaded | None = None
+        self._orders: dict[int, np.ndarray] = {}
 
     def __len__(self) -> int:
         if not self.num_epochs:
             raise TypeError("an endless resident loader has no length")
         return self.num_epochs * self.info.count // (self.batch * self.world_size)
 
+    def load(self) -> ResidentLoader:
+        """Read the dataset into memory now (else the first iteration does)."""
+        if self.data is None:
+            self.data = load_rows(self.info, self.conditional, self.max_shard_retries, self.retry_backoff_s,
+                                  self.device)
+        return self
+
     def __iter__(self):
         from gan_dist.data.stream import Batch
 
-        data = self.data = self.data or self._load()
+        data = self.load().data
         if data.fatal:
-            yield Batch(None, None, [], data.bad_count, data.messages, fatal=data.fatal,
-                        shard_failures=data.failures, shard_retries=data.retries)
+            yield Batch(None, None, np.zeros(0, np.int64), data.bad_count, data.messages[:MAX_MESSAGES],
+                        fatal=data.fatal, shard_failures=data.failures, shard_retries=data.retries)
             return
-        count, global_batch = len(data.labels), self.batch * self.world_size
+        count, global_batch = self.info.count, self.batch * self.world_size
         epoch, offset = self._start()
         position = epoch * count + offset  # in the stream of epochs
         first = True
         while not self.num_epochs or position + global_batch <= self.num_epochs * count:
             rows = position + self.rank * self.batch + np.arange(self.batch)
-            index = self._index(rows, count)
-            new_epoch = first or (position + global_batch) // count != position // count
             position += global_batch
-            yield self._batch(data, index, *divmod(position, count), report=new_epoch, first=first)
+            yield self._batch(data, self._index(rows, count), *divmod(position, count), first=first)
             first = False
 
     def _start(self) -> tuple[int, int]:
@@ -137,97 +148,137 @@ class ResidentLoader:
         return index
 
     def _order(self, epoch: int, count: int) -> np.ndarray:
-        cached = getattr(self, "_orders", {})
-        if epoch not in cached:
-            cached = {e: o for e, o in cached.items() if e >= epoch - 1}
-            cached[epoch] = np.random.default_rng(derive_seed(self.seed, epoch, RESIDENT_ORDER)).permutation(count)
-            self._orders = cached
-        return cached[epoch]
+        if epoch not in self._orders:
+            self._orders = {e: o for e, o in self._orders.items() if e >= epoch - 1}
+            self._orders[epoch] = np.random.default_rng(derive_seed(self.seed, epoch, RESIDENT_ORDER)).permutation(count)
+        return self._orders[epoch]
 
-    def _batch(self, data: _Data, index: np.ndarray, epoch: int, position: int, report: bool, first: bool):
+    def _batch(self, data: Loaded, index: np.ndarray, epoch: int, position: int, first: bool):
         from gan_dist.data.stream import Batch
 
+        bad_count, messages = 0, ()
+        if data.message_of is not None:  # some rows are bad: count those the order reached, use the next good
+            message_ids = data.message_of[index]
+            bad = message_ids >= 0
+            bad_count = int(bad.sum())
+            messages = tuple(data.messages[i] for i in dict.fromkeys(message_ids[bad].tolist()))[:MAX_MESSAGES]
+            index = data.substitute[index]
         where = torch.from_numpy(index).to(data.samples.device)
         samples = data.samples.index_select(0, where)
         if self.pin_memory and samples.device.type == "cpu":
             samples = samples.pin_memory()
-        labels = data.labels.index_select(0, where.to(data.labels.device))
-        # What loading met is counted on rank 0 once per epoch: a stream meets each bad sample
-        # once per epoch on some rank; storage events and bytes on every rank, once.
-        bad = report and self.rank == 0
-        return Batch(samples, labels, data.keys[index], data.bad_count if bad else 0,
-                     data.messages if bad else (), worker=0, epoch=epoch, position=position,
-                     shard_failures=data.failures if first else 0, shard_retries=data.retries if first else 0,
-                     read_bytes=data.read_bytes if first else 0)
-
-    def _load(self) -> _Data:
-        info = self.info
-        starts = np.concatenate([[0], np.cumsum(info.shard_counts)]).astype(np.int64)
-        samples = np.empty((info.count, *info.shape), dtype=info.dtype)
-        labels = np.zeros(info.count, dtype=np.int64)
-        keys = np.empty(info.count, dtype=object)
-        good = np.zeros(info.count, dtype=bool)
-        threads = max(1, min(MAX_LOAD_THREADS, os.cpu_count() or 1, len(info.urls)))
-        with concurrent.futures.ThreadPoolExecutor(threads) as pool:
-            results = list(pool.map(lambda shard: self._load_shard(shard, int(starts[shard]), samples, labels,
-                                                                  keys, good), range(len(info.urls))))
-        bad_count = sum(r["bad"] for r in results)
-        messages = tuple(m for r in results for m in r["messages"])[:MAX_MESSAGES]
-        fatal = next((r["fatal"] for r in results if r["fatal"]), "")
-        if not fatal and not good.any():
-            fatal = f"no readable sample among the {info.count}, e.g. {messages[0] if messages else '?'}"
-        if not good.all():  # rare: compact the good rows to the front
-            keep = np.flatnonzero(good)
-            samples, labels, keys = samples[keep], labels[keep], keys[keep]
-        keys = _as_numbers(keys)
-        tensor = torch.from_numpy(samples)
-        if self.device is not None:
-            tensor = tensor.to(self.device)
-        return _Data(tensor, torch.from_numpy(labels).to(tensor.device), keys, bad_count, messages, fatal,
-                     sum(r["failures"] for r in results), sum(r["retries"] for r in results),
-                     sum(r["read_bytes"] for r in results))
-
-    def _load_shard(self, shard: int, first: int, samples, labels, keys, good) -> dict:
-        """Shard `shard` decoded into rows [first, first + its count), retried where it broke off."""
-        info, counter = self.info, Counter()
-        result = {"bad": 0, "messages": [], "fatal": "", "failures": 0, "retries": 0}
-        delivered, count = 0, info.shard_counts[shard]
-        for attempt in range(self.max_shard_retries + 1):
-            try:
-                piece = Piece(shard, delivered, count)
-                for record in read_piece(info.urls[shard], piece, info.offsets[shard] if info.offsets else None,
-                                         info.shape, info.dtype, info.num_classes if self.conditional else 0,
-                                         counter, layout=info.layout(shard)):
-                    row = first + delivered
-                    if isinstance(record, BadSample):
-                        result["bad"] += record.count
-                        result["messages"] = (result["messages"] + [str(record)])[:MAX_MESSAGES]
-                    else:
-                        _place(record, row, samples, labels, keys, good)
-                    delivered += record.count if isinstance(record, BadSample) else len(record)
-                break
-            except ReadFailure as err:
-                result["failures"] += 1
-                if attempt == self.max_shard_retries:
-                    result["fatal"] = (f"shard unreadable: {err}; it failed {attempt + 1} times while the dataset "
-                                       f"was loaded (data.max_shard_retries={self.max_shard_retries})")
-                    break
-                time.sleep(min(120.0, self.retry_backoff_s * 2**attempt))
-                result["retries"] += 1
-        return {**result, "read_bytes": counter.bytes}
+        labels = data.labels.index_select(0, where)
+        # Storage events and bytes are this leg's reads: every rank's, reported once.
+        return Batch(samples, labels, data.keys[index], bad_count, messages, worker=0, epoch=epoch,
+                     position=position, shard_failures=data.failures if first else 0,
+                     shard_retries=data.retries if first else 0, read_bytes=data.read_bytes if first else 0)
 
 
-def _as_numbers(keys: np.ndarray) -> np.ndarray:
-    """int64 keys where every key is a number (what prepare writes), else the objects as they are."""
-    try:
-        return keys.astype(np.int64)
-    except (TypeError, ValueError):
+class Loaded:
+    """The dataset in memory. Bad rows stay in place (zeros): `message_of` maps each row to
+    its message (-1: good) and `substitute` to the next good row; both None when all are good."""
+
+    def __init__(self, samples: torch.Tensor, labels: torch.Tensor, keys: np.ndarray):
+        self.samples, self.labels, self.keys = samples, labels, keys
+        self.message_of: np.ndarray | None = None
+        self.substitute: np.ndarray | None = None
+        self.messages: list[str] = []
+        self.bad_count = self.failures = self.retries = self.read_bytes = 0
+        self.fatal = ""
+
+
+class _Rows:
+    """The arrays every loading thread writes its shard's rows into (each its own rows)."""
+
+    def __init__(self, info: DatasetInfo):
+        self.samples = np.empty((info.count, *info.shape), dtype=info.dtype)
+        self.labels = np.zeros(info.count, dtype=np.int64)
+        self.keys = np.zeros(info.count, dtype=np.int64)
+        self.text_keys: list[tuple[int, np.ndarray]] = []  # a foreign shard's keys that are no numbers
+        self.message_of = np.full(info.count, -1, dtype=np.int32)
+        self.messages: list[str] = []
+        self.lock = threading.Lock()
+
+    def place(self, block: Block, row: int) -> None:
+        rows = slice(row, row + len(block))
+        self.samples[rows] = block.samples
+        self.labels[rows] = block.labels
+        if block.keys.dtype.kind in "iu":
+            self.keys[rows] = block.keys
+        else:
+            with self.lock:
+                self.text_keys.append((row, block.keys))
+
+    def mark_bad(self, bad: BadSample, row: int) -> None:
+        self.samples[row:row + bad.count] = 0
+        with self.lock:
+            if len(self.messages) < MAX_KEPT_MESSAGES:
+                self.messages.append(str(bad))
+            self.message_of[row:row + bad.count] = len(self.messages) - 1
+
+    def all_keys(self) -> np.ndarray:
+        if not self.text_keys:
+            return self.keys
+        keys = self.keys.astype(object)
+        for row, text in self.text_keys:
+            keys[row:row + len(text)] = text
         return keys
 
 
-def _place(block: Block, row: int, samples, labels, keys, good) -> None:
-    rows = slice(row, row + len(block))
-    samples[rows] = block.samples
-    labels[rows] = block.labels
-    keys[rows] = block.keys
-    good[rows] = True
+def load_rows(info: DatasetInfo, conditional: bool, max_shard_retries: int, retry_backoff_s: float,
+              device=None) -> Loaded:
+    """Every shard decoded into its rows of one array (shards in parallel threads), then moved
+    to `device` (None: stays in host memory)."""
+    starts = np.concatenate([[0], np.cumsum(info.shard_counts)]).astype(np.int64)
+    rows = _Rows(info)
+    threads = max(1, min(MAX_LOAD_THREADS, os.cpu_count() or 1, len(info.urls)))
+    with concurrent.futures.ThreadPoolExecutor(threads) as pool:
+        results = list(pool.map(lambda shard: _load_shard(info, shard, int(starts[shard]), rows, conditional,
+                                                          max_shard_retries, retry_backoff_s),
+                                range(len(info.urls))))
+    samples = torch.from_numpy(rows.samples)
+    if device is not None:
+        samples = samples.to(device)
+    data = Loaded(samples, torch.from_numpy(rows.labels).to(samples.device), rows.all_keys())
+    data.messages = rows.messages
+    data.failures, data.retries = sum(r[1] for r in results), sum(r[2] for r in results)
+    data.read_bytes = sum(r[3] for r in results)
+    data.fatal = next((r[0] for r in results if r[0]), "")
+    bad = rows.message_of >= 0
+    data.bad_count = int(bad.sum())
+    good = np.flatnonzero(~bad)
+    if not data.fatal and not len(good):
+        data.fatal = f"no readable sample among the {info.count}, e.g. {rows.messages[0] if rows.messages else '?'}"
+    elif data.bad_count:
+        data.message_of = rows.message_of
+        data.substitute = good[np.searchsorted(good, np.arange(info.count)) % len(good)]
+    return data
+
+
+def _load_shard(info: DatasetInfo, shard: int, first: int, rows: _Rows, conditional: bool, max_shard_retries: int,
+                retry_backoff_s: float) -> tuple[str, int, int, int]:
+    """Shard `shard` decoded into rows [first, first + its count), retried where it broke off:
+    (fatal message or "", failures, retries, bytes read)."""
+    counter, failures, retries = Counter(), 0, 0
+    delivered, count = 0, info.shard_counts[shard]
+    for attempt in range(max_shard_retries + 1):
+        try:
+            for record in read_piece(info.urls[shard], Piece(shard, delivered, count),
+                                     info.offsets[shard] if info.offsets else None, info.shape, info.dtype,
+                                     info.num_classes if conditional else 0, counter, layout=info.layout(shard)):
+                if isinstance(record, BadSample):
+                    rows.mark_bad(record, first + delivered)
+                    delivered += record.count
+                else:
+                    rows.place(record, first + delivered)
+                    delivered += len(record)
+            return "", failures, retries, counter.bytes
+        except ReadFailure as err:
+            failures += 1
+            if attempt == max_shard_retries:
+                fatal = (f"shard unreadable: {err}; it failed {attempt + 1} times while the dataset was loaded "
+                         f"(data.max_shard_retries={max_shard_retries})")
+                return fatal, failures, retries, counter.bytes
+            time.sleep(min(120.0, retry_backoff_s * 2**attempt))
+            retries += 1
+    raise AssertionError("unreachable")

@@ -1,11 +1,11 @@
-"""Shards -> batches: an endless, deterministic webdataset stream per process.
+"""Shards -> batches: an endless, deterministic stream of the shards per process.
 
 Each epoch is dealt over the *slots* rank * num_workers + worker by one planner (plan.py):
 every sample once, slot sizes within one sample of each other, whatever the number of shards.
 The stream runs through epoch after epoch without end: all ranks take the same number of
 steps and DDP never waits on a rank that ran out. Everything random is a function of (seed,
-global rank, worker, epoch); webdataset's own shuffle would otherwise seed itself from the
-pid and the clock.
+global rank, worker, epoch); a shuffle seeded from the pid and the clock would make no two
+runs, and no resume, alike.
 
 A storage failure while reading a piece (reader.py) is one failure event: the rest of the
 piece is deferred to the end of the slot's queue and tried again after a backoff, resuming
