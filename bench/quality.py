@@ -1,6 +1,6 @@
 """Quality results for docs/results.md: train configs over seeds and evaluate them.
 
-    python bench/quality.py mixtures [--seeds 0 1 2] [--parallel 2] [--root runs/quality] [key=value ...]
+    python bench/quality.py mixtures [--seeds 0 1 2] [--parallel 2] [--recipe classic|modern] [--root runs/quality] [key=value ...]
     python bench/quality.py mnist --data-root DIR [--models mlp,dcgan] [key=value ...]
 
 `mixtures` trains configs/ring8.yaml and configs/grid25.yaml once per seed (their pinned one
@@ -64,7 +64,8 @@ def mixtures(args) -> None:
     def one(job):
         mixture, seed = job
         name = f"{mixture}-seed{seed}"
-        train(f"{mixture}.yaml", name, args.root, args.num_threads, f"train.seed={seed}", *args.overrides)
+        config = f"{mixture}.yaml" if args.recipe == "classic" else f"{mixture}_{args.recipe}.yaml"
+        train(config, name, args.root, args.num_threads, f"train.seed={seed}", *args.overrides)
         result = evaluate(args.root / name, "modes2d")["modes2d"]
         seconds = _snapshots(args.root / name)[-1][2]
         print(f"| {mixture} | {seed} | {result['modes']}/{result['num_modes']} | {100 * result['hq_fraction']:.1f}% "
@@ -91,7 +92,8 @@ def _mean_sd(values: list[float], digits: int) -> str:
     return f"{statistics.mean(values):.{digits}f} ± {sd:.{digits}f}"
 
 
-MNIST_MODELS = {"mlp": ("mlp_mnist.yaml", "mlp_mnist"), "dcgan": ("dcgan_mnist32_cpu.yaml", "dcgan_mnist32_cpu")}
+MNIST_MODELS = {"mlp": ("mlp_mnist.yaml", "mlp_mnist"), "dcgan": ("dcgan_mnist32_cpu.yaml", "dcgan_mnist32_cpu"),
+                "r3gan": ("r3gan_mnist32.yaml", "r3gan_mnist32")}
 
 
 def mnist(args) -> None:
@@ -139,7 +141,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("what", choices=["mixtures", "mnist"])
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    parser.add_argument("--parallel", type=int, default=2)
+    parser.add_argument("--parallel", type=int, default=2, help="runs at a time (mixtures, and mnist's models)")
+    parser.add_argument("--recipe", choices=["classic", "modern"], default="classic",
+                        help="mixtures: configs/<mixture>.yaml, or <mixture>_modern.yaml (R3GAN's recipe)")
     parser.add_argument("--root", type=Path, default=Path("runs/quality"))
     parser.add_argument("--data-root", help="mnist: the folder holding MNIST/raw (torchvision's layout)")
     parser.add_argument("--models", type=_model_list, default=["mlp", "dcgan"],

@@ -9,6 +9,8 @@ phase alike, so D never learns the augmentation and G's gradients flow through i
 - translation: shift by up to 1/8 of the size in each direction, filling with -1 (black);
 - cutout: a square of half the size set to 0, at a random place.
 Each draw comes from a generator seeded by (train.seed, GLOBAL rank), so every rank differs.
+With `p` below 1 (data.augment_p, which may be scheduled) each image is augmented with
+probability p and passed through unchanged otherwise.
 """
 
 from __future__ import annotations
@@ -34,6 +36,7 @@ def parse_policy(text: str) -> list[str]:
 class Augment:
     def __init__(self, hflip: bool, policy: str, seed: int, rank: int, device: torch.device):
         self.hflip, self.policy = hflip, parse_policy(policy)
+        self.p = 1.0  # set by the trainer every step (data.augment_p and its schedule)
         self.flip_gen = torch.Generator(device).manual_seed(derive_seed(seed, rank, FLIP_PURPOSE))
         self.gen = torch.Generator(device).manual_seed(derive_seed(seed, rank, DIFFAUG_PURPOSE))
 
@@ -44,11 +47,14 @@ class Augment:
         return torch.where(flip[:, None, None, None], x.flip(3), x)
 
     def before_d(self, x: torch.Tensor) -> torch.Tensor:
-        if not self.policy or x.dim() != 4:
+        if not self.policy or x.dim() != 4 or self.p <= 0:
             return x
+        # The choice is drawn before the augmentations, so p=1 draws nothing and keeps the stream.
+        chosen = self._uniform(x, 1, 1, 1) < self.p if self.p < 1 else None
+        augmented = x
         for name in self.policy:
-            x = getattr(self, f"_{name}")(x)
-        return x
+            augmented = getattr(self, f"_{name}")(augmented)
+        return augmented if chosen is None else torch.where(chosen, augmented, x)
 
     def _uniform(self, x: torch.Tensor, *shape: int) -> torch.Tensor:
         return torch.rand(len(x), *shape, device=x.device, dtype=x.dtype, generator=self.gen)

@@ -22,6 +22,7 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import ConfigKeyError, OmegaConfBaseException
 
 from gan_dist.errors import UserError, did_you_mean
+from gan_dist.schedules import Schedule
 
 # The quickstart's config, shipped inside the package (configs/default.yaml links to it):
 # what `python train.py` and `accelerate launch train.py` train when given no --config.
@@ -66,6 +67,10 @@ class DataConfig:
     """Mirror real images left-right with probability 1/2 (only for data that is symmetric)."""
     diffaugment: str = ""
     """Differentiable augmentation before D for reals and fakes: a comma list of color, translation, cutout."""
+    augment_p: float = 1.0
+    """Probability that each image D sees is put through data.diffaugment (R3GAN schedules it from 0)."""
+    augment_p_schedule: Schedule = field(default_factory=Schedule)
+    """Cosine schedule of data.augment_p: end value and horizon in kimg."""
 
 
 @dataclass
@@ -95,11 +100,15 @@ class ModelConfig:
 @dataclass
 class LossConfig:
     name: str = "nonsaturating"
-    """Adversarial loss on logits: nonsaturating, minimax, hinge, wasserstein, least_squares."""
+    """Adversarial loss on logits: nonsaturating, minimax, hinge, wasserstein, least_squares, relativistic (its G phase reads real images too)."""
     r1_gamma: float = 0.0
-    """Weight gamma of the R1 penalty gamma/2 * |grad D(real)|^2; 0 turns it off."""
+    """Weight gamma of the R1 penalty gamma/2 * |grad D(real)|^2 (and of R2 with loss.r2); 0 turns it off."""
+    r2: bool = False
+    """Also penalise D's input gradient at the fakes D saw (R2), with the same gamma: gamma/2 * (R1 + R2), as R3GAN."""
+    gamma_schedule: Schedule = field(default_factory=Schedule)
+    """Cosine schedule of loss.r1_gamma: end value and horizon in kimg."""
     r1_interval: int = 16
-    """Apply R1 every this many D steps (lazy regularisation), scaled by the interval."""
+    """Apply R1 (and R2) every this many D steps (lazy regularisation), scaled by the interval."""
     info_weight: float = 0.1
     """Weight of InfoGAN's code loss when model.num_latent_categories > 0 (0.1 measured best on the digits)."""
     gp_weight: float = 0.0
@@ -110,10 +119,14 @@ class LossConfig:
 class OptimizerConfig:
     lr: float = 2e-4
     """Adam learning rate."""
+    lr_schedule: Schedule = field(default_factory=Schedule)
+    """Cosine schedule of the learning rate: end value and horizon in kimg."""
     beta1: float = 0.5
     """Adam beta1 (the tutorial's 0.5)."""
     beta2: float = 0.999
     """Adam beta2."""
+    beta2_schedule: Schedule = field(default_factory=Schedule)
+    """Cosine schedule of beta2: end value and horizon in kimg."""
     eps: float = 1e-8
     """Adam epsilon."""
     weight_decay: float = 0.0
@@ -165,7 +178,9 @@ class TrainConfig:
     backend: Literal["ddp", "deepspeed"] = "ddp"
     """ddp: accelerate's DDP; deepspeed: one DeepSpeed ZeRO engine per network (deepspeed.*, docs/deepspeed.md)."""
     ema_half_life_kimg: float = 10.0
-    """Half-life of G_ema in thousands of images."""
+    """Half-life of G_ema in thousands of images (0: G_ema is G)."""
+    ema_half_life_schedule: Schedule = field(default_factory=Schedule)
+    """Cosine schedule of the half-life (end in kimg, horizon in kimg); it may start at 0."""
     ema_rampup: float = 0.05
     """Cap the EMA half-life at this fraction of the images seen so far (early speed-up); 0 turns it off."""
     resume: str = "auto"
@@ -390,7 +405,9 @@ def validate(cfg: Config) -> None:
     _require(cfg.train.total_kimg > 0, "train.total_kimg", "must be > 0")
     _require(cfg.train.num_threads >= 0, "train.num_threads", "must be >= 0 (0 = torch's default)")
     _require(cfg.train.max_steps >= 0, "train.max_steps", "must be >= 0 (0 = no limit)")
-    _require(cfg.train.ema_half_life_kimg > 0, "train.ema_half_life_kimg", "must be > 0")
+    _require(cfg.train.ema_half_life_kimg >= 0, "train.ema_half_life_kimg", "must be >= 0 (0: G_ema is G)")
+    _require(0 <= cfg.data.augment_p <= 1, "data.augment_p", "must be in [0, 1]")
+    _check_schedules(cfg)
     _require(cfg.loss.r1_interval > 0, "loss.r1_interval", "must be >= 1")
     _require(cfg.loss.r1_gamma >= 0, "loss.r1_gamma", "must be >= 0 (0 = off)")
     _require(cfg.loss.gp_weight >= 0, "loss.gp_weight", "must be >= 0 (0 = off)")
@@ -432,6 +449,19 @@ def validate(cfg: Config) -> None:
         _require(opt.grad_clip_norm >= 0, f"optim.{net}.grad_clip_norm", "must be >= 0 (0 = off)")
         _require(opt.warmup_kimg >= 0, f"optim.{net}.warmup_kimg", "must be >= 0 (0 = off)")
         _require(opt.rampdown_kimg >= 0, f"optim.{net}.rampdown_kimg", "must be >= 0 (0 = off)")
+
+
+def _check_schedules(cfg: Config) -> None:
+    from gan_dist import schedules
+
+    bounds = {"lr_schedule": (1e-12, 1.0), "beta2_schedule": (0.0, 0.9999), "gamma_schedule": (0.0, float("inf")),
+              "ema_half_life_schedule": (0.0, float("inf")), "augment_p_schedule": (0.0, 1.0)}
+    for key, schedule in schedules.scheduled(cfg).items():
+        schedules.check(schedule, key, *bounds[key.rpartition(".")[2]], _require)
+    for net in ("generator", "discriminator"):
+        opt = getattr(cfg.optim, net)
+        _require(opt.rampdown_kimg == 0 or opt.lr_schedule.end is None, f"optim.{net}.rampdown_kimg",
+                 f"must be 0 with optim.{net}.lr_schedule (both shape the end of the learning rate): keep one")
 
 
 def _check_deepspeed(cfg: Config) -> None:

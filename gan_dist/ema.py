@@ -17,7 +17,8 @@ from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
 
 def ema_decay(num_images: int, batch_size: int, half_life_kimg: float, rampup: float) -> float:
-    """Per-step decay that halves a weight's influence every `half_life_kimg` thousand images."""
+    """Per-step decay that halves a weight's influence every `half_life_kimg` thousand images
+    (0: no averaging, G_ema is G)."""
     half_life_images = half_life_kimg * 1000.0
     if rampup > 0:
         half_life_images = min(half_life_images, num_images * rampup)
@@ -51,8 +52,10 @@ class EMA:
             mine.copy_(theirs)
 
     @torch.no_grad()
-    def update(self, G: nn.Module, num_images: int, batch_size: int) -> None:
-        decay = ema_decay(num_images, batch_size, self.half_life_kimg, self.rampup)
+    def update(self, G: nn.Module, num_images: int, batch_size: int, half_life_kimg: float | None = None) -> None:
+        """`half_life_kimg`: this step's (scheduled) half-life, else the configured one."""
+        half_life = self.half_life_kimg if half_life_kimg is None else half_life_kimg
+        decay = ema_decay(num_images, batch_size, half_life, self.rampup)
         if self._float_G is not None:
             torch._foreach_copy_(list(self._float_G.parameters()), list(G.parameters()))
             for mine, theirs in zip(self._float_G.buffers(), G.buffers(), strict=True):

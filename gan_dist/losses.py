@@ -19,8 +19,10 @@ from gan_dist.errors import UserError, did_you_mean
 class AdversarialLoss:
     d_loss: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
     """(real_logits, fake_logits) -> D's loss."""
-    g_loss: Callable[[torch.Tensor], torch.Tensor]
-    """fake_logits -> G's loss."""
+    g_loss: Callable[[torch.Tensor], torch.Tensor] | Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+    """fake_logits -> G's loss; (fake_logits, real_logits) -> G's loss when `g_reads_real`."""
+    g_reads_real: bool = False
+    """G's loss compares fakes with reals: the G phase reads a real batch and D's logits for it."""
 
 
 def _d_cross_entropy(real: torch.Tensor, fake: torch.Tensor) -> torch.Tensor:
@@ -43,6 +45,13 @@ LOSSES: dict[str, AdversarialLoss] = {
     "least_squares": AdversarialLoss(
         lambda real, fake: 0.5 * (real - 1).square().mean() + 0.5 * fake.square().mean(),
         lambda fake: 0.5 * (fake - 1).square().mean()),
+    # Relativistic pairing (Jolicoeur-Martineau 2019; R3GAN): D says how much more real a real
+    # image is than a fake one, pair by pair, so the loss moves no logit on its own; with R1 and
+    # R2 it has one equilibrium that gradient descent reaches (R3GAN's proof, our Dirac test).
+    "relativistic": AdversarialLoss(
+        lambda real, fake: F.softplus(fake - real).mean(),
+        lambda fake, real: F.softplus(real - fake).mean(),
+        g_reads_real=True),
 }
 
 
@@ -80,9 +89,13 @@ def at_least_fp32(t: torch.Tensor) -> torch.Tensor:
 
 
 def r1_penalty(real_logits: torch.Tensor, real: torch.Tensor, scaler=None) -> torch.Tensor:
-    """Mean over samples of |grad_x D(x)|^2 at real x (Mescheder et al. 2018); weight gamma/2 outside."""
+    """Mean over samples of |grad_x D(x)|^2 at real x (Mescheder et al. 2018); weight gamma/2 outside.
+    R2 is the same at the fakes D saw (`fake` detached from G, requiring grad)."""
     grad = input_gradients(real_logits, real, scaler)
     return at_least_fp32(grad).square().flatten(1).sum(1).mean()
+
+
+r2_penalty = r1_penalty
 
 
 def interpolate(real: torch.Tensor, fake: torch.Tensor, generator: torch.Generator) -> torch.Tensor:

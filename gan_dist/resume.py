@@ -275,17 +275,23 @@ def describe_layout(values: dict) -> str:
             f"dataset {values.get('dataset') or '(not recorded)'}")
 
 
+def batches_read(state: dict) -> int:
+    """Batches the run read from its data (one per D step before G phases read reals too)."""
+    progress = state["progress"]
+    return progress.get("num_batches", progress["num_d_steps"])
+
+
 def stream_start(checkpoint: Path, state: dict, rank: int, now: dict) -> dict | None:
     """Where this rank's stream resumes: per-worker (epoch, position) and the worker rotation."""
     num_workers = now["num_workers"]
     if not same_layout(state, now):
         # New stream positions: every worker starts the epoch after the one the run was in,
         # so the opening of the dataset is not replayed.
-        images_seen = state["progress"]["num_d_steps"] * state["config"]["train"]["batch_size"]
+        images_seen = batches_read(state) * state["config"]["train"]["batch_size"]
         return {"rotation": 0, "workers": {}, "epoch": images_seen // max(1, state.get("num_samples", 0)) + 1}
     stream = json.loads((checkpoint / f"rank{rank}.json").read_text())["stream"]
-    # One batch per D step, so the D-step count says which worker is next in turn.
-    return {"rotation": state["progress"]["num_d_steps"] % max(1, num_workers),
+    # The loader's workers take turns batch by batch, so the batch count says who is next.
+    return {"rotation": batches_read(state) % max(1, num_workers),
             "workers": {int(w): tuple(pos) for w, pos in stream["workers"].items()}}
 
 

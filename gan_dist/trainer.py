@@ -1,17 +1,8 @@
-"""The training loop: n_critic D phases, one G phase, EMA, statistics, grids.
+"""The training loop: n_critic D phases, one G phase (phases.py), EMA, statistics, grids.
 
-A phase is a module, its optimizer, a loss and `train.num_micro_batches` micro-batches;
-only the last micro-batch all-reduces gradients, and the optimizer steps once per phase.
-Time is counted in real images shown to D (kimg) and in G steps.
-
-Choices worth knowing (docs/training.md):
-- Lazy R1 is folded into the D loss every `loss.r1_interval` D steps, multiplied by the
-  interval. StyleGAN2 runs it as a separate phase with its own optimizer step and
-  corrects Adam's lr and betas for the extra steps; folding keeps one optimizer step and one
-  gradient all-reduce per D phase, so no correction is needed.
-- The fakes for the D phase are made with G in train mode under no_grad: D sees fakes
-  normalised exactly as in the G phase, and they also update G's BatchNorm running
-  statistics (used only by G_ema's eval-mode samples).
+Time is counted in real images shown to D (kimg) and in G steps; the data position in
+batches read, which a G phase that reads reals (the relativistic loss) also moves. Every
+scheduled value (schedules.py) is computed once per step from the kimg clock.
 """
 
 from __future__ import annotations
@@ -22,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from gan_dist import parallel
+from gan_dist import parallel, schedules
 from gan_dist.augment import DIFFAUG_PURPOSE, FLIP_PURPOSE, Augment
 from gan_dist.config import to_dict as config_to_dict
 from gan_dist.data.health import DataHealth
@@ -30,15 +21,8 @@ from gan_dist.data.stream import STREAM_FORMAT, Batch, DatasetInfo
 from gan_dist.ema import EMA
 from gan_dist.errors import UserError
 from gan_dist.eval.periodic import PeriodicEval
-from gan_dist.losses import (
-    AdversarialLoss,
-    at_least_fp32,
-    code_loss,
-    gradient_penalty,
-    interpolate,
-    r1_penalty,
-)
-from gan_dist.models.layers import latent_code
+from gan_dist.losses import AdversarialLoss
+from gan_dist.phases import Phases
 from gan_dist.preempt import REQUEUE_MARKER, write_requeue_marker
 from gan_dist.resume import mark_finished, save_checkpoint
 from gan_dist.seeds import derive_seed
@@ -49,19 +33,6 @@ from gan_dist.watchdog import StepWatchdog
 NOISE_PURPOSE, PENALTY_PURPOSE, FIXED_PURPOSE = 10, 11, 12
 FP16_DIVERGED_SCALE = 2.0**-10
 MAX_ROLLBACKS_IN_ROW = 3
-
-
-def lr_factor(num_images: int, total_images: int, batch_size: int, warmup_kimg: float,
-              rampdown_kimg: float) -> float:
-    """Learning-rate multiplier for the step that shows images num_images..num_images+batch:
-    linear up over the first warmup_kimg, linear down to 0 over the last rampdown_kimg."""
-    after = num_images + batch_size
-    factor = 1.0
-    if warmup_kimg > 0:
-        factor = min(factor, after / (warmup_kimg * 1000))
-    if rampdown_kimg > 0:
-        factor = min(factor, max(0.0, total_images - num_images) / (rampdown_kimg * 1000))
-    return factor
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -82,6 +53,8 @@ class Progress:
     """G steps (iterations) done."""
     num_d_steps: int = 0
     """D steps done; each showed one global batch of real images to D."""
+    num_batches: int = 0
+    """Batches read from the data (D steps, and G steps of a loss that reads reals): the data position."""
     last_log_images: int = 0
     last_log_time: float = field(default_factory=time.perf_counter)
     data_wait_s: float = 0.0
@@ -97,7 +70,8 @@ class Progress:
     num_rollbacks_in_row: int = 0
     last_checkpoint_monotonic_s: float = field(default_factory=time.monotonic)
 
-    COUNTERS = ("step", "num_d_steps", "num_skipped", "num_fp16_overflows", "num_skipped_in_row", "num_rollbacks")
+    COUNTERS = ("step", "num_d_steps", "num_batches", "num_skipped", "num_fp16_overflows", "num_skipped_in_row",
+                "num_rollbacks")
 
     def counters(self) -> dict:
         """What a checkpoint keeps: the same on every rank."""
@@ -106,6 +80,8 @@ class Progress:
     def restore(self, counters: dict) -> None:
         for name in self.COUNTERS:
             setattr(self, name, counters.get(name, 0))
+        if "num_batches" not in counters:  # before G phases read data, one batch per D step
+            self.num_batches = self.num_d_steps
         self.num_skipped_at_last_log = sum(self.num_skipped.values())
 
 
@@ -118,7 +94,7 @@ def _read_flags(pending: list) -> list[tuple[bool, bool]]:
             for *_, s, o in pending]
 
 
-class Trainer:
+class Trainer(Phases):
     def __init__(self, cfg, accelerator, backend, ema: EMA, loss: AdversarialLoss, data, info: DatasetInfo,
                  console, run_dir: Path, debug: bool = False):
         """`backend` (parallel.build_backend) owns G's and D's forward modules, backward passes and
@@ -146,6 +122,7 @@ class Trainer:
         self.params = {"G": [p for p in self.G_raw.parameters() if p.requires_grad],
                        "D": [p for p in self.D_raw.parameters() if p.requires_grad]}
         self.augment = Augment(cfg.data.hflip, cfg.data.diffaugment, cfg.train.seed, rank, device)
+        self.values = schedules.values_at(cfg, 0)  # this step's scheduled values (lr, beta2, gamma, ...)
         self.config_dict = config_to_dict(cfg)
         self.stream_workers = {}  # this rank's data position: worker -> (epoch, records read, storage failures)
         self.data_spec = getattr(getattr(data, "dataset", None), "spec", None)  # a stream's (not a test's batches)
@@ -241,11 +218,14 @@ class Trainer:
         return path
 
     def _step_once(self, batches) -> None:
+        self.values = schedules.values_at(self.cfg, self.num_images)
+        self.augment.p = self.values.augment_p
         for _ in range(self.cfg.train.n_critic):
             self.d_phase(*self._next_real(batches))
-        self.g_phase()
+        self.g_phase(self._next_real(batches) if self.loss.g_reads_real else None)
         self.progress.step += 1
-        self.ema.update(self.G_raw, self.num_images, self.cfg.train.batch_size * self.cfg.train.n_critic)
+        self.ema.update(self.G_raw, self.num_images, self.cfg.train.batch_size * self.cfg.train.n_critic,
+                        self.values.ema_half_life_kimg)
 
     def _rollback(self, why: str) -> None:
         """Back to the latest checkpoint with new noise; the data stream goes on where it is."""
@@ -315,81 +295,6 @@ class Trainer:
                            f"  samples: {samples} (final grid: {samples / 'final.png'})\n"
                            f"  metrics: {self.run_dir / 'metrics.jsonl'}\n  weights: {snapshot}")
 
-    # ----------------------------------------------------------------- phases
-    def d_phase(self, real: torch.Tensor, labels: torch.Tensor | None) -> None:
-        cfg = self.cfg.loss
-        r1_due = cfg.r1_gamma > 0 and self.progress.num_d_steps % cfg.r1_interval == 0
-        num_micro = self.cfg.train.num_micro_batches
-        self.backend.zero_grad("D")
-        label_chunks = labels.chunk(num_micro) if labels is not None else [None] * num_micro
-        for i, (x, y) in enumerate(zip(real.chunk(num_micro), label_chunks)):
-            with self.backend.micro_batch_sync("D", i, num_micro):
-                loss = self._d_loss(x, y, r1_due)
-                self._check_finite(loss, "D")
-                self.backend.backward("D", loss / num_micro)
-        self._step("D", self.cfg.optim.discriminator)
-        self.progress.num_d_steps += 1
-
-    def _d_loss(self, real: torch.Tensor, labels, r1_due: bool) -> torch.Tensor:
-        z, fake_labels = self._noise(len(real))
-        with torch.no_grad():
-            fake = self.G(z, fake_labels)
-        if r1_due:
-            real = real.detach().requires_grad_(True)
-        real_logits = at_least_fp32((self.D_eager if r1_due else self.D)(self.augment.before_d(real), labels))
-        fake_logits, info = self._fake_logits_and_code_loss(fake, z, fake_labels, "D")
-        loss = self.loss.d_loss(real_logits, fake_logits)
-        self.stats.report("Loss/D/adversarial", loss)
-        loss = loss + info
-        self.stats.report("Logits/real", real_logits.mean())
-        self.stats.report("Logits/fake", fake_logits.mean())
-        if r1_due:
-            r1 = r1_penalty(real_logits, real, self.backend.scaler("D"))
-            self.stats.report("Loss/D/r1", r1)
-            loss = loss + r1 * (self.cfg.loss.r1_gamma / 2 * self.cfg.loss.r1_interval)
-        if self.cfg.loss.gp_weight > 0:
-            mixed = interpolate(real, fake, self.penalty_gen)
-            gp = gradient_penalty(at_least_fp32(self.D_eager(mixed, labels)), mixed, self.backend.scaler("D"))
-            self.stats.report("Loss/D/gp", gp)
-            loss = loss + self.cfg.loss.gp_weight * gp
-        self.stats.report("Loss/D", loss)
-        return loss
-
-    def _fake_logits_and_code_loss(self, fake, z, fake_labels, phase: str) -> tuple[torch.Tensor, torch.Tensor | float]:
-        """D's logits for fakes and, with a categorical code in z, InfoGAN's weighted code loss."""
-        categories = self.cfg.model.num_latent_categories
-        if not categories:
-            return at_least_fp32(self.D(self.augment.before_d(fake), fake_labels)), 0.0
-        logits, code_logits = self.D(self.augment.before_d(fake), fake_labels, with_code=True)
-        # DeepSpeed's half-precision engines hand G a rounded z; the target is the code G read.
-        seen_z = z.to(getattr(self.G, "input_dtype", z.dtype))
-        info = code_loss(code_logits, latent_code(seen_z, categories))
-        self.stats.report(f"Loss/{phase}/info", info)
-        return at_least_fp32(logits), self.cfg.loss.info_weight * info
-
-    def g_phase(self) -> None:
-        num_micro = self.cfg.train.num_micro_batches
-        self.backend.zero_grad("G")
-        with parallel.frozen(self.params["D"]):
-            for i in range(num_micro):
-                with self.backend.micro_batch_sync("G", i, num_micro):
-                    z, fake_labels = self._noise(self.batch_per_device // num_micro)
-                    fake_logits, info = self._fake_logits_and_code_loss(self.G(z, fake_labels), z, fake_labels, "G")
-                    loss = self.loss.g_loss(fake_logits) + info
-                    self.stats.report("Loss/G", loss)
-                    self._check_finite(loss, "G")
-                    self.backend.backward("G", loss / num_micro)
-        self._step("G", self.cfg.optim.generator)
-
-    def _step(self, name: str, opt_cfg) -> None:
-        lr = None
-        if opt_cfg.warmup_kimg > 0 or opt_cfg.rampdown_kimg > 0:
-            lr = opt_cfg.lr * lr_factor(self.num_images, self.total_images, self.cfg.train.batch_size,
-                                        opt_cfg.warmup_kimg, opt_cfg.rampdown_kimg)
-        grad_norm, skipped, fp16_overflow = self.backend.step(name, opt_cfg.grad_clip_norm, lr)
-        self.stats.report(f"GradNorm/{name}", torch.as_tensor(grad_norm, dtype=torch.float32, device=self.acc.device))
-        self.pending_skips.append((name, self.progress.step + 1, skipped, fp16_overflow))
-
     def settle_skips(self) -> None:
         """Count the steps skipped since the last call (one host sync for all of them) and stop
         or roll back on too many in a row. Called at every log line, checkpoint and the end, so
@@ -435,13 +340,6 @@ class Trainer:
                 "loss.r1_gamma or optim.*.grad_clip_norm, or raise train.max_skipped_in_row")
 
     # ----------------------------------------------------------------- inputs
-    def _noise(self, count: int) -> tuple[torch.Tensor, torch.Tensor | None]:
-        device = self.acc.device
-        z = torch.randn(count, self.cfg.model.latent_dim, device=device, generator=self.noise_gen)
-        labels = (torch.randint(self.num_classes, (count,), device=device, generator=self.noise_gen)
-                  if self.num_classes else None)
-        return z, labels
-
     def _next_real(self, batches) -> tuple[torch.Tensor, torch.Tensor | None]:
         start = time.perf_counter()
         try:
@@ -451,6 +349,7 @@ class Trainer:
                 raise
             batch = Batch(None, None, [], fatal=self.data_health.stop)  # gave up: vote on until all stop
         self.progress.data_wait_s += time.perf_counter() - start
+        self.progress.num_batches += 1
         if not self.data_health.account(batch):
             # This rank's stream gave up; the ranks' vote stops the run a few D steps later, and
             # until then this rank trains on its last batch so that the collectives line up.
@@ -507,10 +406,19 @@ class Trainer:
                               f"line ({skips}); {self.cfg.train.max_skipped_in_row} in a row stop the run")
         self.progress.num_skipped_at_last_log += new_skips
         record = {"step": self.progress.step, "kimg": self.num_images / 1000,
-                  "time_s": self.elapsed_s(), **values, **skips,
+                  "time_s": self.elapsed_s(), **values, **skips, **self._scheduled_values(),
                   "Speed/img_per_s": (self.num_images - self.progress.last_log_images) / elapsed}
         self.progress.last_log_images, self.progress.last_log_time, self.progress.data_wait_s = self.num_images, now, 0.0
         self.console.log(record)
+
+    def _scheduled_values(self) -> dict:
+        """The moving values of the last step, for the log (host floats, the same on every rank)."""
+        if not schedules.any_moving(self.cfg):
+            return {}
+        v = self.values
+        return {"Schedule/lr_G": v.lr["G"], "Schedule/lr_D": v.lr["D"], "Schedule/beta2_G": v.beta2["G"],
+                "Schedule/beta2_D": v.beta2["D"], "Schedule/gamma": v.gamma,
+                "Schedule/ema_half_life_kimg": v.ema_half_life_kimg, "Schedule/augment_p": v.augment_p}
 
     def sync_buffers(self) -> None:
         """Every rank: make buffers identical (rank 0's) before anything reads them."""

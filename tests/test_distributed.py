@@ -19,7 +19,7 @@ from gan_dist.data.sources import digits
 
 pytestmark = pytest.mark.launch
 
-EQ_CASES = ["eq-mlp-r1", "eq-mlp-r1-resident", "eq-mlp-hinge", "eq-mlp-gp", "eq-mlp-diffaug", "eq-mlp-code", "eq-dcgan-r1",
+EQ_CASES = ["eq-mlp-r1", "eq-mlp-r1-resident", "eq-mlp-hinge", "eq-mlp-relativistic", "eq-mlp-gp", "eq-mlp-diffaug", "eq-mlp-code", "eq-dcgan-r1",
             "eq-dcgan-hinge"]
 MICRO_CASES = {"eq-mlp-r1-micro2": "eq-mlp-r1", "eq-dcgan-hinge-micro2": "eq-dcgan-hinge"}
 TWO_RANK_ONLY = ["http-flaky", "http-lost", "bn_d-r1-ncritic-micro", "spectral-gp-conditional", "nan-on-rank1", "perturb-rank1",

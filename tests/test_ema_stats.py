@@ -54,7 +54,7 @@ def test_stats_mean_over_interval_and_reset():
 
 
 def test_lr_factor_warms_up_and_ramps_down():
-    from gan_dist.trainer import lr_factor
+    from gan_dist.phases import lr_factor
 
     # 100 images per step, 1 kimg warm-up, 2 kimg ramp-down at the end of 10 kimg.
     assert lr_factor(0, 10_000, 100, 1.0, 2.0) == pytest.approx(0.1)

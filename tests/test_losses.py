@@ -23,6 +23,8 @@ HAND = {
     "hinge": ((0 + 2) / 2 + (1.5 + 0) / 2, -(0.5 - 3) / 2),
     "wasserstein": ((0.5 - 3) / 2 - (2 - 1) / 2, -(0.5 - 3) / 2),
     "least_squares": (0.5 * (1 + 4) / 2 + 0.5 * (0.25 + 9) / 2, 0.5 * (0.25 + 16) / 2),
+    # Pairs (real 2, fake 0.5) and (real -1, fake -3): D softplus(f - r), G softplus(r - f).
+    "relativistic": ((sp(-1.5) + sp(-2)) / 2, (sp(1.5) + sp(2)) / 2),
 }
 
 
@@ -31,7 +33,9 @@ def test_loss_matches_hand_computation(name):
     loss = get_loss(name)
     want_d, want_g = HAND[name]
     assert loss.d_loss(REAL, FAKE).item() == pytest.approx(want_d, rel=1e-6)
-    assert loss.g_loss(FAKE).item() == pytest.approx(want_g, rel=1e-6)
+    g_loss = loss.g_loss(FAKE, REAL) if loss.g_reads_real else loss.g_loss(FAKE)
+    assert g_loss.item() == pytest.approx(want_g, rel=1e-6)
+    assert loss.g_reads_real == (name == "relativistic")
 
 
 def test_every_registered_loss_has_a_hand_value():

@@ -38,23 +38,39 @@ def _assert_bitwise_equal(a, b, where=""):
         assert a == b, where
 
 
-@pytest.mark.parametrize("mode", ["off", "host"])
-def test_stop_and_resume_equals_the_uninterrupted_run(train_main, digits_dir, tmp_path, mode):
+# R3GAN's recipe, every schedule 1 kimg long: the stop at step 21 (0.67 kimg) is mid-horizon.
+# Its G phase reads reals too: 2 batches a step, so the worker next in turn follows the batch
+# count, not the D steps.
+MODERN = ("loss.name=relativistic", "loss.r2=true", "loss.r1_interval=1", "loss.gamma_schedule.end=0.1",
+          "loss.gamma_schedule.kimg=1", "optim.generator.lr_schedule.end=2e-5", "optim.generator.lr_schedule.kimg=1",
+          "optim.discriminator.beta2_schedule.end=0.99", "optim.discriminator.beta2_schedule.kimg=1",
+          "train.ema_half_life_kimg=0", "train.ema_half_life_schedule.end=0.5", "train.ema_half_life_schedule.kimg=1",
+          "data.diffaugment=translation", "data.augment_p=0", "data.augment_p_schedule.end=0.5",
+          "data.augment_p_schedule.kimg=1")
+CASES = {"streamed": ("data.resident=off",), "resident": ("data.resident=host",),
+         "modern, streamed": ("data.resident=off", *MODERN)}
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_stop_and_resume_equals_the_uninterrupted_run(train_main, digits_dir, tmp_path, case):
     """Streamed (2 workers) and resident, on chunks of 64: the stop at step 21 of 32-sample
-    batches lies inside a chunk."""
-    flags = (*FULL, f"data.resident={mode}")
+    batches lies inside a chunk. With schedules the resumed leg also lengthens the run
+    (train.total_kimg 2 -> 3), which must leave every schedule where it was."""
+    flags = (*FULL, *CASES[case])
     assert train_main(*tiny_args(digits_dir, *flags, "run.name=full", "train.max_steps=40"))[0] == 0
     assert train_main(*tiny_args(digits_dir, *flags, "run.name=split", "train.max_steps=21"))[0] == 0
     workers = json.loads((tmp_path / "runs" / "split" / "checkpoints" / "step_00000021" / "rank0.json").read_text())
     positions = [position[1] for position in workers["stream"]["workers"].values()]
-    assert len(positions) == (2 if mode == "off" else 1) and any(p % 64 for p in positions)
-    code, out, err = train_main(*tiny_args(digits_dir, *flags, "run.name=split", "train.max_steps=40"))
+    assert len(positions) == (1 if case == "resident" else 2) and any(p % 64 for p in positions)
+    longer = ("train.total_kimg=3",) if "modern" in case else ()
+    code, out, err = train_main(*tiny_args(digits_dir, *flags, *longer, "run.name=split", "train.max_steps=40"))
     assert code == 0, err
     assert "resumed from" in out and "step_00000021 at step 21" in out
     full, split = _final(tmp_path / "runs" / "full", 40), _final(tmp_path / "runs" / "split", 40)
     _assert_bitwise_equal(full[0], split[0], "weights")
     _assert_bitwise_equal(full[1], split[1], "optimizers")
     assert full[2]["progress"] == split[2]["progress"] and full[2]["ema_num_averaged"] == 40
+    assert full[2]["progress"]["num_batches"] == 40 * (2 if "modern" in case else 1)
     moved = _final(tmp_path / "runs" / "split", 21)[0]["G"]
     assert any(not torch.equal(moved[k], full[0]["G"][k]) for k in moved), "the second leg trained nothing"
 

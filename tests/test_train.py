@@ -94,7 +94,8 @@ def test_mlp_mnist_config_prepares_mnist_from_raw_files(train_main, tmp_path):
     assert "G 1,486,352 params" in out  # the tutorial's MLP: 100-256-512-1024-784
 
 
-@pytest.mark.parametrize("extra", [[], ["model.num_latent_categories=4"]])
+@pytest.mark.parametrize("extra", [[], ["model.num_latent_categories=4"],
+                                   ["loss.name=relativistic", "loss.r1_gamma=1", "loss.r2=true", "loss.r1_interval=1"]])
 def test_g_phase_leaves_d_gradients_untouched(digits_dir, tmp_path, monkeypatch, extra):
     """D is frozen during the G step: G's loss must not accumulate into D's gradients."""
     from gan_dist import trainer as trainer_mod
@@ -102,9 +103,9 @@ def test_g_phase_leaves_d_gradients_untouched(digits_dir, tmp_path, monkeypatch,
     seen = {}
     original = trainer_mod.Trainer.g_phase
 
-    def spy(self):
+    def spy(self, *args):
         before = [None if p.grad is None else p.grad.clone() for p in self.D.parameters()]
-        original(self)
+        original(self, *args)
         after = [p.grad for p in self.D.parameters()]
         seen["unchanged"] = all(torch.equal(a, b) for a, b in zip(before, after))
         seen["g_grads"] = all(p.grad is not None for p in self.G.parameters())

@@ -84,7 +84,8 @@ def choose(info: DatasetInfo, setting: str, processes_on_node: int, available_by
 
     if previous == STREAM_FORMAT:  # it would fit, but switching would start a new epoch
         return "off", "streamed, as the checkpoint was (data.resident=host holds it resident from the next epoch)"
-    return "host", f"resident in host memory: {gib:.2f} GiB decoded, one copy per process"
+    held = f"{gib:.2f} GiB" if gib >= 1 else f"{size / 2**20:.1f} MiB"
+    return "host", f"resident in host memory: {held} decoded, one copy per process"
 
 
 class ResidentLoader:

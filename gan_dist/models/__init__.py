@@ -57,7 +57,7 @@ def _has_code_head(D: nn.Module) -> bool:
 
 
 def _load_builtins() -> None:
-    from gan_dist.models import dcgan, mlp, resnet, toy2d  # noqa: F401  (they register themselves)
+    from gan_dist.models import dcgan, mlp, r3gan, resnet, toy2d  # noqa: F401  (they register themselves)
 
 
 def count_parameters(module: nn.Module) -> int:

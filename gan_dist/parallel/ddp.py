@@ -26,10 +26,13 @@ from torch import nn
 HALF = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 
-def set_lr(optimizer, lr: float | None) -> None:
-    if lr is not None:
-        for group in optimizer.param_groups:
+def set_hyper(optimizer, lr: float | None, beta2: float | None = None) -> None:
+    """This step's (scheduled) learning rate and Adam beta2; None leaves one as it is."""
+    for group in optimizer.param_groups:
+        if lr is not None:
             group["lr"] = lr
+        if beta2 is not None:
+            group["betas"] = (group["betas"][0], beta2)
 
 
 class Autocast(nn.Module):
@@ -92,7 +95,7 @@ class DDPBackend:
         scaler = self.scalers[name]
         (scaler.scale(loss) if scaler is not None else loss).backward()
 
-    def step(self, name: str, max_norm: float, lr: float | None):
+    def step(self, name: str, max_norm: float, lr: float | None, beta2: float | None = None):
         """(gradient norm before clipping, skipped, fp16 overflow). `skipped` says the norm of the
         synchronised gradients was not finite and the update was not made; under fp16 the grad
         scaler makes that decision and it is reported as an overflow instead. Each is a bool,
@@ -107,7 +110,7 @@ class DDPBackend:
             norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
         else:
             norm = torch.nn.utils.get_total_norm([p.grad for p in params])
-        set_lr(optimizer, lr)
+        set_hyper(optimizer, lr, beta2)
         not_finite = ~torch.isfinite(norm)
         if scaler is not None:
             # Fused Adam takes the scaler's found_inf into its kernel; foreach Adam makes the

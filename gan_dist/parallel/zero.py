@@ -25,7 +25,7 @@ import torch
 from torch import nn
 
 from gan_dist.errors import UserError
-from gan_dist.parallel.ddp import set_lr
+from gan_dist.parallel.ddp import set_hyper
 
 CHECKPOINT_TAG = "engine"
 DEEPSPEED_DEFAULT_BUCKET = 500_000_000  # elements, DeepSpeed 0.19's reduce_bucket_size
@@ -236,12 +236,12 @@ class DeepSpeedBackend:
     def backward(self, name: str, loss: torch.Tensor) -> None:
         self.engines[name].backward(loss)
 
-    def step(self, name: str, max_norm: float, lr: float | None):
+    def step(self, name: str, max_norm: float, lr: float | None, beta2: float | None = None):
         """(gradient norm before clipping, skipped, fp16 overflow), as DDPBackend.step; clipping
         is the engine's (gradient_clipping). DeepSpeed's overflow check reads its verdict on the
         host, so this path syncs once per step."""
         engine = self.engines[name]
-        set_lr(engine.optimizer, lr)
+        set_hyper(engine.optimizer, lr, beta2)
         own_norm = None
         if self.stage == 0:
             grads = [p.grad for p in engine.module.parameters() if p.grad is not None]

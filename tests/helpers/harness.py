@@ -26,6 +26,7 @@ import torch
 from poison import nan_on_rank1
 from tiny_extractor import TinyExtractor
 
+from gan_dist import phases as phases_mod
 from gan_dist import trainer as trainer_mod
 from gan_dist.data.stream import Batch
 
@@ -47,6 +48,14 @@ CASES = {
     # of the global batch (rank r takes the r-th part of global batch k), so it needs none.
     "eq-mlp-r1-resident": [*EQ_SHARED, *NONSAT_R1, "data.resident=host"],
     "eq-mlp-hinge": [*EQ_SHARED, *HINGE_NCRITIC],
+    # R3GAN's recipe: the G phase reads a real batch of its own; every schedule moves within
+    # the 5 steps (0.16 kimg) and the lr's ends at 0.1 kimg.
+    "eq-mlp-relativistic": [*EQ_SHARED, "loss.name=relativistic", "loss.r1_gamma=1", "loss.r2=true",
+                            "loss.r1_interval=1", "loss.gamma_schedule.end=0.1", "loss.gamma_schedule.kimg=0.2",
+                            "optim.generator.lr_schedule.end=2e-4", "optim.generator.lr_schedule.kimg=0.1",
+                            "optim.discriminator.beta2_schedule.end=0.9", "optim.discriminator.beta2_schedule.kimg=0.2",
+                            "train.ema_half_life_kimg=0", "train.ema_half_life_schedule.end=0.05",
+                            "train.ema_half_life_schedule.kimg=0.2"],
     "eq-mlp-gp": [*EQ_SHARED, "loss.name=wasserstein", "loss.gp_weight=10"],
     "eq-mlp-diffaug": [*EQ_SHARED, *NONSAT_R1, "data.diffaugment=color,translation,cutout"],
     "eq-mlp-code": [*EQ_SHARED, *NONSAT_R1, "model.num_latent_categories=4", "loss.info_weight=1"],
@@ -157,14 +166,14 @@ def _state(module) -> dict:
 
 CURRENT: dict = {}
 _fit = trainer_mod.Trainer.fit
-_interpolate = trainer_mod.interpolate
+_interpolate = phases_mod.interpolate
 
 
 def _perturb_rank1_after_step2(trainer) -> None:
     g_phase = trainer.g_phase
 
-    def nudged():
-        g_phase()
+    def nudged(*args):
+        g_phase(*args)
         if trainer.progress.step == 1 and trainer.acc.process_index == 1:  # step counter moves after g_phase
             with torch.no_grad():
                 next(trainer.G_raw.parameters()).add_(1e-3)
@@ -178,7 +187,7 @@ def fit(self) -> None:
         draws = GlobalDraws(self)
         self._noise = draws.noise
         self.augment.before_d = draws.before_d
-        trainer_mod.interpolate = draws.interpolate
+        phases_mod.interpolate = draws.interpolate
         if "data.resident=host" not in CASES[case]:
             self.data = global_batches(self, CURRENT["images"])
     elif case == "nan-on-rank1":
@@ -192,7 +201,7 @@ def fit(self) -> None:
     try:
         _fit(self)
     finally:
-        trainer_mod.interpolate = _interpolate
+        phases_mod.interpolate = _interpolate
         CURRENT["state"] = {"G0": initial_G, "G": _state(self.G_raw), "D": _state(self.D_raw), "G_ema": _state(self.ema.module),
                             "skipped": dict(self.progress.num_skipped), "step": self.progress.step,
                             "graphs": _graphs_compiled(), "consumed": consumed,

@@ -8,8 +8,8 @@ from gan_dist import trainer as trainer_mod
 _g_phase = trainer_mod.Trainer.g_phase
 
 
-def g_phase(self):
-    _g_phase(self)
+def g_phase(self, *args):
+    _g_phase(self, *args)
     if self.progress.step == 2 and "pid_probe" in self.cfg.plugins:  # the patch outlives its test
         out = Path(os.environ["PROBE_DIR"])
         out.mkdir(parents=True, exist_ok=True)
