@@ -155,7 +155,12 @@ def _open_data(cfg, acc, info, plan: ResumePlan, per_device: int, run_dir: Path)
     checkpoint, state = plan.checkpoint, plan.state
     if checkpoint is not None:
         parallel.decided_on_rank0(acc, lambda: resume.check_data_matches(checkpoint, info))
-    mode, reading = read_mode(cfg, acc, info, state.get("data_mode") if checkpoint is not None else None)
+    previous = None  # the checkpoint's mode, kept under auto when switching would be the only layout change
+    if checkpoint is not None:
+        as_before = resume.layout(acc.num_processes, cfg.data.num_workers, acc.device.type, info.identity()["sha256"],
+                                  state.get("data_mode", resume.RECORDED_SINCE["data_mode"]))
+        previous = as_before["data_mode"] if resume.same_layout(state, as_before) else None
+    mode, reading = read_mode(cfg, acc, info, previous)
     if mode != "off":  # resident data starts no loader workers: their cores are the trainer's
         parallel.configure_threads(cfg.train.num_threads, 0, acc.device.type)
     now = resume.layout(acc.num_processes, cfg.data.num_workers, acc.device.type, info.identity()["sha256"],

@@ -144,13 +144,33 @@ def test_a_shard_pattern_over_chunked_shards_knows_its_chunk_size(chunked):
     assert len(set(keys)) == len(keys) == 1792 and set(keys) <= {k for u in pattern.urls for k in keys_in(u)}
 
 
-def test_an_index_with_no_chunk_size_is_refused_by_name(chunked, tmp_path):
+@pytest.mark.parametrize("value", [0, None, "abc", 2.5])
+def test_an_index_with_a_chunk_size_that_is_no_count_is_refused_by_name(chunked, tmp_path, value):
     import shutil
 
     broken = tmp_path / "broken"
     shutil.copytree(chunked[0], broken)
     index = json.loads((broken / "index.json").read_text())
-    index["chunk_size"] = 0
+    index["chunk_size"] = value
     (broken / "index.json").write_text(json.dumps(index))
-    with pytest.raises(UserError, match="gives chunk_size 0 .*re-run gan-dist prepare"):
+    with pytest.raises(UserError, match="gives chunk_size .* re-run gan-dist prepare"):
         open_dataset(str(broken))
+
+
+def test_a_corrupt_chunk_read_resident_counts_once_and_repeats_no_sample_much(tmp_path):
+    """Resident: the cut-off chunk's 100 places in the epoch go to random good rows, not to
+    100 copies of one neighbour; each bad sample is counted once in the epoch."""
+    from collections import Counter as Tally
+
+    data = write_shards(digits(), tmp_path / "bad", shard_size=256, chunk=100)
+    broken = _chunk_entry(list(range(5000, 5100)), [1] * 100)
+    broken["samples.npy"] = broken["samples.npy"][:200]
+    rewrite_shard(data, 2, [_chunk_entry(list(range(4000, 4100)), [3] * 100), broken,
+                            _chunk_entry(list(range(6000, 6056)), [2] * 56)], rows=[100, 100, 56])
+    info = open_dataset(str(data))
+    batches = list(make_loader(info, 1, 0, 0, 0, 64, num_epochs=1, conditional=True, resident="host"))
+    assert len(batches) == info.count and sum(b.bad_count for b in batches) == 100
+    assert any("shard-000002.tar chunk 00005000: corrupt chunk" in m for b in batches for m in b.bad_messages)
+    repeats = Tally(_keys(batches))
+    assert not set(range(5000, 5100)) & set(repeats) and len(repeats) == info.count - 100
+    assert max(repeats.values()) <= 4

@@ -161,7 +161,10 @@ def test_a_stream_resumed_from_a_batch_position_continues_exactly(tmp_path, layo
 
 
 def test_switching_between_streamed_and_resident_is_a_layout_change(train_main, digits_dir, tmp_path):
-    assert train_main(*tiny_args(digits_dir, "train.max_steps=5", "data.resident=off"))[0] == 0
+    assert train_main(*tiny_args(digits_dir, "train.max_steps=3", "data.resident=off"))[0] == 0
+    code, out, err = train_main(*tiny_args(digits_dir, "train.max_steps=5"))  # auto: stays streamed
+    assert code == 0, err
+    assert "at step 3" in out and "resumed with" not in out and "streamed, as the checkpoint was" in out
     code, out, err = train_main(*tiny_args(digits_dir, "train.max_steps=10", "data.resident=host"))
     assert code == 0, err
     assert out.count("resumed with") == 1 and "start at the next epoch" in out
@@ -173,3 +176,13 @@ def test_switching_between_streamed_and_resident_is_a_layout_change(train_main, 
     assert code == 0, err
     # auto keeps the checkpoint's mode; resident data has no workers, so their count is no change
     assert "at step 10" in out and "resumed with" not in out
+
+
+def test_an_empty_shard_is_no_lost_shard(tmp_path):
+    from shards import rewrite_shard
+
+    path = write_shards(digits(), tmp_path / "d", shard_size=256, chunk=1)
+    rewrite_shard(path, 2, [])
+    info = open_dataset(str(path))
+    batch = _batches(info, 16, count=1, max_shard_retries=1, retry_backoff_s=0)[0]
+    assert not batch.fatal and batch.shard_failures == 0 and info.shard_counts[2] == 0

@@ -101,8 +101,8 @@ def _from_index(location: str) -> DatasetInfo:
                        [shard["offsets"] for shard in shards] if has["offsets"] else None,
                        [shard["sha256"] for shard in shards] if has["sha256"] else None,
                        [shard["class_counts"] for shard in shards] if has["class_counts"] else None,
-                       index.get("order", ""), int(index.get("chunk_size", 1)))
-    if info.chunk_size < 1:
+                       index.get("order", ""), index.get("chunk_size", 1))
+    if not isinstance(info.chunk_size, int) or isinstance(info.chunk_size, bool) or info.chunk_size < 1:
         raise UserError(f"data.path: {location} gives chunk_size {info.chunk_size} (at least 1: samples per tar "
                         "entry); re-run gan-dist prepare")
     if has["offsets"]:

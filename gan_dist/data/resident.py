@@ -13,7 +13,9 @@ batch: a resume continues from it exactly.
 
 A bad sample keeps its row and its place in the order, so every rank has the same order
 whatever its reads met: where the order reaches it, the batch counts it as bad (on the rank
-whose part it is in, once per epoch, as a stream would) and takes the next good row instead.
+whose part it is in, once per epoch, as a stream would) and takes a good row drawn at random
+for that place instead (seeded by (train.seed, epoch)), so a corrupt chunk of 100 samples
+adds 100 random repeats to an epoch, not 100 copies of one sample.
 
 `choose` picks the mode for data.resident=auto: resident in host memory when one copy is at
 most AUTO_MAX_BYTES and a copy per process on the node fits in a quarter of the memory
@@ -39,7 +41,7 @@ from gan_dist.data.samples import BadSample, Block
 from gan_dist.errors import UserError
 from gan_dist.seeds import derive_seed
 
-RESIDENT_ORDER = 3  # seed purpose (stream.py numbers 1 and 2, plan.py 0)
+RESIDENT_ORDER, RESIDENT_FILL = 3, 4  # seed purposes (stream.py numbers 1 and 2, plan.py 0)
 AUTO_MAX_BYTES = 4 << 30
 AUTO_MEMORY_SHARE = 4  # of the node's available memory, all its processes' copies together
 MAX_MESSAGES = 3  # per batch
@@ -102,7 +104,7 @@ class ResidentLoader:
         self.max_shard_retries, self.retry_backoff_s = max_shard_retries, retry_backoff_s
         self.device, self.pin_memory = device, pin_memory
         self.data: Loaded | None = None
-        self._orders: dict[int, np.ndarray] = {}
+        self._orders: dict[int, tuple[np.ndarray, np.ndarray]] = {}
 
     def __len__(self) -> int:
         if not self.num_epochs:
@@ -131,7 +133,7 @@ class ResidentLoader:
         while not self.num_epochs or position + global_batch <= self.num_epochs * count:
             rows = position + self.rank * self.batch + np.arange(self.batch)
             position += global_batch
-            yield self._batch(data, self._index(rows, count), *divmod(position, count), first=first)
+            yield self._batch(data, *self._index(rows, count), *divmod(position, count), first=first)
             first = False
 
     def _start(self) -> tuple[int, int]:
@@ -140,30 +142,39 @@ class ResidentLoader:
             return int(workers[0][0]), int(workers[0][1])
         return int(self.start.get("epoch", 0)), 0
 
-    def _index(self, rows: np.ndarray, count: int) -> np.ndarray:
+    def _index(self, rows: np.ndarray, count: int) -> tuple[np.ndarray, np.ndarray]:
+        """(the rows the order names at stream positions `rows`, the rows gathered there)."""
         epochs, offsets = np.divmod(rows, count)
-        index = np.empty_like(rows)
+        named, gathered = np.empty_like(rows), np.empty_like(rows)
         for epoch in np.unique(epochs).tolist():
             where = epochs == epoch
-            index[where] = self._order(epoch, count)[offsets[where]]
-        return index
+            order, filled = self._order(epoch, count)
+            named[where], gathered[where] = order[offsets[where]], filled[offsets[where]]
+        return named, gathered
 
-    def _order(self, epoch: int, count: int) -> np.ndarray:
+    def _order(self, epoch: int, count: int) -> tuple[np.ndarray, np.ndarray]:
+        """Epoch `epoch`'s permutation, and the same with each bad row's place given to a random good row."""
         if epoch not in self._orders:
             self._orders = {e: o for e, o in self._orders.items() if e >= epoch - 1}
-            self._orders[epoch] = np.random.default_rng(derive_seed(self.seed, epoch, RESIDENT_ORDER)).permutation(count)
+            order = np.random.default_rng(derive_seed(self.seed, epoch, RESIDENT_ORDER)).permutation(count)
+            filled = order
+            if self.data.message_of is not None:
+                bad = self.data.message_of[order] >= 0
+                fill = np.random.default_rng(derive_seed(self.seed, epoch, RESIDENT_FILL))
+                filled = order.copy()
+                filled[bad] = self.data.good[fill.integers(len(self.data.good), size=int(bad.sum()))]
+            self._orders[epoch] = (order, filled)
         return self._orders[epoch]
 
-    def _batch(self, data: Loaded, index: np.ndarray, epoch: int, position: int, first: bool):
+    def _batch(self, data: Loaded, named: np.ndarray, index: np.ndarray, epoch: int, position: int, first: bool):
         from gan_dist.data.stream import Batch
 
         bad_count, messages = 0, ()
-        if data.message_of is not None:  # some rows are bad: count those the order reached, use the next good
-            message_ids = data.message_of[index]
+        if data.message_of is not None:  # some rows are bad: count those the order reached here
+            message_ids = data.message_of[named]
             bad = message_ids >= 0
             bad_count = int(bad.sum())
             messages = tuple(data.messages[i] for i in dict.fromkeys(message_ids[bad].tolist()))[:MAX_MESSAGES]
-            index = data.substitute[index]
         where = torch.from_numpy(index).to(data.samples.device)
         samples = data.samples.index_select(0, where)
         if self.pin_memory and samples.device.type == "cpu":
@@ -177,12 +188,12 @@ class ResidentLoader:
 
 class Loaded:
     """The dataset in memory. Bad rows stay in place (zeros): `message_of` maps each row to
-    its message (-1: good) and `substitute` to the next good row; both None when all are good."""
+    its message (-1: good) and `good` lists the good rows; both None when all are good."""
 
     def __init__(self, samples: torch.Tensor, labels: torch.Tensor, keys: np.ndarray):
         self.samples, self.labels, self.keys = samples, labels, keys
         self.message_of: np.ndarray | None = None
-        self.substitute: np.ndarray | None = None
+        self.good: np.ndarray | None = None
         self.messages: list[str] = []
         self.bad_count = self.failures = self.retries = self.read_bytes = 0
         self.fatal = ""
@@ -196,8 +207,7 @@ class _Rows:
         self.labels = np.zeros(info.count, dtype=np.int64)
         self.keys = np.zeros(info.count, dtype=np.int64)
         self.text_keys: list[tuple[int, np.ndarray]] = []  # a foreign shard's keys that are no numbers
-        self.message_of = np.full(info.count, -1, dtype=np.int32)
-        self.messages: list[str] = []
+        self.bad_runs: list[tuple[int, int, int, str]] = []  # (first row, count, shard, message)
         self.lock = threading.Lock()
 
     def place(self, block: Block, row: int) -> None:
@@ -210,12 +220,27 @@ class _Rows:
             with self.lock:
                 self.text_keys.append((row, block.keys))
 
-    def mark_bad(self, bad: BadSample, row: int) -> None:
+    def mark_bad(self, bad: BadSample, row: int, shard: int) -> None:
         self.samples[row:row + bad.count] = 0
         with self.lock:
-            if len(self.messages) < MAX_KEPT_MESSAGES:
-                self.messages.append(str(bad))
-            self.message_of[row:row + bad.count] = len(self.messages) - 1
+            self.bad_runs.append((row, bad.count, shard, str(bad)))
+
+    def messages_of_rows(self, urls: list[str]) -> tuple[np.ndarray, list[str]]:
+        """(each row's message index, -1 for good; the messages): by row, whatever order the
+        threads met them in, so every rank and run names a bad sample alike."""
+        message_of = np.full(len(self.labels), -1, dtype=np.int32)
+        messages, overflow = [], {}
+        for row, count, shard, message in sorted(self.bad_runs):
+            if len(messages) >= MAX_KEPT_MESSAGES and shard not in overflow:
+                overflow[shard] = len(messages)
+                messages.append(f"{urls[shard]}: a bad sample (only the first {MAX_KEPT_MESSAGES} bad runs keep "
+                                "their own message)")
+            if shard in overflow:
+                message_of[row:row + count] = overflow[shard]
+            else:
+                message_of[row:row + count] = len(messages)
+                messages.append(message)
+        return message_of, messages
 
     def all_keys(self) -> np.ndarray:
         if not self.text_keys:
@@ -241,18 +266,17 @@ def load_rows(info: DatasetInfo, conditional: bool, max_shard_retries: int, retr
     if device is not None:
         samples = samples.to(device)
     data = Loaded(samples, torch.from_numpy(rows.labels).to(samples.device), rows.all_keys())
-    data.messages = rows.messages
+    message_of, data.messages = rows.messages_of_rows(info.urls)
     data.failures, data.retries = sum(r[1] for r in results), sum(r[2] for r in results)
     data.read_bytes = sum(r[3] for r in results)
     data.fatal = next((r[0] for r in results if r[0]), "")
-    bad = rows.message_of >= 0
+    bad = message_of >= 0
     data.bad_count = int(bad.sum())
     good = np.flatnonzero(~bad)
     if not data.fatal and not len(good):
-        data.fatal = f"no readable sample among the {info.count}, e.g. {rows.messages[0] if rows.messages else '?'}"
+        data.fatal = f"no readable sample among the {info.count}, e.g. {data.messages[0] if data.messages else '?'}"
     elif data.bad_count:
-        data.message_of = rows.message_of
-        data.substitute = good[np.searchsorted(good, np.arange(info.count)) % len(good)]
+        data.message_of, data.good = message_of, good
     return data
 
 
@@ -262,13 +286,15 @@ def _load_shard(info: DatasetInfo, shard: int, first: int, rows: _Rows, conditio
     (fatal message or "", failures, retries, bytes read)."""
     counter, failures, retries = Counter(), 0, 0
     delivered, count = 0, info.shard_counts[shard]
+    if count == 0:  # an empty shard's tar has no members: reading it would fail as a lost shard
+        return "", 0, 0, 0
     for attempt in range(max_shard_retries + 1):
         try:
             for record in read_piece(info.urls[shard], Piece(shard, delivered, count),
                                      info.offsets[shard] if info.offsets else None, info.shape, info.dtype,
                                      info.num_classes if conditional else 0, counter, layout=info.layout(shard)):
                 if isinstance(record, BadSample):
-                    rows.mark_bad(record, first + delivered)
+                    rows.mark_bad(record, first + delivered, shard)
                     delivered += record.count
                 else:
                     rows.place(record, first + delivered)
