@@ -1,7 +1,8 @@
 """Quality results for docs/results.md: train configs over seeds and evaluate them.
 
     python bench/quality.py mixtures [--seeds 0 1 2] [--parallel 2] [--recipe classic|modern] [--root runs/quality] [key=value ...]
-    python bench/quality.py mnist --data-root DIR [--models mlp,dcgan] [key=value ...]
+    python bench/quality.py mnist --data-root DIR [--models mlp,dcgan,r3gan] [--parallel 1]
+        [--total-kimg dcgan=300 r3gan=60] [key=value ...]
 
 `mixtures` trains configs/ring8.yaml and configs/grid25.yaml once per seed (their pinned one
 thread per run, `--parallel` runs at a time, so two runs share a 2-core machine) and scores each with
@@ -97,14 +98,24 @@ MNIST_MODELS = {"mlp": ("mlp_mnist.yaml", "mlp_mnist"), "dcgan": ("dcgan_mnist32
 
 
 def mnist(args) -> None:
-    """Train each model once, then score every kept checkpoint: the curve shows when the bar is reached."""
+    """Train the models (`--parallel` at a time), then score every kept checkpoint: the curve
+    shows when the bar is reached, and at which training time."""
+    lengths = dict(item.split("=") for item in args.total_kimg)
+
+    def one(model: str) -> tuple[str, float]:
+        config, name = MNIST_MODELS[model]
+        length = [f"train.total_kimg={lengths[model]}"] if model in lengths else []
+        return name, train(config, name, args.root, args.num_threads, f"data.root={args.data_root}",
+                           "checkpoint.keep_last=0", *args.overrides, *length)
+
+    if not (Path("data") / "mnist-32px").exists():  # once, before parallel runs would each prepare it
+        subprocess.run([sys.executable, "-m", "gan_dist.cli", "prepare", "torchvision", "MNIST", "--root", args.data_root,
+                        "--resolution", "32", "--out", "data/mnist-32px"], check=True, capture_output=True)
+    with ThreadPoolExecutor(args.parallel) as pool:
+        wall_s_by_run = list(pool.map(one, args.models))
     print("| model | step | kimg | training time | classifier IS | FD (classifier features) | classes |"
           " real held-out IS / FD |\n|---|---|---|---|---|---|---|---|", flush=True)
-    wall_s_by_run = []
-    for model in args.models:
-        config, name = MNIST_MODELS[model]
-        wall_s_by_run.append((name, train(config, name, args.root, args.num_threads, f"data.root={args.data_root}",
-                                  "checkpoint.keep_last=0", *args.overrides)))
+    for name, _ in wall_s_by_run:
         for step, kimg, time_s in _snapshots(args.root / name):
             result = evaluate(args.root / name, "cls", "--num", "10000", "--step", str(step))["cls"]
             shares = [100 * f for f in result["class_fractions"]]
@@ -148,6 +159,8 @@ def main() -> None:
     parser.add_argument("--data-root", help="mnist: the folder holding MNIST/raw (torchvision's layout)")
     parser.add_argument("--models", type=_model_list, default=["mlp", "dcgan"],
                         help=f"mnist: comma-separated, from {','.join(sorted(MNIST_MODELS))}")
+    parser.add_argument("--total-kimg", nargs="*", default=[], metavar="MODEL=KIMG",
+                        help="mnist: train.total_kimg per model, e.g. dcgan=300 r3gan=60 (equal wall time)")
     parser.add_argument("--num-threads", type=int, help="torch threads per run (default: each config's pin)")
     parser.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides for every run")
     args = parser.parse_intermixed_args()  # options may follow the key=value overrides

@@ -20,7 +20,7 @@ pytestmark = pytest.mark.launch
 if os.environ.get("CI") != "true":  # CI installs the extra; elsewhere say why these tests skip
     pytest.importorskip("deepspeed", reason="install the extra: bash launch/setup.sh --deepspeed")
 
-CASES = ["ddp", "zero1", "zero2", "ddp-code", "zero2-code", "bf16-zero2-code", "zero1-unfrozen", "resume-full", "resume-leg1", "resume-leg2", "bf16-zero2",
+CASES = ["ddp", "zero1", "zero2", "ddp-code", "zero2-code", "ddp-modern", "zero2-modern", "bf16-zero2-code", "zero1-unfrozen", "resume-full", "resume-leg1", "resume-leg2", "bf16-zero2",
          "bf16-dcgan-zero1", "nan-zero0", "nan-zero1", "nan-zero2",
          "memory-zero0", "memory-zero1", "memory-zero2"]
 NETS = ("G", "D")
@@ -50,7 +50,8 @@ def _max_diff(a: dict, b: dict, nets=NETS) -> float:
     return max((a[net][k] - b[net][k]).abs().max().item() for net in nets for k in a[net])
 
 
-@pytest.mark.parametrize("ddp_case, zero_case", [("ddp", "zero1"), ("ddp", "zero2"), ("ddp-code", "zero2-code")])
+@pytest.mark.parametrize("ddp_case, zero_case", [("ddp", "zero1"), ("ddp", "zero2"), ("ddp-code", "zero2-code"),
+                                                ("ddp-modern", "zero2-modern")])
 def test_zero_matches_ddp_after_five_iterations(ds, ddp_case, zero_case):
     ddp, zero = ds(ddp_case), ds(zero_case)
     assert all(torch.equal(ddp["G0"][k], zero["G0"][k]) for k in ddp["G0"]), "not the same initial weights"

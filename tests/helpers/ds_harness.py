@@ -31,6 +31,9 @@ DS = ["train.backend=deepspeed"]
 CODE = ["model.num_latent_categories=4", "loss.info_weight=1"]
 RESUME = [*DS, "deepspeed.zero_stage=2", "run.overwrite=false", "checkpoint.every_kimg=0", "train.total_kimg=5"]
 
+MODERN = ["loss.name=relativistic", "loss.r1_gamma=1", "loss.r2=true", "loss.r1_interval=1",
+          "optim.discriminator.beta2_schedule.end=0.9", "optim.discriminator.beta2_schedule.kimg=0.1",
+          "optim.generator.lr_schedule.end=1e-5", "optim.generator.lr_schedule.kimg=0.1"]
 CASES = {
     # Same initial weights, same per-rank noise and batches: the backends must agree.
     "ddp": ["train.max_steps=5"],
@@ -39,6 +42,9 @@ CASES = {
     # InfoGAN's code head: a keyword argument to D and a second output, through the engines too.
     "ddp-code": ["train.max_steps=5", *CODE],
     "zero2-code": [*DS, "deepspeed.zero_stage=2", "train.max_steps=5", *CODE],
+    # R3GAN's recipe: R1 and R2 on the raw modules, the G phase reading reals, beta2 and lr moving.
+    "ddp-modern": ["train.max_steps=5", *MODERN],
+    "zero2-modern": [*DS, "deepspeed.zero_stage=2", "train.max_steps=5", *MODERN],
     # The leak probe's negative control: D left unfrozen in G's step must show up.
     "zero1-unfrozen": [*DS, "deepspeed.zero_stage=1", "train.max_steps=2"],
     "resume-full": [*RESUME, "run.name=resume-full", "train.max_steps=20"],
