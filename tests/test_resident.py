@@ -160,11 +160,14 @@ def test_a_stream_resumed_from_a_batch_position_continues_exactly(tmp_path, layo
         assert (got.worker, got.epoch, got.position) == (want.worker, want.epoch, want.position)
 
 
-def test_switching_between_streamed_and_resident_is_a_layout_change(train_main, digits_dir, tmp_path):
+def test_switching_between_streamed_and_resident_is_a_layout_change(train_main, tmp_path):
+    digits_dir = write_shards(digits(), tmp_path / "own-digits", chunk=64)  # no other test's files
     assert train_main(*tiny_args(digits_dir, "train.max_steps=3", "data.resident=off"))[0] == 0
     code, out, err = train_main(*tiny_args(digits_dir, "train.max_steps=5"))  # auto: stays streamed
     assert code == 0, err
-    assert "at step 3" in out and "resumed with" not in out and "streamed, as the checkpoint was" in out
+    assert "at step 3" in out
+    state = json.loads((tmp_path / "runs" / "tiny" / "checkpoints" / "step_00000005" / "state.json").read_text())
+    assert state["data_mode"] == "stream/2"  # auto chose streamed again (alone it would hold the digits)
     code, out, err = train_main(*tiny_args(digits_dir, "train.max_steps=10", "data.resident=host"))
     assert code == 0, err
     assert out.count("resumed with") == 1 and "start at the next epoch" in out
