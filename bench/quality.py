@@ -2,7 +2,7 @@
 
     python bench/quality.py mixtures [--seeds 0 1 2] [--parallel 2] [--recipe classic|modern] [--root runs/quality] [key=value ...]
     python bench/quality.py mnist --data-root DIR [--models mlp,dcgan,r3gan] [--parallel 1]
-        [--total-kimg dcgan=300 r3gan=60] [key=value ...]
+        [--total-kimg dcgan=900 r3gan=130] [key=value ...]
 
 `mixtures` trains configs/ring8.yaml and configs/grid25.yaml once per seed (their pinned one
 thread per run, `--parallel` runs at a time, so two runs share a 2-core machine) and scores each with
@@ -160,7 +160,7 @@ def main() -> None:
     parser.add_argument("--models", type=_model_list, default=["mlp", "dcgan"],
                         help=f"mnist: comma-separated, from {','.join(sorted(MNIST_MODELS))}")
     parser.add_argument("--total-kimg", nargs="*", default=[], metavar="MODEL=KIMG",
-                        help="mnist: train.total_kimg per model, e.g. dcgan=300 r3gan=60 (equal wall time)")
+                        help="mnist: train.total_kimg per model, e.g. dcgan=900 r3gan=130 (equal wall time)")
     parser.add_argument("--num-threads", type=int, help="torch threads per run (default: each config's pin)")
     parser.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides for every run")
     args = parser.parse_intermixed_args()  # options may follow the key=value overrides

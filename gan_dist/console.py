@@ -93,7 +93,8 @@ class Console:
             wait = record.get("Speed/data_wait_fraction", 0.0)
             self.rich.print(f"step {record['step']} kimg {record['kimg']:.1f} img/s {speed} "
                             f"Loss/D {loss_d} Loss/G {loss_g} data_wait {wait:.0%} "
-                            f"elapsed {time.strftime('%H:%M:%S', time.gmtime(record['time_s']))}")
+                            f"elapsed {time.strftime('%H:%M:%S', time.gmtime(record['time_s']))}"
+                            + (f" ada_p {record['Augment/p']:.3f}" if "Augment/p" in record else ""))
 
     def log_eval(self, record: dict) -> None:
         """An evaluation's numbers: metrics.jsonl and trackers like a log record, and one line."""

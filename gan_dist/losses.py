@@ -23,6 +23,10 @@ class AdversarialLoss:
     """fake_logits -> G's loss; (fake_logits, real_logits) -> G's loss when `g_reads_real`."""
     g_reads_real: bool = False
     """G's loss compares fakes with reals: the G phase reads a real batch and D's logits for it."""
+    shift_invariant: bool = False
+    """Adding a constant to D changes neither loss, so D(real) alone means nothing (ADA's signal)."""
+    undecided_logit: float = 0.0
+    """The logit halfway between D's targets for fakes and reals: ADA reads sign(D(real) - this)."""
 
 
 def _d_cross_entropy(real: torch.Tensor, fake: torch.Tensor) -> torch.Tensor:
@@ -40,18 +44,18 @@ LOSSES: dict[str, AdversarialLoss] = {
         lambda fake: -fake.mean()),
     "wasserstein": AdversarialLoss(
         lambda real, fake: fake.mean() - real.mean(),
-        lambda fake: -fake.mean()),
+        lambda fake: -fake.mean(), shift_invariant=True),
     # LSGAN with targets a=0 (fake), b=1 (real), c=1 (what G wants D to say).
     "least_squares": AdversarialLoss(
         lambda real, fake: 0.5 * (real - 1).square().mean() + 0.5 * fake.square().mean(),
-        lambda fake: 0.5 * (fake - 1).square().mean()),
+        lambda fake: 0.5 * (fake - 1).square().mean(), undecided_logit=0.5),
     # Relativistic pairing (Jolicoeur-Martineau 2019; R3GAN): D says how much more real a real
     # image is than a fake one, pair by pair, so the loss moves no logit on its own; with R1 and
     # R2 it has one equilibrium that gradient descent reaches (R3GAN's proof, our Dirac test).
     "relativistic": AdversarialLoss(
         lambda real, fake: F.softplus(fake - real).mean(),
         lambda fake, real: F.softplus(real - fake).mean(),
-        g_reads_real=True),
+        g_reads_real=True, shift_invariant=True),
 }
 
 

@@ -47,7 +47,7 @@ def lr_factor(num_images: int, total_images: int, batch_size: int, warmup_kimg: 
 
 
 class Phases:
-    """d_phase and g_phase; the Trainer provides cfg, backend, G, D, augment, stats, progress,
+    """d_phase and g_phase; the Trainer provides cfg, backend, G, D, augment, ada, stats, progress,
     values (this step's scheduled values) and the random generators."""
 
     def d_phase(self, real: torch.Tensor, labels: torch.Tensor | None) -> None:
@@ -63,6 +63,9 @@ class Phases:
                 self.backend.backward("D", loss / num_micro)
         self._step("D", self.cfg.optim.discriminator)
         self.progress.num_d_steps += 1
+        if self.ada is not None and self.progress.num_d_steps % self.ada.interval_d_steps == 0:
+            self.ada.adjust(lambda totals: parallel.sum_over_ranks(self.acc, totals))
+            self.augment.p = self.ada.p
 
     def _d_loss(self, real: torch.Tensor, labels, regularise: bool) -> torch.Tensor:
         z, fake_labels = self._noise(len(real))
@@ -75,6 +78,8 @@ class Phases:
             fake = fake.detach().requires_grad_(True)
         real_logits = at_least_fp32((self.D_eager if regularise else self.D)(self.augment.before_d(real), labels))
         fake_logits, info = self._fake_logits_and_code_loss(fake, z, fake_labels, "D", eager=r2_due)
+        if self.ada is not None:
+            self.ada.observe(real_logits, fake_logits)
         loss = self.loss.d_loss(real_logits, fake_logits)
         self.stats.report("Loss/D/adversarial", loss)
         loss = loss + info

@@ -68,6 +68,8 @@ def _rank_state(trainer) -> tuple[dict, dict]:
     plain = {"python": [random.getstate()[0], list(random.getstate()[1]), random.getstate()[2]],
              "numpy": [kind, keys.tolist(), int(pos), int(has_gauss), float(gauss)],
              "stream": trainer.stream_position()}
+    if trainer.ada is not None:
+        plain["ada_totals"] = trainer.ada.totals.tolist()  # this rank's, since the last adjustment
     return tensors, plain
 
 
@@ -116,6 +118,8 @@ def _write_shared(trainer, tmp: Path) -> None:
                       trainer.info.identity()["sha256"], trainer.data_mode),
              "dataset_identity": trainer.info.identity(), "num_threads": torch.get_num_threads(),
              "num_samples": trainer.info.count, "elapsed_s": trainer.elapsed_s()}
+    if trainer.ada is not None:
+        state["ada"] = {"p": trainer.ada.p.item(), "signal": trainer.ada.signal.item()}
     (tmp / "state.json").write_text(json.dumps(state, indent=1))
     _written(tmp / "state.json")
 
@@ -302,6 +306,8 @@ def restore(trainer, checkpoint: Path, state: dict) -> None:
     trainer.ema.restore(state["ema_num_averaged"])
     trainer.backend.load(checkpoint, load_tensors)
     trainer.progress.restore(state["progress"])
+    if trainer.ada is not None:  # check_compatible refuses a resume that turns ADA on or off
+        trainer.ada.load(state["ada"])
     acc = trainer.acc
     now = layout(acc.num_processes, trainer.cfg.data.num_workers, acc.device.type, trainer.info.identity()["sha256"],
                  trainer.data_mode)
@@ -343,3 +349,5 @@ def _restore_rng(trainer, checkpoint: Path, rank: int) -> None:
     random.setstate((version, tuple(internal), gauss))
     kind, keys, pos, has_gauss, cached = plain["numpy"]
     np.random.set_state((kind, np.array(keys, dtype=np.uint32), pos, has_gauss, cached))
+    if trainer.ada is not None:  # (another layout: each rank's window starts empty, the signal is a mean)
+        trainer.ada.load_totals(plain["ada_totals"])

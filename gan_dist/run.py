@@ -168,7 +168,7 @@ def describe_run(cfg, accelerator, info: DatasetInfo, backend, batch_per_device:
         "precision": backend.precision,
         "backend": backend.description,
         "model": f"{cfg.model.name}: G {count_parameters(G_raw):,} params, D {count_parameters(D_raw):,} params",
-        "loss": cfg.loss.name + (f", R1 gamma {cfg.loss.r1_gamma}" if cfg.loss.r1_gamma else "")
+        "loss": cfg.loss.name + (f", {'R1 + R2' if cfg.loss.r2 else 'R1'} gamma {cfg.loss.r1_gamma}" if cfg.loss.r1_gamma else "")
         + (f", GP {cfg.loss.gp_weight}" if cfg.loss.gp_weight else ""),
         "dataset": f"{dataset_path(cfg)}: {info.count or '?'} samples of {list(info.shape)} {info.dtype}, "
                    f"{info.num_classes} classes" + (f"; {reading}" if reading else ""),

@@ -63,7 +63,14 @@ def values_at(cfg, num_images: int) -> Values:
         beta2={name: cosine(opt.beta2, opt.beta2_schedule, num_images) for name, opt in nets.items()},
         gamma=cosine(cfg.loss.r1_gamma, cfg.loss.gamma_schedule, num_images),
         ema_half_life_kimg=cosine(cfg.train.ema_half_life_kimg, cfg.train.ema_half_life_schedule, num_images),
-        augment_p=cosine(cfg.data.augment_p, cfg.data.augment_p_schedule, num_images))
+        augment_p=cosine(augment_p_start(cfg.data), cfg.data.augment_p_schedule, num_images))
+
+
+def augment_p_start(data) -> float:
+    """data.augment_p, or where unset 0 for ADA (which raises it as D overfits) and 1 otherwise."""
+    if data.augment_p is not None:
+        return data.augment_p
+    return 0.0 if data.ada_kimg > 0 else 1.0
 
 
 def any_moving(cfg) -> bool:

@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 
 from gan_dist import parallel, schedules
-from gan_dist.augment import DIFFAUG_PURPOSE, FLIP_PURPOSE, Augment
+from gan_dist.augment import DIFFAUG_PURPOSE, FLIP_PURPOSE, AdaptiveP, Augment
 from gan_dist.config import to_dict as config_to_dict
 from gan_dist.data.health import DataHealth
 from gan_dist.data.stream import STREAM_FORMAT, Batch, DatasetInfo
@@ -121,7 +121,8 @@ class Trainer(Phases):
         self.dtype = next(self.D_raw.parameters()).dtype
         self.params = {"G": [p for p in self.G_raw.parameters() if p.requires_grad],
                        "D": [p for p in self.D_raw.parameters() if p.requires_grad]}
-        self.augment = Augment(cfg.data.hflip, cfg.data.diffaugment, cfg.train.seed, rank, device)
+        self.augment = Augment(cfg.data.hflip, cfg.data.diffaugment, cfg.train.seed, rank, device, cfg.data.augment)
+        self.ada = AdaptiveP.from_config(cfg, loss, device) if cfg.data.ada_kimg > 0 else None
         self.values = schedules.values_at(cfg, 0)  # this step's scheduled values (lr, beta2, gamma, ...)
         self.config_dict = config_to_dict(cfg)
         self.stream_workers = {}  # this rank's data position: worker -> (epoch, records read, storage failures)
@@ -219,7 +220,7 @@ class Trainer(Phases):
 
     def _step_once(self, batches) -> None:
         self.values = schedules.values_at(self.cfg, self.num_images)
-        self.augment.p = self.values.augment_p
+        self.augment.p = self.values.augment_p if self.ada is None else self.ada.p
         for _ in range(self.cfg.train.n_critic):
             self.d_phase(*self._next_real(batches))
         self.g_phase(self._next_real(batches) if self.loss.g_reads_real else None)
@@ -388,6 +389,9 @@ class Trainer(Phases):
         self.settle_skips()
         self.data_health.settle()
         self.data_health.report(self.stats)
+        if self.ada is not None:  # read with the rest, in the log's one reduction (the same on every rank)
+            self.stats.report("Augment/p", self.ada.p)
+            self.stats.report("Augment/signal", self.ada.signal)
         # Wall-clock checkpoints: rank 0's clock decides, and the reduce tells every rank.
         minutes = self.cfg.checkpoint.every_minutes
         due = minutes > 0 and self.acc.is_main_process and time.monotonic() - self.progress.last_checkpoint_monotonic_s > minutes * 60
@@ -418,7 +422,8 @@ class Trainer(Phases):
         v = self.values
         return {"Schedule/lr_G": v.lr["G"], "Schedule/lr_D": v.lr["D"], "Schedule/beta2_G": v.beta2["G"],
                 "Schedule/beta2_D": v.beta2["D"], "Schedule/gamma": v.gamma,
-                "Schedule/ema_half_life_kimg": v.ema_half_life_kimg, "Schedule/augment_p": v.augment_p}
+                "Schedule/ema_half_life_kimg": v.ema_half_life_kimg,
+                **({"Schedule/augment_p": v.augment_p} if self.ada is None else {})}  # ADA logs Augment/p
 
     def sync_buffers(self) -> None:
         """Every rank: make buffers identical (rank 0's) before anything reads them."""

@@ -3,7 +3,8 @@
 import pytest
 import torch
 
-from gan_dist.augment import Augment, parse_policy
+from gan_dist.augment import Augment
+from gan_dist.augment_names import parse_policy
 from gan_dist.errors import UserError
 
 

@@ -125,7 +125,7 @@ def test_gan_dist_check_sees_batch_split_data_and_model_fit(capsys, digits_dir, 
     assert main(["check", tiny, f"data.path={tmp_path / 'missing'}"]) == 2
     assert "does not exist" in capsys.readouterr().err
     assert main(["check", tiny, *good, "model.name=dcgan"]) == 2
-    assert "needs square images of 16, 32, 64 px" in capsys.readouterr().err
+    assert "needs images of C x H x W whose shorter side is 16, 32, 64 px" in capsys.readouterr().err
     assert not any(tmp_path.iterdir()), "check must not create anything"
 
 

@@ -19,12 +19,12 @@ from gan_dist.data.sources import digits
 
 pytestmark = pytest.mark.launch
 
-EQ_CASES = ["eq-mlp-r1", "eq-mlp-r1-resident", "eq-mlp-hinge", "eq-mlp-relativistic", "eq-mlp-gp", "eq-mlp-diffaug", "eq-mlp-code", "eq-dcgan-r1",
+EQ_CASES = ["eq-mlp-r1", "eq-mlp-r1-resident", "eq-mlp-hinge", "eq-mlp-relativistic", "eq-mlp-ada", "eq-mlp-gp", "eq-mlp-diffaug", "eq-mlp-code", "eq-dcgan-r1",
             "eq-dcgan-hinge"]
 MICRO_CASES = {"eq-mlp-r1-micro2": "eq-mlp-r1", "eq-dcgan-hinge-micro2": "eq-dcgan-hinge"}
 TWO_RANK_ONLY = ["http-flaky", "http-lost", "bn_d-r1-ncritic-micro", "spectral-gp-conditional", "nan-on-rank1", "perturb-rank1",
                  "bad-data-raise", "fatal-data-raise", "resume-full", "resume-leg1", "resume-leg2", "stale-leg1", "stale-leg2",
-                 "eager-r1", "compile-r1"]
+                 "eager-r1r2", "compile-r1r2"]
 
 
 def _corrupt_copy(out):
@@ -77,6 +77,17 @@ def test_two_processes_equal_one_process_with_twice_the_batch(harness, case):
     assert moved > 1e-3, "training did not move G: the comparison would prove nothing"
     for rank in ranks:
         assert _max_diff(rank, one) < 1e-5
+
+
+def test_ada_moves_p_alike_on_every_rank_and_augments_both_phases(harness):
+    """eq-mlp-ada: the same p after each adjustment for 1 process and both of 2 ranks, in
+    (0.2, 0.8) after the second, each a step of 0.1; and images changed in the D and G phases."""
+    one, ranks = harness("eq-mlp-ada", 1), [harness("eq-mlp-ada", 2, r) for r in (0, 1)]
+    assert one["ada_p"] == ranks[0]["ada_p"] == ranks[1]["ada_p"] and len(one["ada_p"]) == 2, one["ada_p"]
+    steps = [b - a for a, b in zip([0.5, *one["ada_p"]], one["ada_p"])]
+    assert all(abs(abs(step) - 0.1) < 1e-6 for step in steps) and 0.2 < one["ada_p"][1] < 0.8, one["ada_p"]
+    for run in (one, *ranks):
+        assert run["augmented"]["D"] > 0 and run["augmented"]["G"] > 0, run["augmented"]
 
 
 @pytest.mark.parametrize("micro, single", sorted(MICRO_CASES.items()))
@@ -213,10 +224,10 @@ def test_a_rank_with_a_stale_view_of_latest_resumes_where_rank_0_does(harness):
 
 
 def test_compiled_g_and_d_under_ddp_match_eager(harness):
-    eager, compiled = harness("eager-r1", 2), harness("compile-r1", 2)
+    eager, compiled = harness("eager-r1r2", 2), harness("compile-r1r2", 2)
     assert eager["outcome"] == compiled["outcome"] == "ok" and eager["step"] == compiled["step"] == 6
     assert eager["graphs"] == 0 < compiled["graphs"], "torch.compile did not compile anything"
     moved = max((eager["G"][k] - eager["G0"][k]).abs().max().item() for k in eager["G"])
     assert moved > 1e-3, "training did not move G: the comparison would prove nothing"
     assert _max_diff(eager, compiled) < 1e-4
-    assert _max_diff(compiled, harness("compile-r1", 2, 1)) == 0  # both ranks hold the same networks
+    assert _max_diff(compiled, harness("compile-r1r2", 2, 1)) == 0  # both ranks hold the same networks

@@ -14,12 +14,16 @@ from profile_loop import count_syncs
 STEPS, LOG_EVERY = 20, 5  # a per-step sync would count at least STEPS, far above the bound
 
 
-@pytest.mark.parametrize("precision", ["no", "fp16"])
-def test_the_loop_syncs_with_the_host_only_at_log_lines(digits_dir, tmp_path, monkeypatch, precision):
+ADA = ("data.augment=bgc,cutout", "data.augment_p=0.2", "data.ada_kimg=1")
+
+
+@pytest.mark.parametrize("precision, ada", [("no", True), ("fp16", False)])  # the plain path is ADA's minus ADA
+def test_the_loop_syncs_with_the_host_only_at_log_lines(digits_dir, tmp_path, monkeypatch, precision, ada):
     """fp16 too: one grad scaler per network, the skip decision and the penalty's scale stay on
-    the device (count_syncs runs R1 every 4th D step)."""
+    the device (count_syncs runs R1 every 4th D step). With ADA, p, its signal and the
+    operations' choices stay on the device as well."""
     monkeypatch.chdir(tmp_path)
-    extra = (f"train.mixed_precision={precision}",)
+    extra = (f"train.mixed_precision={precision}", *(ADA if ada else ()))
     short, long = (count_syncs(steps, LOG_EVERY, str(digits_dir), extra=extra)["loop"] for steps in (STEPS, 2 * STEPS))
     # At most one per log line plus a constant for start-up and the end; not one per step.
     assert short <= STEPS // LOG_EVERY + 6 and long <= 2 * STEPS // LOG_EVERY + 6, (short, long)

@@ -63,7 +63,7 @@ def test_g_norm_none_removes_batchnorm():
 
 
 @pytest.mark.parametrize("name, shape, match", [
-    ("dcgan", (1, 8, 8), "model.name=dcgan needs square images of 16, 32, 64 px"),
+    ("dcgan", (1, 8, 8), "model.name=dcgan needs images of C x H x W whose shorter side is 16, 32, 64 px"),
     ("mlp2d", (1, 8, 8), "model.name=mlp2d generates 2-D points"),
     ("mlpp", (1, 8, 8), "unknown model 'mlpp'; did you mean 'mlp'"),
     ("resnet", (1, 16, 16), "model.name=resnet needs square images of 32 or 64 px"),

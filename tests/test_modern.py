@@ -57,7 +57,7 @@ class _Stub(Phases):
         self.cfg = SimpleNamespace(loss=SimpleNamespace(r2=r2, r1_interval=1, gp_weight=0.0),
                                    model=SimpleNamespace(num_latent_categories=0))
         self.loss, self.values = get_loss("relativistic"), SimpleNamespace(gamma=gamma)
-        self.augment = SimpleNamespace(before_d=lambda x: x)
+        self.augment, self.ada = SimpleNamespace(before_d=lambda x: x), None
         self.backend = SimpleNamespace(scaler=lambda name: None)
         self.stats = Stats()
         self.reported = {}
@@ -146,5 +146,5 @@ def test_r3gan_widths_and_blocks_start_as_the_identity():
     G, D = build_models(small, (1, 16, 16), 10)
     images = G(torch.randn(4, 8), torch.arange(4))
     assert images.shape == (4, 1, 16, 16) and D(images, torch.arange(4)).shape == (4,)
-    with pytest.raises(UserError, match="square images of 16 to 256 px"):
+    with pytest.raises(UserError, match="whose shorter side is 16, 32, 64, 128, 256 px"):
         build_models(small, (1, 28, 28), 10)

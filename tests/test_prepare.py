@@ -120,7 +120,7 @@ def test_prepare_without_source_or_out_says_how(tmp_path, capsys):
 
 
 @pytest.mark.parametrize("argv, message", [
-    (["digits", "--resolution", "-3"], "--resolution must be >= 0, got -3"),
+    (["digits", "--resolution", "-3"], "--resolution -3: give N for N x N pixels or HxW"),
     (["digits", "--limit", "-1"], "--limit must be >= 0, got -1"),
     (["digits", "--workers", "0"], "--workers must be >= 1, got 0"),
     (["digits", "--channels", "1"], "--channels applies to imagefolder only"),

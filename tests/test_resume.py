@@ -47,8 +47,11 @@ MODERN = ("loss.name=relativistic", "loss.r2=true", "loss.r1_interval=1", "loss.
           "train.ema_half_life_kimg=0", "train.ema_half_life_schedule.end=0.5", "train.ema_half_life_schedule.kimg=1",
           "data.diffaugment=translation", "data.augment_p=0", "data.augment_p_schedule.end=0.5",
           "data.augment_p_schedule.kimg=1")
+# ADA adjusts p every 4 D steps: the stop at step 21 falls between two adjustments, so each
+# rank's sums since the last one are part of the checkpoint.
+ADA = ("data.augment=bgc,cutout", "data.augment_p=0.3", "data.ada_kimg=1.28")
 CASES = {"streamed": ("data.resident=off",), "resident": ("data.resident=host",),
-         "modern, streamed": ("data.resident=off", *MODERN)}
+         "modern, streamed": ("data.resident=off", *MODERN), "ada, resident": ("data.resident=host", *ADA)}
 
 
 @pytest.mark.parametrize("case", list(CASES))
@@ -61,7 +64,7 @@ def test_stop_and_resume_equals_the_uninterrupted_run(train_main, digits_dir, tm
     assert train_main(*tiny_args(digits_dir, *flags, "run.name=split", "train.max_steps=21"))[0] == 0
     workers = json.loads((tmp_path / "runs" / "split" / "checkpoints" / "step_00000021" / "rank0.json").read_text())
     positions = [position[1] for position in workers["stream"]["workers"].values()]
-    assert len(positions) == (1 if case == "resident" else 2) and any(p % 64 for p in positions)
+    assert len(positions) == (1 if "resident" in case else 2) and any(p % 64 for p in positions)
     longer = ("train.total_kimg=3",) if "modern" in case else ()
     code, out, err = train_main(*tiny_args(digits_dir, *flags, *longer, "run.name=split", "train.max_steps=40"))
     assert code == 0, err
@@ -69,6 +72,8 @@ def test_stop_and_resume_equals_the_uninterrupted_run(train_main, digits_dir, tm
     full, split = _final(tmp_path / "runs" / "full", 40), _final(tmp_path / "runs" / "split", 40)
     _assert_bitwise_equal(full[0], split[0], "weights")
     _assert_bitwise_equal(full[1], split[1], "optimizers")
+    if "ada" in case:
+        assert full[2]["ada"] == split[2]["ada"] and full[2]["ada"]["p"] != 0.3, full[2]["ada"]
     assert full[2]["progress"] == split[2]["progress"] and full[2]["ema_num_averaged"] == 40
     assert full[2]["progress"]["num_batches"] == 40 * (2 if "modern" in case else 1)
     moved = _final(tmp_path / "runs" / "split", 21)[0]["G"]

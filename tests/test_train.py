@@ -258,7 +258,7 @@ BAD_INPUTS = [
     (["data.path=does/not/exist"], {}, "data.path=does/not/exist does not exist; write the dataset there with gan-dist prepare"),
     (["data.path=", "data.dataset="], {}, "data.path is empty and data.dataset='' is not built in"),
     (["data.path=", "data.dataset=celeba"], {}, "data.dataset='celeba' is not built in"),
-    (["model.name=dcgan"], {}, "model.name=dcgan needs square images of 16, 32, 64 px"),
+    (["model.name=dcgan"], {}, "model.name=dcgan needs images of C x H x W whose shorter side is 16, 32, 64 px"),
     (["model.name=mpl"], {}, "unknown model 'mpl'; did you mean 'mlp'?"),
     (["loss.name=hinje"], {}, "unknown loss 'hinje'; did you mean 'hinge'?"),
     (["model.latent_dim=0"], {}, "config key 'model.latent_dim' must be > 0"),

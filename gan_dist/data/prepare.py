@@ -33,7 +33,7 @@ from pathlib import Path
 import numpy as np
 
 from gan_dist.data import samples as samples_mod
-from gan_dist.data.sources import TORCHVISION_SETS, SizeMismatch, open_source
+from gan_dist.data.sources import TORCHVISION_SETS, SizeMismatch, open_source, parse_resolution
 from gan_dist.errors import UserError
 from gan_dist.seeds import derive_seed
 
@@ -156,7 +156,7 @@ def _run_jobs(jobs: list, workers: int, total: int) -> list[dict]:
                 results.append(result)
                 progress.advance(task, result["seen"])
     except SizeMismatch as err:
-        raise UserError(f"images differ in size from the first one ({err}); pass --resolution N to resize "
+        raise UserError(f"images differ in size from the first one ({err}); pass --resolution N (or HxW) to resize "
                         "and centre-crop them all") from None
     finally:
         if pool:
@@ -261,7 +261,8 @@ def add_arguments(parser) -> None:
     parser.add_argument("--split", default="train", choices=["train", "test"])
     parser.add_argument("--no-download", dest="download", action="store_false",
                         help="torchvision: never download, only read files under --root")
-    parser.add_argument("--resolution", type=int, default=0, help="resize (shorter side) and centre-crop to NxN")
+    parser.add_argument("--resolution", default="0", metavar="N|HxW",
+                        help="resize and centre-crop to N x N, or to H x W pixels, height first (32x64: landscape)")
     parser.add_argument("--channels", type=int, default=None, help="imagefolder: 3 (RGB, default) or 1 (greyscale)")
     parser.add_argument("--format", default="npy", choices=samples_mod.FORMATS,
                         help="npy: raw uint8 (fastest to read); png: lossless, smaller; jpg: lossy, smallest")
@@ -293,7 +294,8 @@ def run(args) -> int:
     # Checked before loading the (possibly slow) source.
     if Path(args.out).exists() and not args.force:
         raise UserError(f"{args.out} already exists; pass --force to replace it")
-    for flag, value in (("--workers", args.workers - 1), ("--resolution", args.resolution), ("--limit", args.limit),
+    args.resolution = parse_resolution(str(args.resolution))
+    for flag, value in (("--workers", args.workers - 1), ("--limit", args.limit),
                         ("--shard-size", args.shard_size), ("--chunk", args.chunk)):
         if value < 0:
             raise UserError(f"{flag} must be >= {1 if flag == '--workers' else 0}, got {getattr(args, flag[2:].replace('-', '_'))}")

@@ -43,25 +43,43 @@ class ArraySource:
         return f"sample {i}"
 
 
-def _resize_square(pil, resolution: int):
-    """Resize the shorter side to `resolution` (bicubic, the usual choice for FID), then centre-crop."""
+def parse_resolution(text: str) -> int | tuple[int, int]:
+    """'N' or 'HxW' (height first: 32x64 is 32 tall and 64 wide); '0' keeps the native size."""
+    parts = text.lower().split("x")
+    if len(parts) in (1, 2) and all(p.strip().isdigit() for p in parts):
+        sizes = [int(p) for p in parts]
+        if len(sizes) == 1 or sizes[0] == sizes[1]:
+            return sizes[0]
+        if min(sizes) > 0:
+            return sizes[0], sizes[1]
+    raise UserError(f"--resolution {text}: give N for N x N pixels or HxW, height first (e.g. 32x64), both > 0")
+
+
+def _height_width(resolution) -> tuple[int, int]:
+    return resolution if isinstance(resolution, tuple) else (resolution, resolution)
+
+
+def _resize_crop(pil, resolution):
+    """Resize (bicubic, the usual choice for FID) until the image covers the target size, then
+    centre-crop to it: for a square target, the shorter side becomes N."""
     from PIL import Image
 
+    height, width = _height_width(resolution)
     w, h = pil.size
-    scale = resolution / min(w, h)
-    new_w, new_h = max(resolution, round(w * scale)), max(resolution, round(h * scale))
+    scale = max(width / w, height / h)
+    new_w, new_h = max(width, round(w * scale)), max(height, round(h * scale))
     pil = pil.resize((new_w, new_h), Image.BICUBIC)
-    left, top = (new_w - resolution) // 2, (new_h - resolution) // 2
-    return pil.crop((left, top, left + resolution, top + resolution))
+    left, top = (new_w - width) // 2, (new_h - height) // 2
+    return pil.crop((left, top, left + width, top + height))
 
 
-def _resize_arrays(images: np.ndarray, resolution: int) -> np.ndarray:
+def _resize_arrays(images: np.ndarray, resolution) -> np.ndarray:
     from PIL import Image
 
-    out = np.empty((len(images), images.shape[1], resolution, resolution), dtype=np.uint8)
+    out = np.empty((len(images), images.shape[1], *_height_width(resolution)), dtype=np.uint8)
     for i, img in enumerate(images):
         pil = Image.fromarray(img[0] if img.shape[0] == 1 else img.transpose(1, 2, 0))
-        resized = np.asarray(_resize_square(pil, resolution))
+        resized = np.asarray(_resize_crop(pil, resolution))
         out[i] = resized[None] if resized.ndim == 2 else resized.transpose(2, 0, 1)
     return out
 
@@ -133,7 +151,7 @@ class ImageFolder:
     read are skipped and listed by the writer.
     """
 
-    def __init__(self, root: str, resolution: int = 0, channels: int = 3):
+    def __init__(self, root: str, resolution: int | tuple[int, int] = 0, channels: int = 3):
         self.root = Path(root)
         if not self.root.is_dir():
             raise UserError(f"imagefolder: {root} is not a directory")
@@ -152,7 +170,7 @@ class ImageFolder:
         self.class_index = {name: i for i, name in enumerate(self.classes)}
         self.resolution, self.channels = resolution, channels
         self.description = f"image folder {self.root.name} ({len(self.classes) or 'no'} classes)"
-        self.shape = (channels, resolution, resolution) if resolution else self._first_shape()
+        self.shape = (channels, *_height_width(resolution)) if resolution else self._first_shape()
         self.dtype = "uint8"
 
     def _first_shape(self) -> tuple[int, ...]:
@@ -182,7 +200,7 @@ class ImageFolder:
         except Exception as err:  # PIL raises many types for non-images and truncated files
             raise BadSample(f"unreadable ({type(err).__name__}: {err})") from err
         if self.resolution:
-            pil = _resize_square(pil, self.resolution)
+            pil = _resize_crop(pil, self.resolution)
         array = np.asarray(pil)
         array = array[None] if array.ndim == 2 else array.transpose(2, 0, 1)
         if array.shape != self.shape:
@@ -192,7 +210,7 @@ class ImageFolder:
         return np.ascontiguousarray(array), label
 
 
-def open_source(source: str, name: str = "", root: str = "", split: str = "train", resolution: int = 0,
+def open_source(source: str, name: str = "", root: str = "", split: str = "train", resolution: int | tuple = 0,
                 download: bool = True, channels: int = 3):
     """A source by its command-line name."""
     if source == "digits":

@@ -85,7 +85,8 @@ def print_table(report: dict) -> None:
         elif metric == "cls":
             real = r["real_heldout"]
             value = (f"IS {r['is']:.2f} (real {real['is']:.2f}), FD {r['fd']:.3f} (real {real['fd']:.3f}), classes "
-                     f"{min(r['class_fractions']):.1%}-{max(r['class_fractions']):.1%}")
+                     f"{min(r['class_fractions']):.1%}-{max(r['class_fractions']):.1%}, spread "
+                     f"{r['spread_ratio']:.0%} of real")
             table.add_row(metric, value, str(r["num"]), r["reference"], r["tool"])
         else:
             value = f"{r['value']:.4g}" + (f" ± {r['std']:.2g}" if "std" in r else "")

@@ -23,7 +23,7 @@ def flat(results: dict[str, dict]) -> dict[str, float]:
             out.update({"Eval/modes2d_modes": r["modes"], "Eval/modes2d_hq": r["hq_fraction"],
                         "Eval/modes2d_reverse_kl": r["reverse_kl"]})
         elif metric == "cls":
-            out.update({"Eval/cls_is": r["is"], "Eval/cls_fd": r["fd"]})
+            out.update({"Eval/cls_is": r["is"], "Eval/cls_fd": r["fd"], "Eval/cls_spread_ratio": r["spread_ratio"]})
         else:
             out[f"Eval/{metric}"] = r["value"]
     return out

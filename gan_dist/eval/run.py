@@ -124,7 +124,8 @@ def _cached_reference(data: DatasetInfo, extractor, selection: collect.Selection
 
 def _classifier_metrics(target: Target, opts: EvalOptions, ctx, model) -> dict:
     if len(target.data.shape) != 3 or target.data.num_classes < 2:
-        raise UserError("cls needs a labelled image dataset (digits, mnist, fashionmnist)")
+        raise UserError("cls needs a labelled image dataset: digits, mnist, fashionmnist, or an image folder "
+                        "prepared with at least two class subfolders")
     device = ctx[2]
     model = (model or _classifier(target.data, opts, ctx)).to(device)
     gen = collect.generated(target.G, target.latent_dim, target.num_classes, opts.num, opts.batch, opts.seed,
@@ -141,10 +142,13 @@ def _classifier_metrics(target: Target, opts: EvalOptions, ctx, model) -> dict:
                                      scores.statistics(train_part["features"]))
         histogram = torch.bincount(features["logits"].argmax(1).cpu(), minlength=target.data.num_classes)
         return {"is": is_mean, "is_std": is_std, "fd": fd, "num": len(features["features"]),
-                "class_fractions": (histogram / histogram.sum()).tolist()}
+                "class_fractions": (histogram / histogram.sum()).tolist(),
+                "spread": scores.mean_pairwise_distance(features["features"])}
 
     def compute() -> dict:
-        return {**summary(gen), "real_heldout": summary(test_part), "tool": f"gan_dist {getattr(model, 'name', '')}",
+        fake, real = summary(gen), summary(test_part)
+        return {**fake, "real_heldout": real, "spread_ratio": fake["spread"] / max(real["spread"], 1e-12),
+                "tool": f"gan_dist {getattr(model, 'name', '')}",
                 "reference": f"{len(train_part['features'])} real training samples (FD); ceiling on "
                              f"{len(test_part['features'])} held-out real samples"}
 

@@ -43,3 +43,13 @@ def inception_score(logits: torch.Tensor, splits: int = IS_SPLITS) -> tuple[floa
     """exp(E KL(p(y|x) || p(y))) over `splits` parts: mean and std."""
     out = isc_features_to_metric(logits.detach().cpu(), splits=splits, shuffle=True, rng_seed=2020)
     return out["inception_score_mean"], out["inception_score_std"]
+
+
+def mean_pairwise_distance(features: torch.Tensor, max_samples: int = 2000) -> float:
+    """Mean L2 distance between two different samples (the first `max_samples`): how spread out a
+    set is in feature space. Samples of a collapsed G sit close together."""
+    x = features[:max_samples].double()
+    n = len(x)
+    if n < 2:
+        return 0.0
+    return float(torch.cdist(x, x).sum() / (n * (n - 1)))

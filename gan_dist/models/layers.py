@@ -6,6 +6,8 @@ import torch
 from torch import nn
 from torch.nn.utils.parametrizations import spectral_norm
 
+from gan_dist.errors import UserError
+
 
 def scaled_width(width: int, mult: float) -> int:
     """A hidden width times model.width_mult, at least 1."""
@@ -103,3 +105,18 @@ class MinibatchStd(nn.Module):
         std = (group_variance(grouped) + 1e-8).sqrt().flatten(1).mean(1)  # [n // group]
         extra = std.repeat(group).reshape(n, *([1] * (h.dim() - 1))).expand(n, 1, *h.shape[2:])
         return torch.cat([h, extra], dim=1)
+
+
+def image_grid(shape: tuple[int, ...], model: str, short_sides: tuple[int, ...]) -> tuple[int, int, int]:
+    """(short side, base height, base width) of a conv net that grows from a 4 px short side:
+    images of C x H x W whose short side is one of `short_sides` and whose long side is 1, 2
+    or 4 times it (32x64 grows from 4x8). One message names what to prepare otherwise."""
+    if len(shape) == 3:
+        height, width = shape[1:]
+        short, ratio = min(height, width), max(height, width) // max(1, min(height, width))
+        if short in short_sides and ratio in (1, 2, 4) and max(height, width) == short * ratio:
+            return short, 4 * height // short, 4 * width // short
+    sides = ", ".join(map(str, short_sides))
+    raise UserError(f"model.name={model} needs images of C x H x W whose shorter side is {sides} px and whose "
+                    f"longer side is 1, 2 or 4 times it, but the data has samples of shape {list(shape)}; prepare "
+                    f"the data with --resolution 32 (or e.g. 32x64, height first)")

@@ -20,6 +20,10 @@ class-conditional (and InfoGAN's code head on the same features).
 Widths at model.width_mult=1: 768 channels at every stage up to 32 px (the paper's CIFAR-10
 preset, about 21M parameters each at 32 px), halving per doubling above (64 px 384, 128 px
 192, 256 px 96). width_mult=0.0833 gives 64 channels, a CPU demo.
+
+Non-square images (the long side 2 or 4 times the short one, e.g. 32x64) grow from a basis of
+4 px on the short side (4x8) and end in D with a depthwise conv of that size; widths follow
+the short side.
 """
 
 from __future__ import annotations
@@ -33,7 +37,7 @@ from torch import nn
 
 from gan_dist.errors import UserError
 from gan_dist.models import register_model
-from gan_dist.models.layers import LatentInput, Projection, code_head
+from gan_dist.models.layers import LatentInput, Projection, code_head, image_grid
 
 RESOLUTIONS = (16, 32, 64, 128, 256)
 GROUP_CHANNELS = 16
@@ -107,7 +111,8 @@ def _stage(channels: int, num_blocks: int) -> nn.Sequential:
 
 class R3GANGenerator(nn.Module):
     def __init__(self, latent_dim: int, out_channels: int, resolution: int, mult: float, num_classes: int = 0,
-                 categories: int = 0):
+                 categories: int = 0, base: tuple[int, int] = (4, 4)):
+        """`resolution`: the short side; `base`: the basis's height and width (4x8 for 32x64)."""
         super().__init__()
         channels = stage_channels(resolution, mult)
         num_blocks = BLOCKS_PER_STAGE * len(channels)
@@ -115,7 +120,7 @@ class R3GANGenerator(nn.Module):
         self.weights = nn.Linear(self.input.out_features, channels[0])
         nn.init.kaiming_normal_(self.weights.weight, a=1.0)
         nn.init.zeros_(self.weights.bias)
-        self.basis = nn.Parameter(torch.randn(channels[0], 4, 4))
+        self.basis = nn.Parameter(torch.randn(channels[0], *base))
         layers = [_stage(channels[0], num_blocks)]
         for c_in, c_out in itertools.pairwise(channels):
             layers += [_conv1x1(c_in, c_out) if c_in != c_out else nn.Identity(), Resample(c_out, up=True),
@@ -129,9 +134,10 @@ class R3GANGenerator(nn.Module):
 
 
 class R3GANDiscriminator(nn.Module):
-    def __init__(self, in_channels: int, resolution: int, mult: float, num_classes: int = 0, categories: int = 0):
+    def __init__(self, in_channels: int, resolution: int, mult: float, num_classes: int = 0, categories: int = 0,
+                 base: tuple[int, int] = (4, 4)):
         super().__init__()
-        channels = stage_channels(resolution, mult)[::-1]  # from the image's size down to 4x4
+        channels = stage_channels(resolution, mult)[::-1]  # from the image's size down to the base
         num_blocks = BLOCKS_PER_STAGE * len(channels)
         layers = [_conv1x1(in_channels, channels[0]), _stage(channels[0], num_blocks)]
         for c_in, c_out in itertools.pairwise(channels):
@@ -139,7 +145,7 @@ class R3GANDiscriminator(nn.Module):
                        _stage(c_out, num_blocks)]
         self.stages = nn.Sequential(*layers)
         features = channels[-1]
-        self.basis = nn.Conv2d(features, features, 4, groups=features)  # 4x4 -> one value per channel
+        self.basis = nn.Conv2d(features, features, base, groups=features)  # the base size -> one value per channel
         self.head = nn.Linear(features, 1)
         self.projection = Projection(num_classes, features)
         self.code_head = code_head(features, categories)
@@ -152,11 +158,10 @@ class R3GANDiscriminator(nn.Module):
 
 @register_model("r3gan")
 def build_r3gan(cfg, shape: tuple[int, ...], num_classes: int):
-    if len(shape) != 3 or shape[1] != shape[2] or shape[1] not in RESOLUTIONS:
-        raise UserError(f"model.name=r3gan needs square images of 16 to 256 px (a power of two), but the data has "
-                        f"samples of shape {list(shape)}; prepare the data with --resolution 32 (or 16, 64, 128, 256)")
+    short, *base = image_grid(shape, "r3gan", RESOLUTIONS)
     if cfg.g_norm != "none" or cfg.d_norm != "none":
         raise UserError("model.name=r3gan has no normalisation layers: set model.g_norm=none and model.d_norm=none")
-    G = R3GANGenerator(cfg.latent_dim, shape[0], shape[1], cfg.width_mult, num_classes, cfg.num_latent_categories)
-    D = R3GANDiscriminator(shape[0], shape[1], cfg.width_mult, num_classes, cfg.num_latent_categories)
+    G = R3GANGenerator(cfg.latent_dim, shape[0], short, cfg.width_mult, num_classes, cfg.num_latent_categories,
+                       tuple(base))
+    D = R3GANDiscriminator(shape[0], short, cfg.width_mult, num_classes, cfg.num_latent_categories, tuple(base))
     return G, D

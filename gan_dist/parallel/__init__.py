@@ -37,6 +37,7 @@ from gan_dist.parallel.ranks import (  # noqa: F401
     broadcast_from_rank0,
     check_rank_consistency,
     decided_on_rank0,
+    sum_over_ranks,
     sync_buffers,
 )
 

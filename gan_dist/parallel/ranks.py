@@ -158,3 +158,8 @@ def check_rank_consistency(accelerator, modules: dict[str, nn.Module]) -> None:
         ranks = [r for r in range(accelerator.num_processes) if bool((gathered[r] != gathered[0]).any())]
         raise RankMismatchError(f"{first} differs between rank 0 and rank(s) {ranks}: the ranks no longer train "
                                 "the same networks (a rank-dependent update, or buffers changed after the sync)")
+
+
+def sum_over_ranks(accelerator, tensor: torch.Tensor) -> torch.Tensor:
+    """The element-wise sum over every rank (each rank must call it), on the device: no host read."""
+    return accelerator.reduce(tensor, reduction="sum") if accelerator.num_processes > 1 else tensor

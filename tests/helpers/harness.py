@@ -37,7 +37,8 @@ EQ_SHARED = ["optim.generator.lr=2e-3", "optim.discriminator.lr=2e-3", "train.em
 DCGAN = ["model.name=dcgan", "model.width_mult=0.125", "data.dataset=digits", "data.resolution=16"]
 NONSAT_R1 = ["loss.name=nonsaturating", "loss.r1_gamma=1", "loss.r1_interval=1"]
 HINGE_NCRITIC = ["loss.name=hinge", "train.n_critic=2"]
-COMPILE = ["loss.r1_gamma=1", "loss.r1_interval=2", "train.max_steps=6", "log.every_steps=3"]
+COMPILE = ["loss.name=relativistic", "loss.r2=true", "loss.r1_gamma=1", "loss.r1_interval=2", "train.max_steps=6",
+           "log.every_steps=3"]
 STREAMED = ["data.resident=off"]  # cases about reader slots, workers and storage
 RESUME = [*STREAMED, "run.overwrite=false", "train.total_kimg=2", "data.num_workers=2", "checkpoint.every_kimg=0",
           "log.every_steps=7", "log.sample_every_kimg=0.3", "loss.r1_gamma=1", "loss.r1_interval=3"]
@@ -56,6 +57,10 @@ CASES = {
                             "optim.discriminator.beta2_schedule.end=0.9", "optim.discriminator.beta2_schedule.kimg=0.2",
                             "train.ema_half_life_kimg=0", "train.ema_half_life_schedule.end=0.05",
                             "train.ema_half_life_schedule.kimg=0.2"],
+    # ADA (every bgc operation and cutout) with R1 + R2 through it, p from 0.5 moving 0.1 per
+    # adjustment (every 4 D steps: 2 per step here, so adjustments at steps 2 and 4).
+    "eq-mlp-ada": [*EQ_SHARED, "loss.name=relativistic", "loss.r1_gamma=1", "loss.r2=true", "loss.r1_interval=1",
+                   "data.augment=bgc,cutout", "data.augment_p=0.5", "data.ada_kimg=1.28", "train.n_critic=2"],
     "eq-mlp-gp": [*EQ_SHARED, "loss.name=wasserstein", "loss.gp_weight=10"],
     "eq-mlp-diffaug": [*EQ_SHARED, *NONSAT_R1, "data.diffaugment=color,translation,cutout"],
     "eq-mlp-code": [*EQ_SHARED, *NONSAT_R1, "model.num_latent_categories=4", "loss.info_weight=1"],
@@ -84,9 +89,10 @@ CASES = {
     # Rank 1 cannot read any shard (its node lost the storage): its stream gives up at once.
     "fatal-data-raise": [*STREAMED, "data.on_error=raise", "train.max_steps=20", "data.max_shard_retries=1",
                          "data.retry_backoff_s=0"],
-    # torch.compile of G and D under DDP against the same run eager (R1 stays eager in both).
-    "compile-r1": [*COMPILE, "train.compile=true"],
-    "eager-r1": COMPILE,
+    # torch.compile of G and D under DDP against the same run eager: the relativistic loss (the G
+    # phase reads reals through the compiled D) with R1 + R2 (both penalties through the eager D).
+    "compile-r1r2": [*COMPILE, "train.compile=true"],
+    "eager-r1r2": COMPILE,
     # The resume split again, with checkpoints at steps 10, 20 and 21; in its second leg rank 1
     # reads a stale `latest` (step 10, as an NFS cache may show it): rank 0 decides for all.
     "stale-leg1": [*RESUME, "run.name=stale", "train.max_steps=21", "checkpoint.every_kimg=0.32"],
@@ -116,6 +122,7 @@ class GlobalDraws:
         self.calls, self.slot, self.phase, self.alpha_phase, self.augment_calls = 0, 0, -1, -1, 0
         self.z = self.alpha = None
         self.augment = trainer.augment.before_d
+        self.current, self.augmented = "D", {"D": 0, "G": 0}  # this rank's images changed, per phase
 
     def noise(self, count: int):
         index = self.calls % self.micro
@@ -138,7 +145,16 @@ class GlobalDraws:
         rows = self.world * self.micro * count
         before = x.new_zeros(self.slot * count, *x.shape[1:])
         after = x.new_zeros(rows - (self.slot + 1) * count, *x.shape[1:])
-        return self.augment(torch.cat([before, x, after]))[self.slot * count:(self.slot + 1) * count]
+        out = self.augment(torch.cat([before, x, after]))[self.slot * count:(self.slot + 1) * count]
+        self.augmented[self.current] += int((out != x).flatten(1).any(1).sum())
+        return out
+
+    def in_phase(self, name: str, phase):
+        def run(*args):
+            self.current = name
+            return phase(*args)
+
+        return run
 
     def interpolate(self, real, fake, generator):
         count = real.shape[0]
@@ -183,10 +199,13 @@ def _perturb_rank1_after_step2(trainer) -> None:
 
 def fit(self) -> None:
     case = CURRENT["case"]
+    CURRENT["ada_p"] = []
     if case.startswith("eq-"):
-        draws = GlobalDraws(self)
+        draws = CURRENT["draws"] = GlobalDraws(self)
         self._noise = draws.noise
         self.augment.before_d = draws.before_d
+        self.d_phase, self.g_phase = draws.in_phase("D", self.d_phase), draws.in_phase("G", self.g_phase)
+        _record_ada(self)
         phases_mod.interpolate = draws.interpolate
         if "data.resident=host" not in CASES[case]:
             self.data = global_batches(self, CURRENT["images"])
@@ -205,10 +224,26 @@ def fit(self) -> None:
         CURRENT["state"] = {"G0": initial_G, "G": _state(self.G_raw), "D": _state(self.D_raw), "G_ema": _state(self.ema.module),
                             "skipped": dict(self.progress.num_skipped), "step": self.progress.step,
                             "graphs": _graphs_compiled(), "consumed": consumed,
-                            "broadcast_buffers": [getattr(m, "broadcast_buffers", None) for m in self.backend.ddp.values()]}
+                            "broadcast_buffers": [getattr(m, "broadcast_buffers", None) for m in self.backend.ddp.values()],
+                            "augmented": CURRENT["draws"].augmented if case.startswith("eq-") else {},
+                            "ada_p": CURRENT.get("ada_p", [])}
 
 
 trainer_mod.Trainer.fit = fit
+
+
+def _record_ada(trainer) -> None:
+    """ADA's p after each adjustment, in CURRENT["ada_p"]."""
+    CURRENT["ada_p"] = []
+    if trainer.ada is None:
+        return
+    adjust = trainer.ada.adjust
+
+    def recorded(reduce_sum):
+        adjust(reduce_sum)
+        CURRENT["ada_p"].append(trainer.ada.p.item())
+
+    trainer.ada.adjust = recorded
 
 
 def _graphs_compiled() -> int:
