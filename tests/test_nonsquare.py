@@ -61,3 +61,10 @@ def test_resolution_is_n_or_height_x_width(text, expected):
 def test_a_bad_resolution_exits_2(tmp_path, capsys, text):
     assert cli_main(["prepare", "digits", "--out", str(tmp_path / "out"), "--resolution", text]) == 2
     assert "--resolution" in capsys.readouterr().err and not (tmp_path / "out").exists()
+
+
+def test_a_size_no_conv_model_takes_is_written_with_a_note(tmp_path, capsys):
+    assert cli_main(["prepare", "digits", "--out", str(tmp_path / "out"), "--resolution", "30"]) == 0
+    assert "30x30 suits model.name=mlp only" in capsys.readouterr().out
+    assert cli_main(["prepare", "digits", "--out", str(tmp_path / "ok"), "--resolution", "16x32"]) == 0
+    assert "note:" not in capsys.readouterr().out

@@ -309,6 +309,12 @@ def run(args) -> int:
     layout = f"chunks of {index['chunk_size']}" if index["chunk_size"] > 1 else "one entry per sample"
     print(f"wrote {index['count']} samples of shape {index['shape']} ({args.format}, {layout}, {args.order} order, "
           f"seed {args.seed}) in {len(index['shards'])} shards to {out}")
+    from gan_dist.models.layers import grows_from_4px
+
+    if len(index["shape"]) == 3 and not grows_from_4px(tuple(index["shape"])):
+        print(f"note: the conv models need a shorter side of 16, 32 or 64 px (dcgan) or up to 256 (r3gan) and a "
+              f"longer side 1, 2 or 4 times it; {index['shape'][1]}x{index['shape'][2]} suits model.name=mlp only "
+              f"(prepare again with e.g. --resolution 32 or 32x64)")
     for item in index["skipped"][:20]:
         print(f"  skipped {item['file']}: {item['reason']}")
     if len(index["skipped"]) > 20:

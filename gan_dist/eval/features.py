@@ -35,8 +35,8 @@ class InceptionFeatures(nn.Module):
         except (OSError, RuntimeError) as err:
             where = path or "torch's hub cache"
             raise UserError(f"cannot load the Inception weights from {where} ({type(err).__name__}: "
-                            f"{str(err).splitlines()[0]}); download {INCEPTION_URL} and set "
-                            "eval.inception_weights=PATH (gan-dist eval --inception-weights PATH)") from err
+                            f"{str(err).splitlines()[0]}); download {INCEPTION_URL} and point at it with "
+                            f"{WEIGHTS_SETTING}") from err
 
     def forward(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
         if images.shape[1] == 1:
@@ -45,18 +45,22 @@ class InceptionFeatures(nn.Module):
         return {"features": features, "logits": logits}
 
 
+# The same weights are set two ways; a message names both.
+WEIGHTS_SETTING = "gan-dist eval --inception-weights PATH (in training: eval.inception_weights=PATH)"
+
+
 def resolve_inception_weights(weights_path: str, allow_download: bool) -> str | None:
     """The local weights file; None lets torch-fidelity fetch it (only when allowed)."""
     if weights_path:
         if not Path(weights_path).is_file():
-            raise UserError(f"eval.inception_weights={weights_path}: no such file. Download {INCEPTION_URL} "
-                            f"on a machine with internet and put it there (or point eval.inception_weights at it)")
+            raise UserError(f"Inception weights {weights_path}: no such file. Download {INCEPTION_URL} on a "
+                            f"machine with internet and put it there, or point at it with {WEIGHTS_SETTING}")
         return weights_path
     cached = Path(torch.hub.get_dir()) / "checkpoints" / INCEPTION_FILE
     if cached.is_file():
         return str(cached)
     if not allow_download:
-        raise UserError(f"FID, KID and IS need the TF-Inception weights: download {INCEPTION_URL} and set "
-                        f"eval.inception_weights=PATH (or put the file at {cached}, or set "
-                        "eval.allow_download=true on a machine with internet)")
+        raise UserError(f"FID, KID and IS need the TF-Inception weights: download {INCEPTION_URL} and point at "
+                        f"it with {WEIGHTS_SETTING} (or put the file at {cached}, or allow the download on a "
+                        "machine with internet: gan-dist eval --allow-download, in training eval.allow_download=true)")
     return None

@@ -148,6 +148,7 @@ def _classifier_metrics(target: Target, opts: EvalOptions, ctx, model) -> dict:
     def compute() -> dict:
         fake, real = summary(gen), summary(test_part)
         return {**fake, "real_heldout": real, "spread_ratio": fake["spread"] / max(real["spread"], 1e-12),
+                "class_names": list(target.data.classes),
                 "tool": f"gan_dist {getattr(model, 'name', '')}",
                 "reference": f"{len(train_part['features'])} real training samples (FD); ceiling on "
                              f"{len(test_part['features'])} held-out real samples"}

@@ -107,15 +107,22 @@ class MinibatchStd(nn.Module):
         return torch.cat([h, extra], dim=1)
 
 
+def grows_from_4px(shape: tuple[int, ...], short_sides: tuple[int, ...] = (16, 32, 64, 128, 256)) -> bool:
+    """Whether C x H x W images suit a conv net that grows from a 4 px short side: the short
+    side one of `short_sides`, the long side 1, 2 or 4 times it."""
+    if len(shape) != 3:
+        return False
+    height, width = shape[1:]
+    short, ratio = min(height, width), max(height, width) // max(1, min(height, width))
+    return short in short_sides and ratio in (1, 2, 4) and max(height, width) == short * ratio
+
+
 def image_grid(shape: tuple[int, ...], model: str, short_sides: tuple[int, ...]) -> tuple[int, int, int]:
-    """(short side, base height, base width) of a conv net that grows from a 4 px short side:
-    images of C x H x W whose short side is one of `short_sides` and whose long side is 1, 2
-    or 4 times it (32x64 grows from 4x8). One message names what to prepare otherwise."""
-    if len(shape) == 3:
-        height, width = shape[1:]
-        short, ratio = min(height, width), max(height, width) // max(1, min(height, width))
-        if short in short_sides and ratio in (1, 2, 4) and max(height, width) == short * ratio:
-            return short, 4 * height // short, 4 * width // short
+    """(short side, base height, base width) of a conv net that grows from a 4 px short side
+    (32x64 grows from 4x8). One message names what to prepare otherwise."""
+    if grows_from_4px(shape, short_sides):
+        short = min(shape[1:])
+        return short, 4 * shape[1] // short, 4 * shape[2] // short
     sides = ", ".join(map(str, short_sides))
     raise UserError(f"model.name={model} needs images of C x H x W whose shorter side is {sides} px and whose "
                     f"longer side is 1, 2 or 4 times it, but the data has samples of shape {list(shape)}; prepare "
