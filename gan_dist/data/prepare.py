@@ -311,7 +311,9 @@ def run(args) -> int:
           f"seed {args.seed}) in {len(index['shards'])} shards to {out}")
     from gan_dist.models.layers import grows_from_4px
 
-    if len(index["shape"]) == 3 and not grows_from_4px(tuple(index["shape"])):
+    # Only where a size was asked for or a folder read: the built-in 8x8 digits are for the MLP.
+    asked = args.resolution or args.source == "imagefolder"
+    if asked and len(index["shape"]) == 3 and not grows_from_4px(tuple(index["shape"])):
         print(f"note: the conv models need a shorter side of 16, 32 or 64 px (dcgan) or up to 256 (r3gan) and a "
               f"longer side 1, 2 or 4 times it; {index['shape'][1]}x{index['shape'][2]} suits model.name=mlp only "
               f"(prepare again with e.g. --resolution 32 or 32x64)")
