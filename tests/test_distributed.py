@@ -229,5 +229,6 @@ def test_compiled_g_and_d_under_ddp_match_eager(harness):
     assert eager["graphs"] == 0 < compiled["graphs"], "torch.compile did not compile anything"
     moved = max((eager["G"][k] - eager["G0"][k]).abs().max().item() for k in eager["G"])
     assert moved > 1e-3, "training did not move G: the comparison would prove nothing"
-    assert _max_diff(eager, compiled) < 1e-4
+    assert compiled["G"][next(iter(compiled["G"]))].dtype == torch.float64  # float32 rounding is not the question
+    assert _max_diff(eager, compiled) < 1e-9
     assert _max_diff(compiled, harness("compile-r1r2", 2, 1)) == 0  # both ranks hold the same networks
