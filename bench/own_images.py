@@ -101,8 +101,42 @@ def score(run_dir: Path) -> list[dict]:
         logged = [r for r in rows if r.get("step", 0) <= step and "Augment/p" in r]
         table.append({"step": step, "minutes": state["elapsed_s"] / 60, "kimg": step * _batch(state) / 1000,
                       "p": logged[-1]["Augment/p"] if logged else None, "shares": cls["class_fractions"],
-                      "spread": cls["spread_ratio"]})
+                      "spread": cls["spread_ratio"], "raw_spread": cls["raw_spread_ratio"]})
     return table
+
+
+def calibrate(data: Path) -> dict[str, float]:
+    """What the spread measure reads for real images that lost nothing but sharpness or
+    contrast, and for ones that lost a class: with `cls`'s own cached classifier, on the
+    held-out real images (raw: the distance before the features are scaled to length 1)."""
+    import torch
+    from PIL import Image, ImageFilter
+
+    from gan_dist.data.index import open_dataset
+    from gan_dist.eval import classifier, collect, run, scores
+
+    info = open_dataset(str(data))
+    path = run.cache_dir(run.EvalOptions()) / f"{collect.dataset_key(info)}-classifier-{classifier.ARCHITECTURE}.safetensors"
+    model = classifier.load(path)
+    real = collect.real(info, collect.reference_selection(info, info.count, 0), 256, 0, 1, torch.device("cpu"), None)
+    held = torch.from_numpy(classifier.held_out(real["index"].numpy()))
+    images, labels = real["samples"][held], real["labels"][held]
+
+    def blur(radius: float) -> torch.Tensor:
+        arrays = [np.asarray(Image.fromarray(x.permute(1, 2, 0).numpy()).filter(ImageFilter.GaussianBlur(radius)))
+                  for x in images]
+        return torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).contiguous()
+
+    faded = (images.float() * 0.7 + images.float().mean() * 0.3).to(torch.uint8)
+    sets = {"held-out real": images, "blurred 1 px": blur(1.0), "blurred 2 px": blur(2.0), "contrast 70%": faded,
+            "one class only": images[labels == labels[0]]}
+    with torch.no_grad():
+        features = {name: model(x)["features"] for name, x in sets.items()}
+    out = {}
+    for name, f in features.items():
+        out[name] = tuple(scores.mean_pairwise_distance(f, unit=unit) /
+                          scores.mean_pairwise_distance(features["held-out real"], unit=unit) for unit in (True, False))
+    return out
 
 
 def _batch(state: dict) -> int:
@@ -147,16 +181,19 @@ def main() -> None:
         list(pool.map(lambda n: train(n, data, root / "runs", args.minutes, args.overrides), names))
     print(f"trained {len(names)} runs of {args.minutes} min in {(time.perf_counter() - start) / 60:.1f} min, "
           f"{args.parallel} at a time, one thread each\n")
-    print("| run | checkpoint | minutes | kimg | ADA p | class shares | spread vs data |")
-    print("|---|---|---|---|---|---|---|")
+    print("| run | checkpoint | minutes | kimg | ADA p | class shares | spread vs data | raw spread |")
+    print("|---|---|---|---|---|---|---|---|")
     verdicts = {}
     for name in names:
         table = score(root / "runs" / name)
         for row in table:
             p = "-" if row["p"] is None else f"{row['p']:.3f}"
             print(f"| {name} | {row['step']} | {row['minutes']:.1f} | {row['kimg']:.1f} | {p} | {_shares(row)} | "
-                  f"{row['spread']:.0%} |", flush=True)
+                  f"{row['spread']:.0%} | {row['raw_spread']:.0%} |", flush=True)
         verdicts[name] = collapsed(table)
+    print("\nthe measure on real images (held-out tenth):\n\n| real images | spread vs data | raw spread |\n|---|---|---|")
+    for name, (unit, raw) in calibrate(data).items():
+        print(f"| {name} | {unit:.0%} | {raw:.0%} |")
     print()
     for name, reasons in verdicts.items():
         print(f"{name}: " + ("collapsed (" + "; ".join(reasons[:3]) + ")" if reasons else "did not collapse"))

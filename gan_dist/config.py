@@ -168,6 +168,8 @@ class TrainConfig:
     """Gradient accumulation: each phase runs this many micro-batches, synchronising only the last."""
     n_critic: int = 1
     """D steps per G step."""
+    reuse_fakes: bool = False
+    """The G step reuses the last D step's fakes (pytorch/examples' dcgan does): one G forward less per step, G's graph held through that D step."""
     seed: int = 0
     """Base seed; noise and data streams derive theirs from it and the global rank."""
     num_threads: int = 0

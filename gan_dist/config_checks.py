@@ -31,6 +31,9 @@ def validate(cfg: Config) -> None:
              f"got {categories}")
     _require(cfg.train.batch_size > 0, "train.batch_size", "must be > 0")
     _require(cfg.train.num_micro_batches > 0, "train.num_micro_batches", "must be >= 1")
+    _require(not (cfg.train.reuse_fakes and cfg.train.num_micro_batches > 1), "train.reuse_fakes",
+             "must be false with train.num_micro_batches > 1: it would hold every micro-batch's G graph through the "
+             "D phase, the memory micro-batches exist to save (and DDP prepares its reduction at a forward)")
     _require(cfg.train.n_critic > 0, "train.n_critic", "must be >= 1")
     _require(cfg.train.total_kimg > 0, "train.total_kimg", "must be > 0")
     _require(cfg.train.num_threads >= 0, "train.num_threads", "must be >= 0 (0 = torch's default)")
@@ -118,6 +121,7 @@ def _check_deepspeed(cfg: Config) -> None:
              "must be 1 under train.backend=deepspeed (raise the number of processes, or use train.backend=ddp)")
     _require(not cfg.model.sync_bn, "model.sync_bn", "must be false under train.backend=deepspeed")
     _require(not cfg.train.compile, "train.compile", "must be false under train.backend=deepspeed (not supported yet)")
+    _require(not cfg.train.reuse_fakes, "train.reuse_fakes", "must be false under train.backend=deepspeed (untested)")
     from gan_dist.parallel.zero import check_user_json
 
     for network in ("generator", "discriminator"):  # read now: a bad file must not touch the run directory

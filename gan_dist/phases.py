@@ -12,7 +12,8 @@ Choices worth knowing (docs/training.md):
   (its gradient flows through it) and R2's fakes detached from G: R2 regularises D alone.
 - The fakes for the D phase are made with G in train mode under no_grad: D sees fakes
   normalised exactly as in the G phase, and they also update G's BatchNorm running
-  statistics (used only by G_ema's eval-mode samples).
+  statistics (used only by G_ema's eval-mode samples). With train.reuse_fakes the last D
+  step makes them with G's graph instead, D sees them detached, and the G phase reuses them.
 - A loss that compares fakes with reals (relativistic) reads a real batch of its own in the
   G phase; D's logits for it are taken under no_grad, as constants of G's loss.
 """
@@ -50,7 +51,8 @@ class Phases:
     """d_phase and g_phase; the Trainer provides cfg, backend, G, D, augment, ada, stats, progress,
     values (this step's scheduled values) and the random generators."""
 
-    def d_phase(self, real: torch.Tensor, labels: torch.Tensor | None) -> None:
+    def d_phase(self, real: torch.Tensor, labels: torch.Tensor | None, keep_fakes: bool = False) -> None:
+        """keep_fakes: G makes this step's fakes with its graph, and the G phase reuses them."""
         cfg = self.cfg.loss
         regularise = self.values.gamma > 0 and self.progress.num_d_steps % cfg.r1_interval == 0
         num_micro = self.cfg.train.num_micro_batches
@@ -58,7 +60,7 @@ class Phases:
         label_chunks = labels.chunk(num_micro) if labels is not None else [None] * num_micro
         for i, (x, y) in enumerate(zip(real.chunk(num_micro), label_chunks)):
             with self.backend.micro_batch_sync("D", i, num_micro):
-                loss = self._d_loss(x, y, regularise)
+                loss = self._d_loss(x, y, regularise, keep_fakes)
                 self._check_finite(loss, "D")
                 self.backend.backward("D", loss / num_micro)
         self._step("D", self.cfg.optim.discriminator)
@@ -67,10 +69,12 @@ class Phases:
             self.ada.adjust(lambda totals: parallel.sum_over_ranks(self.acc, totals))
             self.augment.p = self.ada.p
 
-    def _d_loss(self, real: torch.Tensor, labels, regularise: bool) -> torch.Tensor:
+    def _d_loss(self, real: torch.Tensor, labels, regularise: bool, keep_fakes: bool = False) -> torch.Tensor:
         z, fake_labels = self._noise(len(real))
-        with torch.no_grad():
+        with torch.set_grad_enabled(keep_fakes):
             fake = self.G(z, fake_labels)
+        if keep_fakes:  # D updates before G reads them: D learns from the fakes, G from D's answer after
+            self.kept_fakes, fake = (fake, z, fake_labels), fake.detach()
         r2_due = regularise and self.cfg.loss.r2
         if regularise:
             real = real.detach().requires_grad_(True)
@@ -122,8 +126,8 @@ class Phases:
         with parallel.frozen(self.params["D"]):
             for i in range(num_micro):
                 with self.backend.micro_batch_sync("G", i, num_micro):
-                    z, fake_labels = self._noise(self.batch_per_device // num_micro)
-                    fake_logits, info = self._fake_logits_and_code_loss(self.G(z, fake_labels), z, fake_labels, "G")
+                    fake, z, fake_labels = self._fakes_for_g(num_micro)
+                    fake_logits, info = self._fake_logits_and_code_loss(fake, z, fake_labels, "G")
                     if reals[i] is None:
                         loss = self.loss.g_loss(fake_logits) + info
                     else:
@@ -134,6 +138,14 @@ class Phases:
                     self._check_finite(loss, "G")
                     self.backend.backward("G", loss / num_micro)
         self._step("G", self.cfg.optim.generator)
+
+    def _fakes_for_g(self, num_micro: int) -> tuple:
+        """(fakes with G's graph, z, labels): the last D step's (train.reuse_fakes), or new ones."""
+        kept, self.kept_fakes = self.kept_fakes, None
+        if kept is not None:
+            return kept
+        z, fake_labels = self._noise(self.batch_per_device // num_micro)
+        return self.G(z, fake_labels), z, fake_labels
 
     def _step(self, name: str, opt_cfg) -> None:
         lr = self.values.lr[name]

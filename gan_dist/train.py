@@ -119,7 +119,7 @@ def _completion(cfg, run_dir: Path, checkpoint: Path, state: dict) -> str:
 def _start(cfg, debug: bool):
     """Device, threads and the accelerator, then rank 0's plan for the run directory."""
     device = parallel.resolve_device(cfg.train.device)
-    parallel.configure_threads(cfg.train.num_threads, cfg.data.num_workers, device)
+    parallel.configure_threads(cfg.train.num_threads, device)
     parallel.configure_gpu_math(device, cfg.train.tf32, benchmark=not debug)
     run_dir = Path(cfg.run.root) / cfg.run.name
     # `kill -USR2 PID` prints where a rank is (USR1 and TERM ask for a checkpoint and a stop).
@@ -161,8 +161,6 @@ def _open_data(cfg, acc, info, plan: ResumePlan, per_device: int, run_dir: Path)
                                   state.get("data_mode", resume.RECORDED_SINCE["data_mode"]))
         previous = as_before["data_mode"] if resume.same_layout(state, as_before) else None
     mode, reading = read_mode(cfg, acc, info, previous)
-    if mode != "off":  # resident data starts no loader workers: their cores are the trainer's
-        parallel.configure_threads(cfg.train.num_threads, 0, acc.device.type)
     now = resume.layout(acc.num_processes, cfg.data.num_workers, acc.device.type, info.identity()["sha256"],
                         resume.data_mode(mode))
     start = resume.stream_start(checkpoint, state, acc.process_index, now) if checkpoint else None

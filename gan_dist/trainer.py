@@ -140,6 +140,7 @@ class Trainer(Phases):
         # (network, step, skipped) of each optimizer step not yet counted, in the order they ran;
         # `skipped` may be a device tensor (fused Adam decides on the device), read once per log interval.
         self.pending_skips = []
+        self.kept_fakes = None  # (fakes with G's graph, z, labels) from the last D step, for train.reuse_fakes
         self.periodic_eval = PeriodicEval(cfg, run_dir)
 
     # ----------------------------------------------------------------- the loop
@@ -221,8 +222,9 @@ class Trainer(Phases):
     def _step_once(self, batches) -> None:
         self.values = schedules.values_at(self.cfg, self.num_images)
         self.augment.p = self.values.augment_p if self.ada is None else self.ada.p
-        for _ in range(self.cfg.train.n_critic):
-            self.d_phase(*self._next_real(batches))
+        n_critic = self.cfg.train.n_critic
+        for i in range(n_critic):
+            self.d_phase(*self._next_real(batches), keep_fakes=self.cfg.train.reuse_fakes and i == n_critic - 1)
         self.g_phase(self._next_real(batches) if self.loss.g_reads_real else None)
         self.progress.step += 1
         self.ema.update(self.G_raw, self.num_images, self.cfg.train.batch_size * self.cfg.train.n_critic,

@@ -20,7 +20,7 @@ from gan_dist.data.sources import digits
 pytestmark = pytest.mark.launch
 
 EQ_CASES = ["eq-mlp-r1", "eq-mlp-r1-resident", "eq-mlp-hinge", "eq-mlp-relativistic", "eq-mlp-ada", "eq-mlp-gp", "eq-mlp-diffaug", "eq-mlp-code", "eq-dcgan-r1",
-            "eq-dcgan-hinge"]
+            "eq-dcgan-hinge", "eq-dcgan-reuse"]
 MICRO_CASES = {"eq-mlp-r1-micro2": "eq-mlp-r1", "eq-dcgan-hinge-micro2": "eq-dcgan-hinge"}
 TWO_RANK_ONLY = ["http-flaky", "http-lost", "bn_d-r1-ncritic-micro", "spectral-gp-conditional", "nan-on-rank1", "perturb-rank1",
                  "bad-data-raise", "fatal-data-raise", "resume-full", "resume-leg1", "resume-leg2", "stale-leg1", "stale-leg2",

@@ -49,6 +49,22 @@ def test_inception_score_of_confident_uniform_and_of_collapsed_predictions():
     assert scores.inception_score(torch.zeros(1000, 10))[0] == pytest.approx(1.0)
 
 
+def test_spread_tells_a_lost_class_from_fainter_features():
+    """Two classes of features, 500 each; "blurred": every feature vector shrunk to 40% (a
+    classifier's features fade with edge contrast); "one class": the first class only."""
+    gen = torch.Generator().manual_seed(0)
+    directions = torch.eye(2, 16) * 10
+    real = torch.cat([d + torch.randn(500, 16, generator=gen) for d in directions]).relu()
+    blurred, one_class = real * 0.4, real[:500]
+    for unit in (False, True):
+        ratio = {name: scores.mean_pairwise_distance(x, unit=unit) / scores.mean_pairwise_distance(real, unit=unit)
+                 for name, x in (("blurred", blurred), ("one class", one_class))}
+        if unit:
+            assert ratio["blurred"] == pytest.approx(1, abs=1e-9) and ratio["one class"] < 0.4, ratio
+        else:  # the raw distance reads both alike: why `cls` reports the unit one as spread_ratio
+            assert ratio["blurred"] == pytest.approx(0.4) and ratio["one class"] < 0.4, ratio
+
+
 def test_pipeline_with_an_injected_extractor_caches_its_reference(digits_dir, tmp_path):
     from accelerate import Accelerator
 

@@ -95,7 +95,8 @@ def test_mlp_mnist_config_prepares_mnist_from_raw_files(train_main, tmp_path):
 
 
 @pytest.mark.parametrize("extra", [[], ["model.num_latent_categories=4"],
-                                   ["loss.name=relativistic", "loss.r1_gamma=1", "loss.r2=true", "loss.r1_interval=1"]])
+                                   ["loss.name=relativistic", "loss.r1_gamma=1", "loss.r2=true", "loss.r1_interval=1"],
+                                   ["train.reuse_fakes=true", "train.n_critic=2"]])
 def test_g_phase_leaves_d_gradients_untouched(digits_dir, tmp_path, monkeypatch, extra):
     """D is frozen during the G step: G's loss must not accumulate into D's gradients."""
     from gan_dist import trainer as trainer_mod
@@ -125,10 +126,10 @@ def test_d_phase_trains_the_code_head_and_leaves_g_alone(digits_dir, tmp_path, m
     seen = {}
     original = trainer_mod.Trainer.d_phase
 
-    def spy(self, real, labels):
+    def spy(self, real, labels, **kwargs):
         for p in self.G.parameters():
             p.grad = None
-        original(self, real, labels)
+        original(self, real, labels, **kwargs)
         seen["head"] = bool(self.D.code_head.weight.grad.abs().sum() > 0)
         seen["g_untouched"] = all(p.grad is None for p in self.G.parameters())
 
@@ -212,6 +213,34 @@ def test_gpu_math_settings():
         cudnn.benchmark, cudnn.allow_tf32, matmul.allow_tf32 = saved
 
 
+@pytest.mark.parametrize("local_world, env, pinned, expected", [
+    (None, {}, 0, 8),  # every allocated core, loader workers not counted (bench/threads.py)
+    ("2", {}, 0, 4),  # shared among this node's processes
+    ("16", {}, 0, 1),
+    (None, {}, 3, 3),  # train.num_threads wins
+    (None, {"OMP_NUM_THREADS": "1"}, 0, None),  # the user's or the launcher's: left alone
+])
+def test_the_thread_rule_uses_the_allocated_cores(monkeypatch, local_world, env, pinned, expected):
+    """An allocation of 8 cores (sched_getaffinity) on a node whose os.cpu_count is 64."""
+    from gan_dist.parallel import device
+
+    monkeypatch.setattr(device.os, "sched_getaffinity", lambda pid: set(range(8)), raising=False)
+    monkeypatch.setattr(device.os, "cpu_count", lambda: 64)
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
+    if local_world:
+        monkeypatch.setenv("LOCAL_WORLD_SIZE", local_world)
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    saved = torch.get_num_threads()
+    try:
+        torch.set_num_threads(5)
+        device.configure_threads(pinned, "cpu")
+        assert torch.get_num_threads() == (expected or 5)
+    finally:
+        torch.set_num_threads(saved)
+
+
 def test_train_device_cpu_trains_on_a_gpu_node_whose_cuda_is_broken(train_main, digits_dir, tmp_path, monkeypatch):
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "0")  # allocated, but this machine's torch sees no GPU
     code, _, err = train_main(*tiny_args(digits_dir, "train.device=cpu", "train.max_steps=2"))
@@ -253,6 +282,42 @@ def test_debug_raises_at_first_non_finite_loss(train_main, digits_dir):
         train_main("--debug", *tiny_args(digits_dir, "plugins=[nan_plugin]", "model.name=nan_mlp"))
 
 
+@pytest.mark.parametrize("reuse, forwards_per_step", [(False, 3), (True, 2)])
+def test_reused_fakes_are_the_last_d_steps_and_save_a_g_forward(digits_dir, tmp_path, monkeypatch, reuse,
+                                                                forwards_per_step):
+    """n_critic 2: two D steps' fakes and one G step's, or the G step reusing the second D
+    step's (graph kept, D's gradient not reaching G in the D step)."""
+    from gan_dist import trainer as trainer_mod
+
+    seen = {"forwards": 0, "g_untouched": [], "kept": []}
+    d_phase, g_phase = trainer_mod.Trainer.d_phase, trainer_mod.Trainer.g_phase
+
+    def count(*_):
+        seen["forwards"] += 1
+
+    def d_spy(self, real, labels, **kwargs):
+        if not hasattr(self.G_raw, "_counted"):
+            self.G_raw._counted = self.G_raw.register_forward_hook(count)
+        for p in self.G.parameters():
+            p.grad = None
+        d_phase(self, real, labels, **kwargs)
+        seen["g_untouched"].append(all(p.grad is None for p in self.G.parameters()))
+
+    def g_spy(self, *args):
+        kept = self.kept_fakes
+        seen["kept"].append(kept is not None and kept[0].requires_grad and kept[0].shape[0] == self.batch_per_device)
+        g_phase(self, *args)
+        assert self.kept_fakes is None  # used once
+
+    monkeypatch.setattr(trainer_mod.Trainer, "d_phase", d_spy)
+    monkeypatch.setattr(trainer_mod.Trainer, "g_phase", g_spy)
+    monkeypatch.chdir(tmp_path)
+    from gan_dist.train import main
+
+    assert main(tiny_args(digits_dir, "train.max_steps=3", "train.n_critic=2", f"train.reuse_fakes={reuse}")) == 0
+    assert seen == {"forwards": 3 * forwards_per_step, "g_untouched": [True] * 6, "kept": [reuse] * 3}
+
+
 # ---------------------------------------------------------------- bad input: exit 2, one line
 BAD_INPUTS = [
     (["data.path=does/not/exist"], {}, "data.path=does/not/exist does not exist; write the dataset there with gan-dist prepare"),
@@ -268,6 +333,7 @@ BAD_INPUTS = [
     (["loss.info_weight=-1"], {}, "config key 'loss.info_weight' must be >= 0"),
     (["train.batch_size=30", "train.num_micro_batches=4"], {}, "train.batch_size=30 is not divisible by 1 processes x 4"),
     (["train.totl_kimg=3"], {}, "did you mean 'train.total_kimg'?"),
+    (["train.reuse_fakes=true", "train.num_micro_batches=2"], {}, "'train.reuse_fakes' must be false with train.num_micro"),
     (["plugins=[no_such_module]"], {}, "cannot import 'no_such_module'"),
     (["train.mixed_precision=fp16", "train.backend=deepspeed"], {}, "fp16 under train.backend=deepspeed needs a GPU"),
     (["model.sync_bn=true"], {}, "model.sync_bn=true needs GPUs"),

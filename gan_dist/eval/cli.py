@@ -88,7 +88,8 @@ def print_table(report: dict) -> None:
             classes = (", ".join(f"{name} {share:.1%}" for name, share in zip(names, shares)) if len(names) <= 4
                        else f"{min(shares):.1%}-{max(shares):.1%}")
             value = (f"IS {r['is']:.2f} (real {real['is']:.2f}), FD {r['fd']:.3f} (real {real['fd']:.3f}), classes "
-                     f"{classes}, spread_ratio {r['spread_ratio']:.2f} (1: as varied as the real images)")
+                     f"{classes}, spread_ratio {r['spread_ratio']:.2f} (1: as varied as the real images; "
+                     f"raw {r['raw_spread_ratio']:.2f})")
             table.add_row(metric, value, str(r["num"]), r["reference"], r["tool"])
         else:
             value = f"{r['value']:.4g}" + (f" ± {r['std']:.2g}" if "std" in r else "")

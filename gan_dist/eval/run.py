@@ -143,11 +143,13 @@ def _classifier_metrics(target: Target, opts: EvalOptions, ctx, model) -> dict:
         histogram = torch.bincount(features["logits"].argmax(1).cpu(), minlength=target.data.num_classes)
         return {"is": is_mean, "is_std": is_std, "fd": fd, "num": len(features["features"]),
                 "class_fractions": (histogram / histogram.sum()).tolist(),
-                "spread": scores.mean_pairwise_distance(features["features"])}
+                "spread": scores.mean_pairwise_distance(features["features"], unit=True),
+                "raw_spread": scores.mean_pairwise_distance(features["features"])}
 
     def compute() -> dict:
         fake, real = summary(gen), summary(test_part)
         return {**fake, "real_heldout": real, "spread_ratio": fake["spread"] / max(real["spread"], 1e-12),
+                "raw_spread_ratio": fake["raw_spread"] / max(real["raw_spread"], 1e-12),
                 "class_names": list(target.data.classes),
                 "tool": f"gan_dist {getattr(model, 'name', '')}",
                 "reference": f"{len(train_part['features'])} real training samples (FD); ceiling on "

@@ -74,12 +74,23 @@ def configure_gpu_math(device: str, tf32: bool, benchmark: bool) -> None:
         torch.backends.cudnn.benchmark = benchmark
 
 
-def configure_threads(num_threads: int, num_workers: int, device: str) -> None:
-    """Pin torch's CPU threads: the config's number, or else the cores left per process after
-    its loader workers (torch's default takes every core in every process and oversubscribes).
-    An OMP_NUM_THREADS set by the user or the launcher (torchrun sets 1) is respected."""
+def configure_threads(num_threads: int, device: str) -> None:
+    """Pin torch's CPU threads: the config's number, or else default_num_threads (torch's
+    default takes every core in every process and oversubscribes). An OMP_NUM_THREADS set by
+    the user or the launcher (torchrun sets 1) is respected."""
     if num_threads:
         torch.set_num_threads(num_threads)
     elif "OMP_NUM_THREADS" not in os.environ and device == "cpu":
-        per_process = (os.cpu_count() or 1) // int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
-        torch.set_num_threads(max(1, per_process - num_workers))
+        torch.set_num_threads(default_num_threads())
+
+
+def usable_cores() -> int:
+    """The cores this process may run on (a SLURM or cgroup allocation, not the whole node)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+def default_num_threads() -> int:
+    """The usable cores shared out among this node's training processes, loader workers not
+    counted: they sleep most of the time, and leaving them a core each cost 25-46% of the speed
+    in every row of bench/threads.py (docs/benchmarks.md), busy PNG-decoding workers included."""
+    return max(1, usable_cores() // int(os.environ.get("LOCAL_WORLD_SIZE", "1")))

@@ -70,6 +70,8 @@ CASES = {
     "eq-mlp-code": [*EQ_SHARED, *NONSAT_R1, "model.num_latent_categories=4", "loss.info_weight=1"],
     "eq-dcgan-r1": [*EQ_SHARED, *DCGAN, *NONSAT_R1],
     "eq-dcgan-hinge": [*EQ_SHARED, *DCGAN, *HINGE_NCRITIC],
+    # The G step on the second D step's fakes (their graph kept through that D step).
+    "eq-dcgan-reuse": [*EQ_SHARED, *DCGAN, *HINGE_NCRITIC, "train.reuse_fakes=true"],
     "eq-mlp-r1-micro2": [*EQ_SHARED, *NONSAT_R1, "train.num_micro_batches=2"],
     "eq-dcgan-hinge-micro2": [*EQ_SHARED, *DCGAN, *HINGE_NCRITIC, "train.num_micro_batches=2"],
     # BatchNorm in D called on reals and fakes before one backward, lazy R1 through DDP
@@ -154,9 +156,9 @@ class GlobalDraws:
         return out
 
     def in_phase(self, name: str, phase):
-        def run(*args):
+        def run(*args, **kwargs):
             self.current = name
-            return phase(*args)
+            return phase(*args, **kwargs)
 
         return run
 
