@@ -40,7 +40,7 @@ ROWS = [(model, workers, "npy") for model in MODELS for workers in (0, 1, 2)] + 
 def prepare(mnist_root: Path, root: Path) -> dict[str, Path]:
     out = {}
     for name, resolution, fmt in (("mnist28", 28, "npy"), ("mnist32", 32, "npy"), ("mnist64", 64, "npy"),
-                                  ("mnist32png", 32, "png"), ("mnist64png", 64, "png")):
+                                  ("mnist64png", 64, "png")):
         out[name] = root / "data" / name
         if not (out[name] / "index.json").is_file():
             subprocess.run([sys.executable, "-m", "gan_dist.cli", "prepare", "torchvision", "MNIST", "--root",
@@ -75,11 +75,11 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--seconds", type=float, default=12)
     args = parser.parse_args()
-    from gan_dist.parallel.device import default_num_threads
+    from gan_dist.parallel.device import default_num_threads, usable_cores
 
     root = Path(args.root).resolve()
     data = prepare(Path(args.mnist_root).resolve(), root)
-    cores = os.cpu_count() or 1
+    cores = usable_cores()
     settings = sorted({1, cores})
     results: dict[tuple, list[float]] = {(row, t): [] for row in ROWS for t in settings}
     for repeat in range(args.repeats):

@@ -173,7 +173,7 @@ class TrainConfig:
     seed: int = 0
     """Base seed; noise and data streams derive theirs from it and the global rank."""
     num_threads: int = 0
-    """CPU threads per process for torch (0 keeps torch's default); results depend on it, so pin it to reproduce."""
+    """CPU threads per process for torch (0: the allocated cores shared among the node's processes, or OMP_NUM_THREADS when set); results depend on it, so pin it to reproduce."""
     device: Literal["auto", "cuda", "cpu"] = "auto"
     """auto: CUDA when torch can use it (exit 2 if GPUs are allocated but CUDA is broken); cuda: require it; cpu: CPU even on a GPU node."""
     mixed_precision: Literal["no", "bf16", "fp16"] = "no"

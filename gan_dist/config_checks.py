@@ -36,7 +36,7 @@ def validate(cfg: Config) -> None:
              "D phase, the memory micro-batches exist to save (and DDP prepares its reduction at a forward)")
     _require(cfg.train.n_critic > 0, "train.n_critic", "must be >= 1")
     _require(cfg.train.total_kimg > 0, "train.total_kimg", "must be > 0")
-    _require(cfg.train.num_threads >= 0, "train.num_threads", "must be >= 0 (0 = torch's default)")
+    _require(cfg.train.num_threads >= 0, "train.num_threads", "must be >= 0 (0 = the allocated cores per process)")
     _require(cfg.train.max_steps >= 0, "train.max_steps", "must be >= 0 (0 = no limit)")
     _require(cfg.train.ema_half_life_kimg >= 0, "train.ema_half_life_kimg", "must be >= 0 (0: G_ema is G)")
     _require(cfg.data.augment_p is None or 0 <= cfg.data.augment_p <= 1, "data.augment_p", "must be in [0, 1]")
@@ -121,7 +121,7 @@ def _check_deepspeed(cfg: Config) -> None:
              "must be 1 under train.backend=deepspeed (raise the number of processes, or use train.backend=ddp)")
     _require(not cfg.model.sync_bn, "model.sync_bn", "must be false under train.backend=deepspeed")
     _require(not cfg.train.compile, "train.compile", "must be false under train.backend=deepspeed (not supported yet)")
-    _require(not cfg.train.reuse_fakes, "train.reuse_fakes", "must be false under train.backend=deepspeed (untested)")
+    _require(not cfg.train.reuse_fakes, "train.reuse_fakes", "must be false under train.backend=deepspeed (untested; or use train.backend=ddp)")
     from gan_dist.parallel.zero import check_user_json
 
     for network in ("generator", "discriminator"):  # read now: a bad file must not touch the run directory

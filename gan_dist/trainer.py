@@ -235,6 +235,7 @@ class Trainer(Phases):
         from gan_dist import resume
 
         checkpoint = self.last_checkpoint  # in memory, the same on every rank
+        self.kept_fakes = None  # a graph of the G being rolled back must not reach a G phase
         tries = self.progress.num_rollbacks_in_row + 1
         if checkpoint is None or tries > MAX_ROLLBACKS_IN_ROW:
             reason = "no checkpoint to roll back to" if checkpoint is None else f"{MAX_ROLLBACKS_IN_ROW} rollbacks in a row"

@@ -85,7 +85,8 @@ def configure_threads(num_threads: int, device: str) -> None:
 
 
 def usable_cores() -> int:
-    """The cores this process may run on (a SLURM or cgroup allocation, not the whole node)."""
+    """The cores this process may run on (a SLURM or taskset cpuset, not the whole node; a CPU
+    quota such as docker's --cpus is not visible here)."""
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
