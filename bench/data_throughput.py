@@ -13,7 +13,7 @@ and data-wait fraction from metrics.jsonl: configs/default.yaml, the DCGAN-32 co
 (configs/dcgan_mnist32.yaml on MNIST when --mnist-root has it, else the digits at 32 px),
 and a DCGAN at 64 px.
 
-    python bench/data_throughput.py [--before REV] [--reader-only] [--images 8192] [--mnist-root ../shared/data]
+    python bench/data_throughput.py [--before REV] [--reader-only] [--images 8192] [--mnist-root PATH]
 
 Prints markdown tables (paste them into docs/benchmarks.md with the date and machine).
 """
@@ -127,7 +127,7 @@ def main() -> int:
     parser.add_argument("--images", type=int, default=8192, help="synthetic images per reader dataset")
     parser.add_argument("--before", default="", help="also time the loader of this git revision")
     parser.add_argument("--reader-only", action="store_true", help="skip the training rows")
-    parser.add_argument("--mnist-root", default="../shared/data", help="torchvision root holding MNIST/raw")
+    parser.add_argument("--mnist-root", default="", help="torchvision root holding MNIST/raw (else the digits)")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)

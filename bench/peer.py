@@ -3,7 +3,7 @@ same DCGAN-64 on MNIST on this machine's CPU, side by side (docs/benchmarks.md, 
 pytorch/examples' dcgan").
 
     git clone https://github.com/pytorch/examples pytorch-examples     (the peer; not part of gan_dist)
-    python bench/peer.py --peer pytorch-examples/dcgan/main.py --mnist-root ../shared/data [--repeats 3] [--seconds 60]
+    python bench/peer.py --peer pytorch-examples/dcgan/main.py --mnist-root PATH [--repeats 3] [--seconds 60]
 
 The peer runs as its README says, `main.py --dataset mnist --workers 1 --niter 1 --manualSeed 1`
 (on the CPU; MNIST from --mnist-root/MNIST/raw, which it does not download when the files

@@ -1,7 +1,7 @@
 """CPU threads per process against loader workers: the table behind the default thread rule
 (docs/benchmarks.md, "CPU threads").
 
-    python bench/threads.py --mnist-root ../shared/data [--root runs/threads] [--repeats 5] [--seconds 12]
+    python bench/threads.py --mnist-root PATH [--root runs/threads] [--repeats 5] [--seconds 12]
 
 MNIST prepared at 28, 32 and 64 px (npy, streamed: data.resident=off, so the loader workers
 really read), and once more at 64 px as PNG, whose decoding keeps the workers busy. Each row

@@ -1,4 +1,4 @@
-"""`gan-dist train|prepare|export|sample|eval|check`: the console script."""
+"""`gan-dist train|prepare|export|sample|eval|plot|check`: the console script."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ def _check(args) -> int:
     keys and types, plugins, model and loss names, the batch split over --world-size
     processes, and (when it exists already) the dataset and the models built for it."""
     from gan_dist import config as config_mod
-    from gan_dist import parallel
+    from gan_dist import config_checks, parallel
     from gan_dist.data.stream import open_dataset
     from gan_dist.losses import get_loss
     from gan_dist.models import build_models, get_builder
@@ -22,6 +22,8 @@ def _check(args) -> int:
     from gan_dist.train import import_plugins
 
     cfg = config_mod.load_config(args.config, args.overrides)
+    for note in config_checks.notes(cfg, config_mod.given_keys(args.config, args.overrides)):
+        print(f"note: {note}", file=sys.stderr)  # stderr: train.sh reads --print-run-dir's stdout
     import_plugins(cfg.plugins)
     get_builder(cfg.model.name)
     get_loss(cfg.loss.name)
@@ -58,6 +60,9 @@ def main(argv: list[str] | None = None) -> int:
     from gan_dist.eval import cli as eval_cli
 
     eval_cli.add_arguments(sub.add_parser("eval", help="FID/KID/IS, mode coverage or classifier scores of a run"))
+    from gan_dist import plot
+
+    plot.add_arguments(sub.add_parser("plot", help="a run's losses, logits, gradient norms, speed and metrics as a PNG"))
     check = sub.add_parser("check", help="validate a config and print it resolved")
     check.add_argument("config")
     check.add_argument("overrides", nargs="*", metavar="key=value")
@@ -68,7 +73,7 @@ def main(argv: list[str] | None = None) -> int:
         p.add_argument("--debug", action="store_true", help="show tracebacks")
     args = parser.parse_args(argv)
     handlers = {"prepare": prepare.run, "check": _check, "export": export.run_export, "sample": export.run_sample,
-                "eval": eval_cli.run}
+                "eval": eval_cli.run, "plot": plot.run}
     return run_reporting_errors(lambda: handlers[args.command](args), args.debug)
 
 

@@ -373,24 +373,44 @@ def _parse_overrides(overrides: list[str]) -> dict:
         raise UserError(f"command-line overrides: {str(err).splitlines()[0]}") from err
 
 
+def _read_yaml(path: str) -> dict:
+    file = Path(path)
+    if not file.is_file():
+        raise UserError(f"config file '{path}' does not exist; pass --config with a YAML file from configs/")
+    try:
+        return OmegaConf.to_container(OmegaConf.load(file)) or {}
+    except (yaml.YAMLError, UnicodeDecodeError) as err:
+        raise UserError(f"config file '{path}' is not valid YAML: {str(err).splitlines()[0]}") from err
+
+
 def load_config(path: str | None, overrides: list[str]) -> Config:
     """Schema defaults <- YAML file <- dotted overrides, validated, as a `Config` object."""
     schema = OmegaConf.structured(Config)
     merged = schema
     if path:
-        file = Path(path)
-        if not file.is_file():
-            raise UserError(f"config file '{path}' does not exist; pass --config with a YAML file from configs/")
-        try:
-            values = OmegaConf.to_container(OmegaConf.load(file))
-        except (yaml.YAMLError, UnicodeDecodeError) as err:
-            raise UserError(f"config file '{path}' is not valid YAML: {str(err).splitlines()[0]}") from err
-        merged = _merge(merged, _fix_yaml_values(Config, values or {}), f"config file {path}")
+        merged = _merge(merged, _fix_yaml_values(Config, _read_yaml(path)), f"config file {path}")
     values = _fix_yaml_values(Config, _parse_overrides(overrides))
     merged = _merge(merged, values, "command line")
     cfg = OmegaConf.to_object(merged)
     validate(cfg)
     return cfg
+
+
+def given_keys(path: str | None, overrides: list[str]) -> set[str]:
+    """The dotted keys that the YAML file or the overrides set, whatever their values (one set
+    to its default counts too): for notes on keys that another key makes moot."""
+    given: set[str] = set()
+
+    def walk(node: dict, prefix: str) -> None:
+        for key, value in node.items():
+            if isinstance(value, dict) and value:
+                walk(value, f"{prefix}{key}.")
+            else:
+                given.add(f"{prefix}{key}")
+
+    walk(_read_yaml(path) if path else {}, "")
+    walk(_parse_overrides(overrides), "")
+    return given
 
 
 def to_yaml(cfg: Config) -> str:

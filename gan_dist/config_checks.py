@@ -5,6 +5,7 @@ the key and what to set. Registries (model and loss names) are checked after plu
 
 from __future__ import annotations
 
+from collections.abc import Collection
 from typing import TYPE_CHECKING
 
 from gan_dist.augment_names import parse_pipeline, parse_policy
@@ -81,6 +82,18 @@ def validate(cfg: Config) -> None:
         _require(opt.grad_clip_norm >= 0, f"optim.{net}.grad_clip_norm", "must be >= 0 (0 = off)")
         _require(opt.warmup_kimg >= 0, f"optim.{net}.warmup_kimg", "must be >= 0 (0 = off)")
         _require(opt.rampdown_kimg >= 0, f"optim.{net}.rampdown_kimg", "must be >= 0 (0 = off)")
+
+
+def notes(cfg: Config, given_keys: Collection[str] = ()) -> list[str]:
+    """Valid settings that have no effect, for `gan-dist check` to mention: not errors, since one
+    config may serve a built-in dataset and, with data.path=..., your own shards."""
+    found = []
+    default_dataset = type(cfg.data)().dataset
+    if cfg.data.path and cfg.data.dataset and (cfg.data.dataset != default_dataset or "data.dataset" in given_keys):
+        found.append(f"data.dataset={cfg.data.dataset!r} is ignored: data.path is set, and the samples come from "
+                     f"{cfg.data.path} (data.dataset names a built-in source only while data.path is ''); "
+                     "set data.dataset='' to say so")
+    return found
 
 
 def _check_schedules(cfg: Config) -> None:

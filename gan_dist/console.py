@@ -8,16 +8,36 @@ from __future__ import annotations
 
 import json
 import sys
-import time
 from pathlib import Path
 
 from rich.console import Console as RichConsole
-from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich.progress import BarColumn, Progress, ProgressColumn, TextColumn, TimeRemainingColumn
 from rich.table import Table
+from rich.text import Text
 
 
 def _fmt(value: float) -> str:
     return f"{value:.4g}"
+
+
+def format_elapsed(seconds: float) -> str:
+    """H:MM:SS, hours unbounded (a run of days does not wrap at 24 h)."""
+    minutes, secs = divmod(int(seconds), 60)
+    return f"{minutes // 60}:{minutes % 60:02d}:{secs:02d}"
+
+
+class _ElapsedColumn(ProgressColumn):
+    """Training time across resumes, as the logs count it (rich's own column restarts)."""
+
+    def render(self, task) -> Text:
+        return Text(format_elapsed(task.fields["elapsed_before_s"] + (task.elapsed or 0.0)), style="progress.elapsed")
+
+
+class _SpeedColumn(ProgressColumn):
+    """img/s from the bar's own recent samples: live, with no device read."""
+
+    def render(self, task) -> Text:
+        return Text(f"{task.speed:.0f} img/s" if task.speed else "- img/s")
 
 
 class Console:
@@ -52,23 +72,39 @@ class Console:
         if self.enabled:
             self.rich.print(f"[bold red]WARNING[/bold red] {message}", highlight=False)
 
-    def start(self) -> None:
+    def start(self, num_images: int = 0, step: int = 0, elapsed_before_s: float = 0.0) -> None:
+        """The bar, from where the run is (a resume starts it at its checkpoint, so that the
+        speed and ETA are not skewed by the images trained before it)."""
         if not (self.enabled and self.tty):
             return
         self.progress = Progress(
             TextColumn("[bold]step {task.fields[step]}"), BarColumn(),
-            TextColumn("{task.fields[kimg]} kimg"), TextColumn("{task.fields[speed]} img/s"),
-            TextColumn("D {task.fields[loss_d]}  G {task.fields[loss_g]}"),
-            TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn(),
+            TextColumn("{task.fields[kimg]} kimg"), _SpeedColumn(),
+            TextColumn("D {task.fields[loss_d]}  G {task.fields[loss_g]} [dim]@ step {task.fields[log_step]}"),
+            _ElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn(),
             console=self.rich, refresh_per_second=4,
         )
         self.progress.start()
-        self._task = self.progress.add_task("train", total=self.total_images, step=0, kimg="0.0",
-                                            speed="-", loss_d="-", loss_g="-")
+        self._task = self.progress.add_task("train", total=self.total_images, completed=num_images, step=step,
+                                            kimg=f"{num_images / 1000:.1f}", loss_d="-", loss_g="-", log_step="-",
+                                            elapsed_before_s=elapsed_before_s)
 
     def advance(self, num_images: int, step: int) -> None:
+        """Host integers only: the bar's step, kimg, speed, elapsed and ETA are live without a
+        device read; the losses are the last log line's, and say of which step."""
         if self.progress is not None:
-            self.progress.update(self._task, completed=num_images, step=step)
+            self.progress.update(self._task, completed=num_images, step=step, kimg=f"{num_images / 1000:.1f}")
+
+    def note(self, message: str) -> None:
+        """An event worth a line of its own (a grid or a checkpoint written), on a terminal above
+        the bar, in a log as a plain line."""
+        self.print(message)
+
+    def finish(self, lines: list[str]) -> None:
+        """The closing block, printed after the bar has stopped (not over its last line)."""
+        self._stop_bar()
+        for line in lines:
+            self.print(line)
 
     def _record(self, record: dict) -> bool:
         """Trackers (every rank that has them) and metrics.jsonl; True where the console prints."""
@@ -85,15 +121,14 @@ class Console:
         if not self._record(record):
             return
         loss_d, loss_g = _fmt(record.get("Loss/D", float("nan"))), _fmt(record.get("Loss/G", float("nan")))
-        speed = f"{record['Speed/img_per_s']:.0f}"
         if self.progress is not None:
-            self.progress.update(self._task, kimg=f"{record['kimg']:.1f}", speed=speed,
-                                 loss_d=loss_d, loss_g=loss_g)
+            self.progress.update(self._task, loss_d=loss_d, loss_g=loss_g, log_step=record["step"])
         else:
+            speed = f"{record['Speed/img_per_s']:.0f}"
             wait = record.get("Speed/data_wait_fraction", 0.0)
             self.rich.print(f"step {record['step']} kimg {record['kimg']:.1f} img/s {speed} "
                             f"Loss/D {loss_d} Loss/G {loss_g} data_wait {wait:.0%} "
-                            f"elapsed {time.strftime('%H:%M:%S', time.gmtime(record['time_s']))}"
+                            f"elapsed {format_elapsed(record['time_s'])}"
                             + (f" ada_p {record['Augment/p']:.3f}" if "Augment/p" in record else ""))
 
     def log_eval(self, record: dict) -> None:
@@ -108,10 +143,13 @@ class Console:
             tracker = self.accelerator.get_tracker("tensorboard", unwrap=True)
             tracker.add_image(tag, grid_chw, global_step=step)
 
-    def close(self) -> None:
+    def _stop_bar(self) -> None:
         if self.progress is not None:
             self.progress.stop()
             self.progress = None
+
+    def close(self) -> None:
+        self._stop_bar()
         if self._metrics_file is not None:
             self._metrics_file.close()
             self._metrics_file = None

@@ -35,8 +35,10 @@ def export(run: str, step: int | None, out: str, force: bool) -> Path:
     tmp = target.with_name(f".{target.name}.tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    shutil.copy2(source / "G_ema.safetensors", tmp / "G_ema.safetensors")
-    shutil.copy2(source / "model.json", tmp / "model.json")
+    # copyfile, not copy2: new files take the usual mode (0666 less the umask), not that of a
+    # checkpoint written 0600 by an older gan_dist.
+    for name in sorted(EXPORT_FILES):
+        shutil.copyfile(source / name, tmp / name)
     shutil.rmtree(target, ignore_errors=True)
     tmp.rename(target)
     return target
@@ -90,7 +92,10 @@ def add_sample_arguments(parser) -> None:
     source.add_argument("--run", default="", help="a run directory (its latest checkpoint, or --step)")
     parser.add_argument("--step", type=int, default=None, help="with --run: checkpoint step (default: latest)")
     parser.add_argument("--num", type=int, default=64, help="number of samples")
-    parser.add_argument("--out", required=True, help="grid.png for one grid, or a directory for one PNG each")
+    parser.add_argument("--out", required=True,
+                        help="grid.png for one grid (ceil(sqrt(NUM)) samples a row, each framed by a 1-pixel "
+                             "dark grey border; samples under 17 px enlarged, 8 px ones 4x; 2-D points: a 512 px "
+                             "scatter plot), or a directory for one PNG each at the model's size")
     parser.add_argument("--seed", type=int, default=0, help="seed of the latents")
     parser.add_argument("--truncation", type=float, default=0.0,
                         help="redraw latent values beyond +-T (e.g. 1.5); 0 = off")

@@ -28,7 +28,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file, save
 
 from gan_dist.checkpoint import SNAPSHOT_FORMAT, latest_snapshot
 from gan_dist.errors import UserError
@@ -105,9 +105,16 @@ def save_checkpoint(trainer) -> Path:
     return final
 
 
+def save_safetensors(tensors: dict, path: Path) -> None:
+    """Like safetensors' save_file, but with the mode every other file gets (0666 less the
+    umask): save_file writes through a private temporary file and leaves the result 0600,
+    which an export copied on and other users of a shared run directory could not read."""
+    path.write_bytes(save(tensors))
+
+
 def _write_shared(trainer, tmp: Path) -> None:
     for name, module in (("G", trainer.G_raw), ("D", trainer.D_raw), ("G_ema", trainer.ema.module)):
-        save_file(_module_state(module), str(tmp / f"{name}.safetensors"))
+        save_safetensors(_module_state(module), tmp / f"{name}.safetensors")
         _written(tmp / f"{name}.safetensors")
     (tmp / "model.json").write_text(json.dumps({"format": SNAPSHOT_FORMAT, "step": trainer.progress.step,
                                                 **trainer.model_info()}, indent=1))
@@ -223,9 +230,10 @@ def check_compatible(checkpoint: Path, saved_config: dict, config: dict) -> None
 def check_data_matches(checkpoint: Path, info) -> None:
     """data.path may move, but not to data of another shape or class count."""
     model = json.loads((checkpoint / "model.json").read_text())
-    if list(info.shape) != model["shape"] or info.num_classes != model["num_classes"]:
+    num_classes = model.get("data_num_classes", model["num_classes"])  # before G's own count was recorded apart
+    if list(info.shape) != model["shape"] or info.num_classes != num_classes:
         raise UserError(f"cannot resume from {checkpoint}: it was trained on samples of shape {model['shape']} with "
-                        f"{model['num_classes']} classes, and data.path now has {list(info.shape)} with "
+                        f"{num_classes} classes, and data.path now has {list(info.shape)} with "
                         f"{info.num_classes}; point data.path at the run's data")
 
 

@@ -66,7 +66,8 @@ def open_info(cfg, accelerator) -> DatasetInfo:
 
     def decide() -> DatasetInfo:
         if not cfg.data.path and not Path(path).exists():
-            write_shards(open_source(cfg.data.dataset, root=cfg.data.root, resolution=cfg.data.resolution), path)
+            write_shards(open_source(cfg.data.dataset, root=cfg.data.root, resolution=cfg.data.resolution,
+                                     root_setting="data.root=DIR"), path)
         return open_dataset(path)
 
     info = parallel.decided_on_rank0(accelerator, decide)
@@ -163,8 +164,7 @@ def describe_run(cfg, accelerator, info: DatasetInfo, backend, batch_per_device:
                  reading: str = "") -> dict[str, str]:
     G_raw, D_raw = backend.raw["G"], backend.raw["D"]
     return {
-        "devices": f"{accelerator.num_processes} process(es) on {accelerator.device.type} "
-                   f"({parallel.distributed_name(accelerator)})",
+        "devices": parallel.describe_processes(accelerator),
         "precision": backend.precision,
         "backend": backend.description,
         "model": f"{cfg.model.name}: G {count_parameters(G_raw):,} params, D {count_parameters(D_raw):,} params",

@@ -16,6 +16,7 @@ import torch
 from gan_dist import parallel, schedules
 from gan_dist.augment import DIFFAUG_PURPOSE, FLIP_PURPOSE, AdaptiveP, Augment
 from gan_dist.config import to_dict as config_to_dict
+from gan_dist.console import format_elapsed
 from gan_dist.data.health import DataHealth
 from gan_dist.data.stream import STREAM_FORMAT, Batch, DatasetInfo
 from gan_dist.ema import EMA
@@ -27,7 +28,7 @@ from gan_dist.preempt import REQUEUE_MARKER, write_requeue_marker
 from gan_dist.resume import mark_finished, save_checkpoint
 from gan_dist.seeds import derive_seed
 from gan_dist.stats import Stats
-from gan_dist.visual import save_samples
+from gan_dist.visual import replace_latest, save_samples
 from gan_dist.watchdog import StepWatchdog
 
 NOISE_PURPOSE, PENALTY_PURPOSE, FIXED_PURPOSE = 10, 11, 12
@@ -154,7 +155,7 @@ class Trainer(Phases):
     def _fit(self) -> None:
         batches = iter(self.data)
         self.start_time = self.progress.last_log_time = time.perf_counter()
-        self.console.start()
+        self.console.start(self.num_images, self.progress.step, self.elapsed_before_s)
         try:
             self.watchdog.arm("the first sample grid")
             self.sample_grid()  # the untrained G_ema, as step 0
@@ -215,6 +216,7 @@ class Trainer(Phases):
         self.sync_buffers()
         parallel.check_rank_consistency(self.acc, {"G": self.G_raw, "D": self.D_raw, "G_ema": self.ema.module})
         path = save_checkpoint(self)
+        self.console.note(f"checkpoint {path} (step {self.progress.step}, {self.num_images / 1000:.1f} kimg)")
         self.checkpoint_due, self.progress.last_checkpoint_monotonic_s = False, time.monotonic()
         self.progress.num_rollbacks_in_row = 0  # a new checkpoint: training got past the last trouble
         return path
@@ -243,7 +245,9 @@ class Trainer(Phases):
                                         "add loss.r1_gamma or optim.*.grad_clip_norm")
         total = self.progress.num_rollbacks + 1
         self.pending_skips = []
+        elapsed_s = self.elapsed_s()  # the time spent since the checkpoint was training time too
         resume.restore(self, checkpoint, resume.read_state(checkpoint))
+        self.elapsed_before_s, self.start_time = elapsed_s, time.perf_counter()
         self.progress.num_rollbacks, self.progress.num_rollbacks_in_row = total, tries
         self.progress.num_skipped_in_row = {"G": 0, "D": 0}  # the checkpoint may have been mid-streak
         self.reseed(salt=10**6 + total)
@@ -257,8 +261,8 @@ class Trainer(Phases):
         # No rank exits before the marker is written: the first node whose ranks end makes
         # srun (--kill-on-bad-exit) kill the others, rank 0's node included.
         self.acc.wait_for_everyone()
-        self.console.print(f"stopped by {signal_name} after step {self.progress.step}: checkpoint {checkpoint}, "
-                           f"marker {self.run_dir / REQUEUE_MARKER}; the same command resumes it")
+        self.console.finish([(f"stopped by {signal_name} after step {self.progress.step}: checkpoint {checkpoint}, "
+                             f"marker {self.run_dir / REQUEUE_MARKER}; the same command resumes it")])
 
     def elapsed_s(self) -> float:
         """Training time of the run, across resumes."""
@@ -266,8 +270,10 @@ class Trainer(Phases):
 
     def model_info(self) -> dict:
         """model.json's content besides format and step: enough to rebuild G alone."""
-        return {"model": self.config_dict["model"], "shape": list(self.info.shape),
-                "num_classes": self.info.num_classes, "plugins": self.cfg.plugins}
+        # num_classes: the classes G was built for (an unconditional G takes none, whatever the
+        # data has); the data's own count is what a resume checks the data against.
+        return {"model": self.config_dict["model"], "shape": list(self.info.shape), "num_classes": self.num_classes,
+                "data_num_classes": self.info.num_classes, "plugins": self.cfg.plugins}
 
     def stream_position(self) -> dict:
         """Per worker: (epoch, records consumed, storage failures from that epoch on)."""
@@ -294,10 +300,18 @@ class Trainer(Phases):
         self.periodic_eval.run(self, snapshot)
         if self.acc.is_main_process:
             mark_finished(snapshot, self.progress.step, self.num_images / 1000)
-        samples = self.run_dir / "samples"
-        self.console.print(f"done: {self.progress.step} steps, {self.num_images / 1000:.1f} kimg\n"
-                           f"  samples: {samples} (final grid: {samples / 'final.png'})\n"
-                           f"  metrics: {self.run_dir / 'metrics.jsonl'}\n  weights: {snapshot}")
+        self.console.finish(self._closing_lines(snapshot))
+
+    def _closing_lines(self, snapshot: Path) -> list[str]:
+        samples, run = self.run_dir / "samples", self.run_dir
+        lines = [(f"done: {self.progress.step} steps, {self.num_images / 1000:.1f} kimg in "
+                 f"{format_elapsed(self.elapsed_s())}"),
+                 f"  samples: {samples} (final grid: {samples / 'final.png'})",
+                 f"  metrics: {run / 'metrics.jsonl'}", f"  weights: {snapshot}",
+                 f"  plot:    gan-dist plot --run {run}   (writes {run / 'plot.png'})"]
+        if self.cfg.log.tensorboard:
+            lines.append(f"  tensorboard --logdir {run}")
+        return lines
 
     def settle_skips(self) -> None:
         """Count the steps skipped since the last call (one host sync for all of them) and stop
@@ -444,4 +458,6 @@ class Trainer(Phases):
         samples = self.ema.module(self.fixed_z, self.fixed_labels)
         path = self.run_dir / "samples" / f"{name or f'step_{self.progress.step:08d}'}.png"
         grid = save_samples(samples, path)
+        replace_latest(path)
+        self.console.note(f"sample grid {path} (step {self.progress.step}, {self.num_images / 1000:.1f} kimg)")
         self.console.image("samples", grid.transpose(2, 0, 1) if grid.ndim == 3 else grid[None], self.progress.step)

@@ -1,13 +1,24 @@
-"""Sample grids as PNG: image tiles for images, a scatter plot for 2-D points."""
+"""Sample grids as PNG: image tiles for images, a scatter plot for 2-D points.
+
+The layout of every grid (a run's samples/*.png and `gan-dist sample --out grid.png`): the
+samples in order, ceil(sqrt(N)) to a row, each tile framed by a 1-pixel border of dark grey
+(64, 64, 64) that also rings the grid and fills the unused places of its last row; then
+the whole grid, border included, is enlarged by pixel repetition, 32 // size times (8 px
+samples 4x, 16 px 2x, 17 px and more as they are). 2-D points are one 512 px scatter plot.
+"""
 
 from __future__ import annotations
 
 import math
+import os
+import shutil
 from pathlib import Path
 
 import numpy as np
 import torch
 from PIL import Image
+
+LATEST_GRID = "latest.png"
 
 
 def to_uint8(samples: torch.Tensor) -> torch.Tensor:
@@ -16,7 +27,8 @@ def to_uint8(samples: torch.Tensor) -> torch.Tensor:
 
 
 def image_grid(samples: torch.Tensor, scale: int = 1) -> np.ndarray:
-    """[N, C, H, W] in [-1, 1] -> HWC uint8 grid with a 1-pixel border, nearest-neighbour upscaled."""
+    """[N, C, H, W] in [-1, 1] -> HWC uint8 grid, ceil(sqrt(N)) tiles a row, each framed by a
+    1-pixel dark grey border (scale pixels once upscaled by nearest neighbour)."""
     from torchvision.utils import make_grid
 
     nrow = math.ceil(math.sqrt(len(samples)))
@@ -44,9 +56,17 @@ def save_samples(samples: torch.Tensor, path: Path) -> np.ndarray:
         array = scatter_grid(samples)
     else:
         side = samples.shape[-1]
-        array = image_grid(samples, scale=max(1, 128 // side // 4))
+        array = image_grid(samples, scale=max(1, 32 // side))  # small samples stay visible
     if array.shape[2] == 1:
         array = array[:, :, 0]
     path.parent.mkdir(parents=True, exist_ok=True)
     Image.fromarray(array).save(path)
     return array
+
+
+def replace_latest(grid: Path) -> None:
+    """samples/latest.png: the newest grid under one name to keep open; an image viewer or a
+    sync tool never sees it half written (a copy beside it, renamed over it)."""
+    partial = grid.with_name(".latest.png.partial")
+    shutil.copyfile(grid, partial)
+    os.replace(partial, grid.with_name(LATEST_GRID))

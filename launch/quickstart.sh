@@ -12,3 +12,8 @@ fi
 echo
 echo "Are the digits recognisable? (a classifier fitted on the real digits labels 4,096 samples)"
 .venv/bin/python bench/digits_quality.py --run runs/default || true
+echo
+echo "Next:"
+echo "  plot the run:  .venv/bin/gan-dist plot --run runs/default    (writes runs/default/plot.png)"
+echo "  TensorBoard:   add log.tensorboard=true to a run, then .venv/bin/tensorboard --logdir runs/NAME"
+echo "  your images:   README.md, 'Train on your own images'; more GPUs or nodes: README.md, 'Training'"

@@ -6,15 +6,16 @@
 #   eval "$(bash slurm/local_cluster.sh env)"     # SLURM_CONF for sbatch/squeue/scancel
 #   sbatch --wait --gpus-per-node=0 --cpus-per-task=2 slurm/train.sh configs/tiny.yaml
 #   bash slurm/local_cluster.sh status
-#   bash slurm/local_cluster.sh stop
+#   bash slurm/local_cluster.sh stop [--keep]     # --keep: leave LOCAL_SLURM_DIR (the logs) behind
 #
 # Everything (keys, sockets, state, logs, pid files) lives in LOCAL_SLURM_DIR (default
-# /tmp/gan_dist-slurm-$UID); the machine's own /etc/slurm is not touched. munge, slurmctld
-# and slurmd come from Debian packages: `start` installs them with apt-get when they are
-# missing and this is root (--no-install forbids it). `--gpus N` declares N fake GPUs so
-# --gpus-per-node directives run unchanged (jobs get CUDA_VISIBLE_DEVICES; the devices are
-# /dev/null). `--cpus N` declares N CPUs whatever the machine has, so several small jobs can
-# share a small machine. Daemons run as the calling user and are stopped by their pid files.
+# /tmp/gan_dist-slurm-$UID), which stop removes; the machine's own /etc/slurm is not
+# touched. munge, slurmctld and slurmd come from Debian packages: `start` installs them
+# with apt-get when they are missing and this is root (--no-install forbids it). `--gpus N`
+# declares N fake GPUs so --gpus-per-node directives run unchanged (jobs get
+# CUDA_VISIBLE_DEVICES; the devices are /dev/null). `--cpus N` declares N CPUs whatever the
+# machine has, so several small jobs can share a small machine. Daemons run as the calling
+# user and are stopped by their pid files.
 # Exit codes: 0 ok, 2 bad usage or a failed start, 3 SLURM missing and not installable here.
 set -euo pipefail
 
@@ -73,6 +74,9 @@ write_config() {
       echo "NodeName=$node Name=gpu File=$dir/fake-gpu$i" >> "$dir/gres.conf"
     done
   fi
+  # EnforcePartLimits=ALL: sbatch refuses a job that asks for more CPUs or nodes than the
+  # partition has, where the default (NO) queues it forever with reason PartitionConfig, as
+  # slurm/train.sh's defaults (8 GPUs, 32 CPUs) would be on a small machine.
   cat > "$conf" <<EOF
 ClusterName=gan_dist_local
 SlurmctldHost=$node(127.0.0.1)
@@ -98,6 +102,7 @@ SelectTypeParameters=CR_Core
 SlurmdParameters=config_overrides
 MailProg=/bin/true
 SchedulerParameters=sched_interval=2,bf_interval=2
+EnforcePartLimits=ALL
 MinJobAge=5
 ReturnToService=2
 $gres_types
@@ -152,7 +157,36 @@ start() {
   echo "  use it with:  export SLURM_CONF=$conf"
 }
 
+# What start creates in $dir, and nothing else: a file someone put there (a job log written
+# with --output=$dir/...) keeps the directory, with a message.
+created=(slurm.conf gres.conf munge.key munge.socket munge.socket.lock munge.seed munged.log munged.pid
+  slurmctld.log slurmctld.pid slurmd.log slurmd.pid)
+
+remove_dir() {
+  [[ -f "$dir/$stamp" ]] || return 0  # not made by start (or gone already): not ours to remove
+  local name
+  for name in slurmd slurmctld munged; do
+    live_pid "$dir/$name.pid" "$name" >/dev/null && die "$name still runs; $dir is left as it is"
+  done
+  rm -rf "${dir:?}/state" "${dir:?}/spool"
+  rm -f "${created[@]/#/$dir/}" "$dir"/fake-gpu*
+  rm -f "$dir/$stamp"
+  if rmdir "$dir" 2>/dev/null; then
+    echo "local_cluster.sh: removed $dir"
+  else
+    echo "local_cluster.sh: removed the cluster's files from $dir; kept the directory, which holds others:" \
+      "$(ls -A "$dir" | paste -sd ' ' -)"
+  fi
+}
+
 stop() {
+  local keep=""
+  while (($#)); do
+    case "$1" in
+      --keep) keep=1; shift ;;
+      *) die "unknown option '$1' for stop (known: --keep)" ;;
+    esac
+  done
   local name pid stopped=()
   # Jobs first: their processes would outlive the daemons and keep the cores busy.
   if live_pid "$dir/slurmctld.pid" slurmctld >/dev/null; then
@@ -177,6 +211,7 @@ stop() {
     fi
   done
   echo "local_cluster.sh: stopped ${stopped[*]:-nothing (no daemon of ours was running)}"
+  if [[ -n "$keep" ]]; then echo "local_cluster.sh: kept $dir (--keep)"; else remove_dir; fi
 }
 
 status() {
@@ -195,8 +230,8 @@ status() {
 case "${1:-}" in
   install) if have_slurm; then echo "local_cluster.sh: SLURM and munge are installed"; else install_slurm; fi ;;
   start) shift; start "$@" ;;
-  stop) stop ;;
+  stop) shift; stop "$@" ;;
   status) status ;;
   env) [[ -f "$conf" ]] || die "no local cluster in $dir: start one first"; echo "export SLURM_CONF=$conf" ;;
-  *) die "usage: local_cluster.sh install | start [--gpus N] [--cpus N] [--no-install] | stop | status | env" ;;
+  *) die "usage: local_cluster.sh install | start [--gpus N] [--cpus N] [--no-install] | stop [--keep] | status | env" ;;
 esac

@@ -6,6 +6,8 @@
 #   bash slurm/train.sh --dry-run CONFIG [key=value ...]    # print what the job would run
 #
 # Submit from the project root (or set GAN_DIST_ROOT); the job inherits your environment.
+# The job log is <job name>-<job id>.out there (git ignores it); --output=DIR/%x-%j.out puts
+# it in DIR instead, which must exist: sbatch does not create it, and the job fails unlogged.
 # The options below are defaults: sbatch options on the command line replace them.
 # Environment: LAUNCHER=torchrun|accelerate (default torchrun, c10d rendezvous),
 # NPROC_PER_NODE (default: the GPUs allocated per node, or 1 without GPUs), MASTER_PORT
@@ -50,7 +52,7 @@ signalled=""
 trap 'signalled=USR1' USR1  # until the real handler below: the default action would kill the job
 dry_run=""
 [[ "${1:-}" == --dry-run ]] && { dry_run=1; shift; }
-[[ "${1:-}" == -h || "${1:-}" == --help ]] && { sed -n '2,20p' "$root/slurm/train.sh"; exit 0; }
+[[ "${1:-}" == -h || "${1:-}" == --help ]] && { sed -n '2,/^#SBATCH/p' "$root/slurm/train.sh" | sed '$d'; exit 0; }
 (($#)) || die "usage: sbatch [sbatch options] slurm/train.sh CONFIG [key=value ...]"
 config="$1"; shift
 [[ -n "${SLURM_JOB_ID:-}" || -n "$dry_run" ]] || die "not inside a SLURM job: submit with 'sbatch slurm/train.sh $config ...' (or add --dry-run)"

@@ -119,7 +119,9 @@ def test_gan_dist_check_sees_batch_split_data_and_model_fit(capsys, digits_dir, 
     tiny = str(ROOT / "configs" / "tiny.yaml")
     good = [f"data.path={digits_dir}", f"run.root={tmp_path}"]
     assert main(["check", "--print-run-dir", "--world-size", "4", tiny, *good]) == 0
-    assert capsys.readouterr().out.strip() == str(tmp_path / "tiny")
+    printed = capsys.readouterr()
+    assert printed.out.strip() == str(tmp_path / "tiny")
+    assert "note: data.dataset='digits' is ignored: data.path is set" in printed.err
     assert main(["check", "--world-size", "3", tiny, *good]) == 2
     assert "not divisible by 3 processes" in capsys.readouterr().err
     assert main(["check", tiny, f"data.path={tmp_path / 'missing'}"]) == 2
@@ -127,6 +129,27 @@ def test_gan_dist_check_sees_batch_split_data_and_model_fit(capsys, digits_dir, 
     assert main(["check", tiny, *good, "model.name=dcgan"]) == 2
     assert "needs images of C x H x W whose shorter side is 16, 32, 64 px" in capsys.readouterr().err
     assert not any(tmp_path.iterdir()), "check must not create anything"
+
+
+@pytest.mark.parametrize("config, overrides, noted", [
+    ("tiny.yaml", ["data.path=shards"], True),  # data.dataset: digits, the default, but written in the file
+    ("dcgan_mnist32.yaml", ["data.path=shards"], True),  # mnist: not the default
+    ("tiny.yaml", ["data.path=shards", "data.dataset="], False),  # '' says so
+    ("own_images.yaml", ["data.path=shards"], False),
+    ("tiny.yaml", [], False),  # no data.path: data.dataset is used
+    (None, ["data.path=shards"], False),  # the default dataset, never mentioned
+    (None, ["data.path=shards", "data.dataset=digits"], True),
+])
+def test_check_notes_a_data_dataset_that_data_path_overrides(config, overrides, noted):
+    from gan_dist.config import given_keys
+    from gan_dist.config_checks import notes
+
+    path = str(ROOT / "configs" / config) if config else None
+    found = notes(load_config(path, overrides), given_keys(path, overrides))
+    assert bool(found) == noted, found
+    if noted:
+        assert found[0].startswith("data.dataset=") and "is ignored: data.path is set" in found[0]
+        assert "set data.dataset='' to say so" in found[0]
 
 
 def test_deepspeed_engine_config_merges_the_json_and_refuses_keys_we_own(tmp_path):

@@ -64,7 +64,7 @@ def test_two_processes_are_really_distributed(launcher, digits_dir, tmp_path, si
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     ranks = [torch.load(tmp_path / "probe" / f"rank{r}.pt") for r in (0, 1)]
     assert [r["world_size"] for r in ranks] == [2, 2]
-    assert "2 process(es) on cpu (MULTI_CPU)" in result.stdout
+    assert "2 processes on the CPU, data parallel over gloo" in result.stdout
     _assert_identical_on_both_ranks(ranks)
     assert not torch.equal(ranks[0]["first_noise"], ranks[1]["first_noise"]), "ranks drew the same noise"
     assert not set(ranks[0]["first_keys"]) & set(ranks[1]["first_keys"]), "ranks read the same samples"

@@ -1,7 +1,9 @@
 """Checkpoints and exact resume (one process, in-process; the 2-process case is in test_distributed)."""
 
 import json
+import os
 import pickle
+import stat
 
 import numpy as np
 import pytest
@@ -183,6 +185,26 @@ def test_export_then_sample_equals_sampling_the_run(train_main, digits_dir, tmp_
     assert len(list((tmp_path / "sevens").glob("*.png"))) == 5
     assert cli_main(["sample", "--run", run, "--class", "12", "--out", str(tmp_path / "x.png")]) == 2
     assert "--class must be in 0..9" in capsys.readouterr().err
+
+
+def _umask() -> int:
+    umask = os.umask(0o022)
+    os.umask(umask)
+    return umask
+
+
+def test_exported_and_checkpoint_files_take_the_umask_mode(train_main, digits_dir, tmp_path):
+    """safetensors' save_file leaves 0600; every file of a checkpoint and an export gets 0666 less the umask."""
+    from gan_dist.cli import main as cli_main
+
+    assert train_main(*tiny_args(digits_dir, "train.max_steps=2"))[0] == 0
+    run = tmp_path / "runs" / "tiny"
+    assert cli_main(["export", "--run", str(run), "--out", str(tmp_path / "model")]) == 0
+    expected = 0o666 & ~_umask()
+    checkpoint = run / "checkpoints" / "step_00000002"
+    files = [*checkpoint.glob("*.safetensors"), checkpoint / "model.json", *(tmp_path / "model").iterdir()]
+    modes = {str(path.relative_to(tmp_path)): oct(stat.S_IMODE(path.stat().st_mode)) for path in files}
+    assert len(modes) == 6 and set(modes.values()) == {oct(expected)}, modes
 
 
 def test_rollback_on_divergence_recovers_from_a_bad_patch(train_main, digits_dir, tmp_path, monkeypatch):

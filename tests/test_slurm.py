@@ -68,6 +68,63 @@ def test_scripts_parse():
         assert subprocess.run(["bash", "-n", str(ROOT / script)], check=False).returncode == 0, script
 
 
+def test_job_logs_in_the_project_root_are_ignored_by_git():
+    """Needs no SLURM. train.sh's log goes where the job is submitted from, the project root, by
+    the #SBATCH defaults (a job name other than gan_dist, or sbatch's own slurm-<id>.out, too)."""
+    if not (ROOT / ".git").exists():
+        pytest.skip("not a git checkout")
+    assert "#SBATCH --job-name=gan_dist\n" in TRAIN_SH.read_text()
+    assert "#SBATCH --output=%x-%j.out\n" in TRAIN_SH.read_text()
+    logs = ["gan_dist-123.out", "big_run-4567.out", "slurm-89.out"]
+    result = subprocess.run(["git", "check-ignore", *logs], cwd=ROOT, capture_output=True, text=True, timeout=30,
+                            check=False)
+    assert result.stdout.split() == logs, result.stdout + result.stderr
+
+
+@pytest.mark.parametrize("sbatch_options", [[], ["--cpus-per-task=2"], ["--cpus-per-task=2", "--nodes=2"]],
+                         ids=["script defaults", "8 GPUs", "2 nodes"])
+def test_a_job_the_cluster_can_never_run_is_refused_at_submission(slurm_env, tmp_path, sbatch_options):
+    """train.sh's defaults (8 GPUs, 32 CPUs) on the 2-GPU node: sbatch says why and exits, instead of
+    queueing a job that waits forever with reason PartitionConfig (EnforcePartLimits=ALL)."""
+    command = ["sbatch", "--parsable", f"--chdir={tmp_path}", f"--output={tmp_path / 'job.log'}", *sbatch_options,
+               str(TRAIN_SH), str(ROOT / "configs" / "tiny.yaml")]
+    result = subprocess.run(command, env={**slurm_env, "GAN_DIST_ROOT": str(ROOT)}, capture_output=True, text=True,
+                            timeout=60, check=False)
+    if result.returncode == 0:  # queued: never leave it pending for the next tests
+        subprocess.run(["scancel", result.stdout.strip()], env=slurm_env, timeout=30, check=False)
+    assert result.returncode != 0, f"queued instead of refused: {result.stdout}"
+    assert "Batch job submission failed:" in result.stderr, result.stderr
+    # Which limit is named first depends on the machine's CPU count: either says what is missing.
+    assert ("More processors requested than permitted" in result.stderr
+            or "Requested node configuration is not available" in result.stderr), result.stderr
+
+
+def test_stop_removes_what_start_made_and_nothing_else(slurm_env, tmp_path):
+    """A cluster of its own (the module's keeps running): stop leaves no directory behind; a
+    directory that start did not make is not touched, nor a file someone else put in ours."""
+    def cluster(directory, *command: str) -> subprocess.CompletedProcess:
+        return subprocess.run(["bash", str(CLUSTER), *command], env={**slurm_env, "LOCAL_SLURM_DIR": str(directory)},
+                              capture_output=True, text=True, timeout=120, check=False)
+
+    ours = tmp_path / "cluster"
+    for foreign in ("", "job.log"):
+        started = cluster(ours, "start", "--no-install")
+        assert started.returncode == 0, started.stdout + started.stderr
+        if foreign:
+            (ours / foreign).write_text("not the cluster's")
+        stopped = cluster(ours, "stop")
+        assert stopped.returncode == 0 and "stopped slurmd slurmctld munged" in stopped.stdout, stopped.stdout
+        if foreign:
+            assert [p.name for p in ours.iterdir()] == [foreign], stopped.stdout
+        else:
+            assert not ours.exists() and f"removed {ours}" in stopped.stdout, stopped.stdout
+    other = tmp_path / "other"
+    (other / "state").mkdir(parents=True)
+    (other / "slurm.conf").write_text("someone else's")
+    assert cluster(other, "stop").returncode == 0
+    assert sorted(p.name for p in other.iterdir()) == ["slurm.conf", "state"]
+
+
 def test_dry_run_shows_a_four_node_launch(slurm_env, tmp_path):
     allocation = {**slurm_env, "SLURM_JOB_NODELIST": "gpu[07-10]", "SLURM_JOB_NUM_NODES": "4",
                   "SLURM_GPUS_ON_NODE": "8", "SLURM_JOB_ID": "4242", "PYTHON": sys.executable}
@@ -97,7 +154,7 @@ def test_two_cpu_processes_train_to_the_end(slurm_env, tmp_path, digits_dir):
     code, log = _finish(_submit(slurm_env, tmp_path, ["--gpus-per-node=0"], args, NPROC_PER_NODE="2"), tmp_path)
     assert code == 0, log[-4000:]
     assert "1 node(s) [" in log and "2 process(es) per node (2 in all, 0 GPU(s) per node)" in log, log[-4000:]
-    assert "2 process(es) on cpu (MULTI_CPU)" in log, "the ranks did not see world size 2:\n" + log[-4000:]
+    assert "2 processes on the CPU, data parallel over gloo" in log, "the ranks did not see world size 2:\n" + log[-4000:]
     checkpoints = tmp_path / "runs" / "tiny" / "checkpoints"
     assert (checkpoints / "latest").read_text().strip() == "step_00000020"
     assert (checkpoints / "step_00000020" / "state.json").is_file()

@@ -28,6 +28,22 @@ def test_tiny_run_writes_every_output(train_main, digits_dir, tmp_path):
     assert "samples:" in out and "metrics:" in out
 
 
+def test_run_json_records_the_package_version(tmp_path):
+    """One version source: gan_dist.__version__, which the installed metadata and run.json repeat."""
+    from importlib.metadata import version
+    from types import SimpleNamespace
+
+    import gan_dist
+    from gan_dist.run import RUN_MARKER, write_provenance
+
+    accelerator = SimpleNamespace(num_processes=1, distributed_type="DistributedType.NO", device=torch.device("cpu"))
+    write_provenance(tmp_path, accelerator, "no")
+    record = json.loads((tmp_path / RUN_MARKER).read_text())
+    assert gan_dist.__version__ and record["versions"]["gan_dist"] == gan_dist.__version__
+    assert version("gan_dist") == gan_dist.__version__, "reinstall: pip install -e . --no-deps"
+    assert 'dynamic = ["version"]' in (ROOT / "pyproject.toml").read_text()
+
+
 def test_resolved_config_includes_overrides(train_main, digits_dir, tmp_path):
     code, _, err = train_main(*tiny_args(digits_dir, "train.max_steps=2", "optim.discriminator.lr=4e-4"))
     assert code == 0, err

@@ -21,6 +21,7 @@ starts or ends inside a chunk reads that chunk and keeps its part.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import itertools
 import json
@@ -35,6 +36,7 @@ import numpy as np
 from gan_dist.data import samples as samples_mod
 from gan_dist.data.sources import TORCHVISION_SETS, SizeMismatch, open_source, parse_resolution
 from gan_dist.errors import UserError
+from gan_dist.progress import task_progress
 from gan_dist.seeds import derive_seed
 
 INDEX_FORMAT = "gan_dist.shards/4"  # /3 added the sample order, byte offsets and class counts; /4 chunks
@@ -96,11 +98,22 @@ def sha256_of(path: Path) -> str:
 # The source being written, set before the worker pool forks so that large in-memory
 # arrays are shared with the workers instead of pickled into every job.
 _SOURCE = None
+# Where a shard writer reports samples seen, REPORT_EVERY at a time: the progress bar
+# itself without workers, a counter in shared memory that the parent polls with them (a
+# result comes back only when its whole shard, up to 10,000 samples, is written).
+_REPORT = None
+REPORT_EVERY = 64
+POLL_S = 0.5  # the parent reads the workers' counter at least this often
 
 
 def _loaded(indices: np.ndarray, skipped: list):
     """(source index, array, label) of the readable samples; the others noted in `skipped`."""
+    pending = 0
     for i in indices.tolist():
+        pending += 1
+        if pending == REPORT_EVERY:
+            _REPORT(pending)
+            pending = 0
         try:
             array, label = _SOURCE.load(i)
         except SizeMismatch as err:  # stops the whole prepare: a mixed-size folder needs --resolution
@@ -109,6 +122,8 @@ def _loaded(indices: np.ndarray, skipped: list):
             skipped.append({"file": _SOURCE.name_of(i), "reason": str(err)})
             continue
         yield i, array, label
+    if pending:
+        _REPORT(pending)
 
 
 def _write_shard(job: tuple[Path, np.ndarray, str, int]) -> dict:
@@ -136,32 +151,49 @@ def _write_shard(job: tuple[Path, np.ndarray, str, int]) -> dict:
 
 
 def _run_jobs(jobs: list, workers: int, total: int) -> list[dict]:
-    from rich.progress import (
-        BarColumn,
-        MofNCompleteColumn,
-        Progress,
-        TextColumn,
-        TimeRemainingColumn,
-    )
-
-    columns = (TextColumn("prepare"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())
-    # fork shares _SOURCE with the workers; the pool is forked before rich starts its
-    # refresh thread. Results come back in any order and are sorted by shard name.
-    pool = multiprocessing.get_context("fork").Pool(workers) if workers > 1 else None
+    global _REPORT
+    pool = seen = None
+    if workers > 1:
+        # fork shares _SOURCE and _REPORT with the workers; the pool is forked before rich starts
+        # its refresh thread. Results come back in any order and are sorted by shard name.
+        context = multiprocessing.get_context("fork")
+        seen = context.Value("q", 0)  # samples the workers have read, all shards together
+        _REPORT = functools.partial(_add_to, seen)
+        pool = context.Pool(workers)
     try:
-        with Progress(*columns, transient=True) as progress:
-            task = progress.add_task("samples", total=total)
-            results = []
-            for result in pool.imap_unordered(_write_shard, jobs) if pool else map(_write_shard, jobs):
-                results.append(result)
-                progress.advance(task, result["seen"])
+        with task_progress("prepare", total, "samples") as progress:
+            if pool:
+                results = _collect(pool.imap_unordered(_write_shard, jobs), len(jobs), seen, progress)
+            else:
+                _REPORT = progress.advance
+                results = [_write_shard(job) for job in jobs]
     except SizeMismatch as err:
         raise UserError(f"images differ in size from the first one ({err}); pass --resolution N (or HxW) to resize "
                         "and centre-crop them all") from None
     finally:
+        _REPORT = None
         if pool:
             pool.terminate()
     return sorted(results, key=lambda r: r["name"])
+
+
+def _add_to(counter, n: int) -> None:
+    with counter.get_lock():
+        counter.value += n
+
+
+def _collect(results, num_jobs: int, seen, progress) -> list[dict]:
+    """The workers' shard results, advancing the progress from their shared counter between them."""
+    collected, shown = [], 0
+    while len(collected) < num_jobs:
+        try:
+            collected.append(results.next(timeout=POLL_S))
+        except multiprocessing.TimeoutError:
+            pass
+        now = seen.value
+        progress.advance(now - shown)
+        shown = now
+    return collected
 
 
 def write_shards(source, out: str | Path, shard_size: int = 0, force: bool = False,

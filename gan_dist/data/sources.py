@@ -107,16 +107,18 @@ def mixture(name: str) -> ArraySource:
 TORCHVISION_SETS = {"mnist": "MNIST", "fashionmnist": "FashionMNIST", "cifar10": "CIFAR10"}
 
 
-def torchvision_set(name: str, root: str, split: str, resolution: int = 0, download: bool = True) -> ArraySource:
-    """MNIST, FashionMNIST or CIFAR10 from torchvision's files under ROOT (downloaded if allowed)."""
+def torchvision_set(name: str, root: str, split: str, resolution: int = 0, download: bool = True,
+                    root_setting: str = "--root DIR") -> ArraySource:
+    """MNIST, FashionMNIST or CIFAR10 from torchvision's files under ROOT (downloaded if allowed).
+    `root_setting` is how the caller's user sets ROOT (prepare's flag, or training's config key)."""
     key = name.lower()
     if key not in TORCHVISION_SETS:
         raise UserError(f"unknown torchvision dataset '{name}'; choose one of: {', '.join(TORCHVISION_SETS.values())}")
     tv_name = TORCHVISION_SETS[key]
     where = f"{root}/{tv_name}/raw" if key != "cifar10" else f"{root}/cifar-10-batches-py"
     if not root:
-        raise UserError(f"{tv_name} needs the directory with torchvision's files: pass --root DIR "
-                        f"(or set data.root=DIR); torchvision keeps them in DIR/{where.split('/', 1)[1]}")
+        raise UserError(f"{tv_name} needs the directory with torchvision's files: pass {root_setting}; "
+                        f"torchvision keeps them in DIR/{where.split('/', 1)[1]}")
     import torchvision
 
     cls = getattr(torchvision.datasets, tv_name)
@@ -211,8 +213,8 @@ class ImageFolder:
 
 
 def open_source(source: str, name: str = "", root: str = "", split: str = "train", resolution: int | tuple = 0,
-                download: bool = True, channels: int = 3):
-    """A source by its command-line name."""
+                download: bool = True, channels: int = 3, root_setting: str = "--root DIR"):
+    """A source by its command-line name (`root_setting`: how the user sets `root`, for messages)."""
     if source == "digits":
         return digits(resolution)
     if source in ("ring8", "grid25"):
@@ -220,9 +222,9 @@ def open_source(source: str, name: str = "", root: str = "", split: str = "train
             raise UserError(f"--resolution does not apply to the 2-D points of {source}")
         return mixture(source)
     if source == "torchvision":
-        return torchvision_set(name, root, split, resolution, download)
+        return torchvision_set(name, root, split, resolution, download, root_setting)
     if source in TORCHVISION_SETS:
-        return torchvision_set(source, root, split, resolution, download)
+        return torchvision_set(source, root, split, resolution, download, root_setting)
     if source == "imagefolder":
         if not name:
             raise UserError("imagefolder needs the folder: gan-dist prepare imagefolder PATH --out DIR")

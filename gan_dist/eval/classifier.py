@@ -8,12 +8,16 @@ ceiling a perfect generator would reach.
 
 from __future__ import annotations
 
+import functools
 import json
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from torch import nn
+
+from gan_dist.progress import ProgressFactory, TaskProgress, task_progress
+from gan_dist.resume import save_safetensors
 
 ARCHITECTURE = "cnn2-v2"
 HOLDOUT_EVERY = 10
@@ -49,23 +53,43 @@ class DigitClassifier(nn.Module):
         return {"features": features, "logits": self.head(features)}
 
 
-def train_classifier(samples: torch.Tensor, labels: torch.Tensor, num_classes: int, seed: int = 0) -> DigitClassifier:
-    """Adam, a few epochs, seeded: the same data gives the same network."""
+def train_classifier(samples: torch.Tensor, labels: torch.Tensor, num_classes: int, seed: int = 0,
+                     progress: ProgressFactory | None = None) -> DigitClassifier:
+    """Adam, a few epochs, seeded: the same data gives the same network. `progress(total,
+    unit)` shows the steps, with the last epoch's loss and accuracy (default: this process's stdout)."""
+    progress = progress or functools.partial(task_progress, "cls: training the classifier")
     torch.manual_seed(seed)
     model = DigitClassifier(samples.shape[1], num_classes)
     opt = torch.optim.Adam(model.parameters(), lr=1e-3)
     gen = torch.Generator().manual_seed(seed)
     model.train()
     steps_per_epoch = -(-len(samples) // BATCH)
-    for _ in range(max(EPOCHS, -(-MIN_STEPS // steps_per_epoch))):
-        order = torch.randperm(len(samples), generator=gen)
-        for start in range(0, len(samples), BATCH):
-            take = order[start:start + BATCH]
-            loss = nn.functional.cross_entropy(model(samples[take])["logits"], labels[take])
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
+    num_epochs = max(EPOCHS, -(-MIN_STEPS // steps_per_epoch))
+    with progress(num_epochs * steps_per_epoch, "steps") as shown:
+        for epoch in range(num_epochs):
+            shown.update(epoch=f"{epoch + 1}/{num_epochs}")
+            loss_sum, correct = _train_epoch(model, opt, samples, labels, gen, shown)
+            # One read per epoch: the sums stay on the device during it.
+            shown.update(loss=float(loss_sum) / len(samples), train_accuracy=f"{float(correct) / len(samples):.1%}")
     return model.eval().requires_grad_(False)
+
+
+def _train_epoch(model: DigitClassifier, opt, samples: torch.Tensor, labels: torch.Tensor, gen,
+                 shown: TaskProgress) -> tuple[torch.Tensor, torch.Tensor]:
+    """One pass in a seeded order; (summed loss, correct predictions) as tensors (dropout on)."""
+    loss_sum = correct = torch.zeros((), device=samples.device)
+    order = torch.randperm(len(samples), generator=gen)
+    for start in range(0, len(samples), BATCH):
+        take = order[start:start + BATCH]
+        logits = model(samples[take])["logits"]
+        loss = nn.functional.cross_entropy(logits, labels[take])
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        loss_sum = loss_sum + loss.detach() * len(take)
+        correct = correct + (logits.detach().argmax(1) == labels[take]).sum()
+        shown.advance()
+    return loss_sum, correct
 
 
 def accuracy(model: DigitClassifier, samples: torch.Tensor, labels: torch.Tensor) -> float:
@@ -77,7 +101,7 @@ def accuracy(model: DigitClassifier, samples: torch.Tensor, labels: torch.Tensor
 def save(model: DigitClassifier, path: Path, meta: dict) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp")
-    save_file(model.state_dict(), str(tmp))
+    save_safetensors(model.state_dict(), tmp)  # the umask mode, not save_file's 0600
     path.with_suffix(".json").write_text(json.dumps(meta, indent=1))
     tmp.replace(path)
 

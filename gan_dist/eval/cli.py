@@ -40,11 +40,20 @@ def run(args) -> int:
                        allow_download=args.allow_download, cache_dir=args.cache_dir)
     accelerator = parallel.build_accelerator("no", Path(args.run), tensorboard=False)
     target, step = load_target(Path(args.run), args.step, args.data, accelerator.device)
-    results = evaluate(target, opts, accelerator)
+    # With --json stdout is for the JSON alone (scripts parse it): the progress goes to stderr.
+    results = evaluate(target, opts, accelerator, console=_stderr_console() if args.json else None)
     if accelerator.is_main_process:
         report = {"run": args.run, "step": step, "processes": accelerator.num_processes, "results": results}
         print(json.dumps(report, indent=1)) if args.json else print_table(report)
     return 0
+
+
+def _stderr_console():
+    import sys
+
+    from rich.console import Console
+
+    return Console(stderr=True, force_terminal=sys.stderr.isatty(), highlight=False, soft_wrap=not sys.stderr.isatty())
 
 
 def load_target(run_dir: Path, step: int | None, data_override: str, device):

@@ -21,6 +21,7 @@ from gan_dist.data.index import DatasetInfo
 from gan_dist.data.plan import Piece
 from gan_dist.data.reader import Counter, ReadFailure, read_retrying
 from gan_dist.errors import UserError
+from gan_dist.progress import ProgressFactory, task_progress
 from gan_dist.seeds import derive_seed
 from gan_dist.visual import to_uint8
 
@@ -94,22 +95,25 @@ def chunk_latents(chunk: int, size: int, latent_dim: int, seed: int) -> torch.Te
 
 @torch.no_grad()
 def generated(G, latent_dim: int, num_classes: int, num: int, batch: int, seed: int, rank: int, world_size: int,
-              device, extract: Extract | None) -> dict[str, torch.Tensor]:
-    """Features of `num` samples of G (the raw samples if `extract` is None), on rank 0.
+              device, extract: Extract | None, progress: ProgressFactory | None = None) -> dict[str, torch.Tensor]:
+    """Features of `num` samples of G (the raw samples if `extract` is None), on rank 0;
+    `progress(total, unit)` counts this rank's samples.
 
     Images are quantised to uint8 first, as stored data is; 2-D points are passed as they are."""
     chunks = range(rank, -(-num // batch), world_size)
     rows = Rows(sum(min(batch, num - chunk * batch) for chunk in chunks))
-    for chunk in chunks:
-        first = chunk * batch
-        size = min(batch, num - first)
-        z = chunk_latents(chunk, size, latent_dim, seed).to(device)
-        labels = (torch.arange(first, first + size, device=device) % num_classes) if num_classes else None
-        samples = G(z, labels)
-        if samples.dim() == 4:
-            samples = to_uint8(samples)
-        out = extract(samples) if extract else {"samples": samples.float()}
-        rows.add({**{k: v.cpu() for k, v in out.items()}, "key": torch.arange(first, first + size)})
+    with (progress or _quiet)(rows.expected, "samples") as shown:
+        for chunk in chunks:
+            first = chunk * batch
+            size = min(batch, num - first)
+            z = chunk_latents(chunk, size, latent_dim, seed).to(device)
+            labels = (torch.arange(first, first + size, device=device) % num_classes) if num_classes else None
+            samples = G(z, labels)
+            if samples.dim() == 4:
+                samples = to_uint8(samples)
+            out = extract(samples) if extract else {"samples": samples.float()}
+            rows.add({**{k: v.cpu() for k, v in out.items()}, "key": torch.arange(first, first + size)})
+            shown.advance(size)
     keys, outputs = rows.outputs()
     template = None
     if not outputs:  # more ranks than chunks: this one only learns the output widths
@@ -156,22 +160,29 @@ def _selected_batches(info: DatasetInfo, selection: Selection, batch: int, rank:
 
 @torch.no_grad()
 def real(info: DatasetInfo, selection: Selection, batch: int, rank: int, world_size: int, device,
-         extract: Extract | None) -> dict[str, torch.Tensor]:
+         extract: Extract | None, progress: ProgressFactory | None = None) -> dict[str, torch.Tensor]:
     """Features of the selected real samples on rank 0 (the uint8 samples if `extract` is None),
-    with their labels and dataset indices; {} on the other ranks."""
+    with their labels and dataset indices; {} on the other ranks. `progress(total, unit)`
+    counts this rank's samples (the total is an upper bound: bad samples are skipped)."""
     rows, failure = Rows(_num_selected(info, selection, rank, world_size)), ""
     try:
-        for indices, samples, labels in _selected_batches(info, selection, batch, rank, world_size):
-            images = torch.from_numpy(samples).to(device)
-            out = extract(images) if extract else {"samples": images}
-            index = torch.tensor(indices, dtype=torch.int64)
-            rows.add({**{k: v.cpu() for k, v in out.items()},  # device memory holds one batch
-                      "labels": torch.tensor(labels, dtype=torch.int64), "index": index, "key": index})
+        with (progress or _quiet)(rows.expected, "samples") as shown:
+            for indices, samples, labels in _selected_batches(info, selection, batch, rank, world_size):
+                images = torch.from_numpy(samples).to(device)
+                out = extract(images) if extract else {"samples": images}
+                index = torch.tensor(indices, dtype=torch.int64)
+                rows.add({**{k: v.cpu() for k, v in out.items()},  # device memory holds one batch
+                          "labels": torch.tensor(labels, dtype=torch.int64), "index": index, "key": index})
+                shown.advance(len(indices))
     except ReadFailure as err:  # retried already; the other ranks must not wait in the gather
         failure = str(err)
     _stop_together(failure, device)
     keys, outputs = rows.outputs()
     return gather_ordered(keys, outputs, device, template=_template(info, extract, device))
+
+
+def _quiet(total: int | None, unit: str):
+    return task_progress("", total, unit, enabled=False)
 
 
 def _num_selected(info: DatasetInfo, selection: Selection, rank: int, world_size: int) -> int:

@@ -58,7 +58,9 @@ class PeriodicEval:
         info = trainer.info
         target = Target(trainer.ema.module, trainer.cfg.model.latent_dim,  # G_ema stays in eval mode
                         info.num_classes if self.conditional else 0, info, self.dataset_name)
-        results = evaluate(target, opts, trainer.acc)
+        # The training console's own rich Console: on a terminal the steps' bars nest under the
+        # training bar (two live displays on one terminal overwrite each other).
+        results = evaluate(target, opts, trainer.acc, console=getattr(trainer.console, "rich", None))
         trainer.console.log_eval({"step": trainer.progress.step, "kimg": trainer.num_images / 1000, **flat(results)})
         metric = next(iter(opts.metrics))
         value = primary(metric, results)

@@ -7,7 +7,9 @@ tool, the sample counts and the reference it was compared with.
 
 from __future__ import annotations
 
+import functools
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -21,6 +23,7 @@ from gan_dist.eval import check_metrics, collect, scores
 from gan_dist.eval import classifier as cls_mod
 from gan_dist.eval.modes2d import NUM_SAMPLES as MODES2D_SAMPLES
 from gan_dist.eval.modes2d import mode_coverage
+from gan_dist.progress import ProgressFactory, task_progress
 
 INCEPTION_METRICS = {"fid", "kid", "is"}
 MIXTURES = ("ring8", "grid25")
@@ -44,19 +47,34 @@ def cache_dir(opts: EvalOptions) -> Path:
     return Path(base) / "gan_dist" / "eval"
 
 
-def evaluate(target: Target, opts: EvalOptions, accelerator, extractors: dict | None = None) -> dict[str, dict]:
-    """{metric: {value(s), tool, counts, reference}}; the same on every rank."""
+def evaluate(target: Target, opts: EvalOptions, accelerator, extractors: dict | None = None,
+             console=None) -> dict[str, dict]:
+    """{metric: {value(s), tool, counts, reference}}; the same on every rank. Rank 0 shows the
+    progress of each long step on `console` (a rich Console; default: stdout)."""
     check_metrics(opts.metrics)
     extractors = extractors or {}
     ctx = (accelerator.process_index, accelerator.num_processes, accelerator.device)
+    show = _progress_on_rank0(ctx, console)
     results: dict[str, dict] = {}
     if "modes2d" in opts.metrics:
         results["modes2d"] = _modes2d(target, opts, ctx)
     if INCEPTION_METRICS & set(opts.metrics):
-        results.update(_inception_metrics(target, opts, ctx, extractors.get("inception")))
+        results.update(_inception_metrics(target, opts, ctx, extractors.get("inception"), show))
     if "cls" in opts.metrics:
-        results["cls"] = _classifier_metrics(target, opts, ctx, extractors.get("classifier"))
+        results["cls"] = _classifier_metrics(target, opts, ctx, extractors.get("classifier"), show)
     return results
+
+
+def _progress_on_rank0(ctx, console) -> Callable[..., ProgressFactory]:
+    """show(description, shared=True) -> a progress factory that prints on rank 0 only; with
+    several processes a shared step counts rank 0's part of the work."""
+    rank, world, _ = ctx
+
+    def show(description: str, shared: bool = True) -> ProgressFactory:
+        label = f"{description} (rank 0's part of {world})" if shared and world > 1 else description
+        return functools.partial(task_progress, label, enabled=rank == 0, console=console)
+
+    return show
 
 
 def _modes2d(target: Target, opts: EvalOptions, ctx) -> dict:
@@ -68,19 +86,20 @@ def _modes2d(target: Target, opts: EvalOptions, ctx) -> dict:
     return {**result, "tool": "gan_dist modes2d (PacGAN protocol: HQ within 3 std)", "reference": target.dataset_name}
 
 
-def _inception_metrics(target: Target, opts: EvalOptions, ctx, extractor) -> dict[str, dict]:
+def _inception_metrics(target: Target, opts: EvalOptions, ctx, extractor, show) -> dict[str, dict]:
     from gan_dist.eval.features import InceptionFeatures
 
     if len(target.data.shape) != 3:
         raise UserError("FID, KID and IS need images; for the 2-D mixtures use --metrics modes2d")
     extractor = extractor or InceptionFeatures(opts.inception_weights, opts.allow_download).to(ctx[2])
     gen = collect.generated(target.G, target.latent_dim, target.num_classes, opts.num, opts.batch, opts.seed,
-                            *ctx, extractor)
+                            *ctx, extractor, show("eval: Inception features of generated samples"))
     wanted = set(opts.metrics)
     reference, selection = None, None
     if wanted & {"fid", "kid"}:
         selection = collect.reference_selection(target.data, opts.reference_num, opts.seed)
-        reference = _cached_reference(target.data, extractor, selection, opts, ctx)
+        reference = _cached_reference(target.data, extractor, selection, opts, ctx,
+                                      show(f"eval: Inception features of the real samples ({selection.rule})"))
     tool = f"torch-fidelity, {getattr(extractor, 'name', 'custom extractor')}"
 
     def compute() -> dict[str, dict]:
@@ -104,9 +123,10 @@ def _inception_metrics(target: Target, opts: EvalOptions, ctx, extractor) -> dic
     return _on_rank0(ctx, compute)
 
 
-def _cached_reference(data: DatasetInfo, extractor, selection: collect.Selection, opts, ctx) -> dict:
+def _cached_reference(data: DatasetInfo, extractor, selection: collect.Selection, opts, ctx,
+                      progress: ProgressFactory | None = None) -> dict:
     """Real features on rank 0 ({} elsewhere), extracted once per (dataset content, selection,
-    extractor) and cached."""
+    extractor) and cached; `progress` shows the extraction (a cached reference shows nothing)."""
     rank, world, device = ctx
     name = getattr(extractor, "name", "")
     path = cache_dir(opts) / f"{collect.dataset_key(data, selection)}-{name}.pt" if name else None
@@ -114,7 +134,7 @@ def _cached_reference(data: DatasetInfo, extractor, selection: collect.Selection
     _broadcast_tensor(have)  # rank 0 decides, so no rank waits in a gather the others skip
     if have.item():
         return torch.load(path, map_location="cpu", weights_only=True) if rank == 0 else {}
-    features = collect.real(data, selection, opts.batch, rank, world, device, extractor)
+    features = collect.real(data, selection, opts.batch, rank, world, device, extractor, progress)
     if rank == 0 and path is not None:
         path.parent.mkdir(parents=True, exist_ok=True)
         torch.save(features, path.with_suffix(".tmp"))
@@ -122,19 +142,21 @@ def _cached_reference(data: DatasetInfo, extractor, selection: collect.Selection
     return features
 
 
-def _classifier_metrics(target: Target, opts: EvalOptions, ctx, model) -> dict:
+def _classifier_metrics(target: Target, opts: EvalOptions, ctx, model, show) -> dict:
     if len(target.data.shape) != 3 or target.data.num_classes < 2:
         raise UserError("cls needs a labelled image dataset: digits, mnist, fashionmnist, or an image folder "
                         "prepared with at least two class subfolders")
     device = ctx[2]
-    model = (model or _classifier(target.data, opts, ctx)).to(device)
+    model = (model or _classifier(target.data, opts, ctx, show)).to(device)
     gen = collect.generated(target.G, target.latent_dim, target.num_classes, opts.num, opts.batch, opts.seed,
-                            *ctx, model)
+                            *ctx, model, show("cls: classifier features of generated samples"))
     held_out = cls_mod.held_out(np.arange(target.data.count))
     train_part = _cached_reference(target.data, model, collect.Selection(
-        f"cls training part: index % {cls_mod.HOLDOUT_EVERY} != 0", target.data.count, ~held_out), opts, ctx)
+        f"cls training part: index % {cls_mod.HOLDOUT_EVERY} != 0", target.data.count, ~held_out), opts, ctx,
+        show("cls: classifier features of the real training part"))
     test_part = _cached_reference(target.data, model, collect.Selection(
-        f"cls held-out part: index % {cls_mod.HOLDOUT_EVERY} == 0", target.data.count, held_out), opts, ctx)
+        f"cls held-out part: index % {cls_mod.HOLDOUT_EVERY} == 0", target.data.count, held_out), opts, ctx,
+        show("cls: classifier features of the real held-out part"))
 
     def summary(features: dict) -> dict:
         is_mean, is_std = scores.inception_score(features["logits"])
@@ -158,7 +180,7 @@ def _classifier_metrics(target: Target, opts: EvalOptions, ctx, model) -> dict:
     return _on_rank0(ctx, compute)
 
 
-def _classifier(data: DatasetInfo, opts: EvalOptions, ctx) -> torch.nn.Module:
+def _classifier(data: DatasetInfo, opts: EvalOptions, ctx, show) -> torch.nn.Module:
     """The dataset's classifier: rank 0's cached one, or trained on rank 0; sent to the others."""
     import hashlib
 
@@ -170,11 +192,13 @@ def _classifier(data: DatasetInfo, opts: EvalOptions, ctx) -> torch.nn.Module:
     if not have.item():
         # uint8 samples on rank 0 only; a large dataset trains it on a subset.
         selection = collect.reference_selection(data, cls_mod.MAX_TRAINING_SAMPLES, opts.seed)
-        real = collect.real(data, selection, opts.batch, rank, world, device, None)
+        real = collect.real(data, selection, opts.batch, rank, world, device, None,
+                            show(f"cls: reading the classifier's samples ({selection.rule})"))
         if rank == 0:
             train = ~torch.from_numpy(cls_mod.held_out(real["index"].numpy()))
             samples, labels = real["samples"], real["labels"]
-            model = cls_mod.train_classifier(samples[train], labels[train], data.num_classes)
+            model = cls_mod.train_classifier(samples[train], labels[train], data.num_classes,
+                                             progress=show("cls: training the classifier (once per dataset)", False))
             acc = cls_mod.accuracy(model, samples[~train], labels[~train])
             cls_mod.save(model, path, {"channels": data.shape[0], "num_classes": data.num_classes,
                                        "heldout_accuracy": acc, "dataset_key": collect.dataset_key(data)})

@@ -27,6 +27,7 @@ import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
 
+import torch
 from torch import nn
 
 from gan_dist.errors import UserError
@@ -153,6 +154,18 @@ def frozen(parameters: list[nn.Parameter]) -> Iterator[None]:
 def distributed_name(accelerator) -> str:
     """'NO', 'MULTI_CPU', 'MULTI_GPU', ... as accelerate calls the set-up."""
     return str(accelerator.distributed_type).split(".")[-1]
+
+
+def describe_processes(accelerator) -> str:
+    """The run's processes and devices in plain words (run.json keeps accelerate's name)."""
+    n, device = accelerator.num_processes, accelerator.device
+    if n == 1:
+        return f"1 process on {'the CPU' if device.type == 'cpu' else f'one {device.type.upper()} GPU'}, not distributed"
+    per_node = int(os.environ.get("LOCAL_WORLD_SIZE", n) or n)
+    nodes = f" on {n // per_node} nodes" if n > per_node else ""
+    where = "the CPU" if device.type == "cpu" else f"{device.type.upper()} GPUs, one each"
+    backend = torch.distributed.get_backend() if torch.distributed.is_initialized() else "?"
+    return f"{n} processes{nodes} on {where}, data parallel over {backend}"
 
 
 def check_sync_bn(cfg, D: nn.Module) -> None:
