@@ -130,7 +130,7 @@ def main() -> int:
         figures_of_run = {"num_samples": args.num, "confident": gan_conf, "smallest_class": float(gan_shares.min()),
                           "largest_class": float(gan_shares.max()), "diversity": diversity,
                           "code_purity": None if codes is None else code_purity(codes, clf.predict(samples)),
-                          "held_out_confident": real_conf, "verdict": bool(ok)}
+                          "held_out_confident": real_conf, "verdict": bool(ok and diversity >= MIN_DIVERSITY)}
         Path(args.json).write_text(json.dumps(figures_of_run, indent=1) + "\n")
     return 0 if ok and diversity >= MIN_DIVERSITY else 1
 

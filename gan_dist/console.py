@@ -7,6 +7,7 @@ Only rank 0 prints or writes; other ranks get a console whose methods do nothing
 from __future__ import annotations
 
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -97,14 +98,38 @@ class Console:
 
     def note(self, message: str) -> None:
         """An event worth a line of its own (a grid or a checkpoint written), on a terminal above
-        the bar, in a log as a plain line."""
-        self.print(message)
+        the bar, in a log as a plain line. Not markup: a run name may hold brackets."""
+        if self.enabled:
+            self.rich.print(message, markup=False)
+
+    def forget_records_after(self, step: int) -> None:
+        """A resume or rollback to `step`: the records logged after it describe training that was
+        undone, and a plot or reader of metrics.jsonl would mix two histories. They move to
+        metrics.undone.jsonl (kept, not deleted) and metrics.jsonl is replaced whole."""
+        if not self.enabled:
+            return
+        path = self.run_dir / "metrics.jsonl"
+        self._metrics_file.close()
+        kept, undone = [], []
+        for line in path.read_text().splitlines():
+            try:
+                (undone if json.loads(line)["step"] > step else kept).append(line)
+            except (json.JSONDecodeError, KeyError, TypeError):
+                undone.append(line)  # a line cut short by a kill
+        if undone:
+            with open(self.run_dir / "metrics.undone.jsonl", "a") as dropped:
+                dropped.write("".join(line + "\n" for line in undone))
+            partial = path.with_name(".metrics.jsonl.partial")
+            partial.write_text("".join(line + "\n" for line in kept))
+            os.replace(partial, path)
+        self._metrics_file = open(path, "a")  # noqa: SIM115
 
     def finish(self, lines: list[str]) -> None:
         """The closing block, printed after the bar has stopped (not over its last line)."""
         self._stop_bar()
         for line in lines:
-            self.print(line)
+            if self.enabled:
+                self.rich.print(line, markup=False)
 
     def _record(self, record: dict) -> bool:
         """Trackers (every rank that has them) and metrics.jsonl; True where the console prints."""

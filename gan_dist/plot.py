@@ -1,9 +1,10 @@
 """`gan-dist plot --run DIR [--out PNG]`: a run's metrics.jsonl as one figure against kimg.
 
 One panel per family of series that the run logged (losses, D's logits, gradient norms,
-speed, skipped steps, augmentation, schedules, evaluation), one line per key. A resumed run
-may have logged steps twice (the leg that was killed logged past its last checkpoint); the
-later leg's records replace them, as the training state did.
+speed, data, skipped steps, augmentation, schedules, evaluation), one line per key. A resume
+moves the records a killed leg logged past its checkpoint to metrics.undone.jsonl; a file
+from before that rule may still hold them, and a record whose step is not above the last one
+kept then replaces those at or after its step.
 """
 
 from __future__ import annotations
@@ -20,6 +21,8 @@ PANELS = (
     ("D logits (mean)", lambda key: key.startswith("Logits/")),
     ("gradient norms", lambda key: key.startswith("GradNorm/")),
     ("img/s", lambda key: key == "Speed/img_per_s"),
+    ("data (wait fraction, failures, bad samples, MiB read)",
+     lambda key: key.startswith("Data/") or key == "Speed/data_wait_fraction"),
     ("skipped steps (total)", lambda key: key.startswith("Skipped/") or key == "Rollbacks"),
     ("augmentation", lambda key: key.startswith("Augment/")),
     ("schedules", lambda key: key.startswith("Schedule/")),
@@ -33,9 +36,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def read_records(metrics_path: Path) -> list[dict]:
-    """metrics.jsonl's records in training order; a resume's records replace the ones the
-    killed leg logged at or after the step it resumed from. Training and evaluation records
-    are two streams (an evaluation repeats its step's number)."""
+    """metrics.jsonl's records in training order; a record whose step is not above the last
+    one kept replaces those at or after its step. Training and evaluation records are two
+    streams (an evaluation repeats its step's number)."""
     kept: dict[bool, list[dict]] = {False: [], True: []}
     lines = metrics_path.read_text().splitlines()
     for number, line in enumerate(lines, 1):

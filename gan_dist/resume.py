@@ -28,12 +28,20 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from safetensors.torch import load_file, save
+from safetensors.torch import load_file, save_file
 
 from gan_dist.checkpoint import SNAPSHOT_FORMAT, latest_snapshot
 from gan_dist.errors import UserError
 
 STATE_FORMAT = "gan_dist.checkpoint/1"
+
+def _read_umask() -> int:
+    mask = os.umask(0)  # the only way to read it is to set it; set back at once, at import
+    os.umask(mask)
+    return mask
+
+
+_UMASK = _read_umask()
 # Keys a resumed run may change; any other difference changes tensor shapes or the training
 # itself, and is refused.
 MAY_CHANGE = ("run.", "log.", "checkpoint.", "dist.", "train.total_kimg", "train.max_steps", "train.resume",
@@ -108,8 +116,10 @@ def save_checkpoint(trainer) -> Path:
 def save_safetensors(tensors: dict, path: Path) -> None:
     """Like safetensors' save_file, but with the mode every other file gets (0666 less the
     umask): save_file writes through a private temporary file and leaves the result 0600,
-    which an export copied on and other users of a shared run directory could not read."""
-    path.write_bytes(save(tensors))
+    which an export copied on and other users of a shared run directory could not read.
+    Written by save_file itself (no second copy of the file in memory), then chmod-ed."""
+    save_file(tensors, str(path))
+    os.chmod(path, 0o666 & ~_UMASK)
 
 
 def _write_shared(trainer, tmp: Path) -> None:

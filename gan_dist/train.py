@@ -211,6 +211,7 @@ def train(config_path: str | None, overrides: list[str], debug: bool = False,
     trainer = Trainer(cfg, acc, backend, ema, loss, loader, info, console, run_dir, debug)
     if checkpoint is not None:
         resume.restore(trainer, checkpoint, state)
+        console.forget_records_after(trainer.progress.step)
         console.print(f"resumed from {checkpoint} at step {trainer.progress.step} "
                       f"({trainer.num_images / 1000:.1f} kimg)")
     if acc.is_main_process:

@@ -248,6 +248,7 @@ class Trainer(Phases):
         elapsed_s = self.elapsed_s()  # the time spent since the checkpoint was training time too
         resume.restore(self, checkpoint, resume.read_state(checkpoint))
         self.elapsed_before_s, self.start_time = elapsed_s, time.perf_counter()
+        self.console.forget_records_after(self.progress.step)
         self.progress.num_rollbacks, self.progress.num_rollbacks_in_row = total, tries
         self.progress.num_skipped_in_row = {"G": 0, "D": 0}  # the checkpoint may have been mid-streak
         self.reseed(salt=10**6 + total)

@@ -170,12 +170,12 @@ remove_dir() {
   done
   rm -rf "${dir:?}/state" "${dir:?}/spool"
   rm -f "${created[@]/#/$dir/}" "$dir"/fake-gpu*
-  rm -f "$dir/$stamp"
-  if rmdir "$dir" 2>/dev/null; then
-    echo "local_cluster.sh: removed $dir"
+  # The stamp goes last, and only with the directory: a kept one stays ours, so start reuses it.
+  if [[ -z "$(ls -A "$dir" | grep -vx "$stamp")" ]]; then
+    rm -f "$dir/$stamp" && rmdir "$dir" && echo "local_cluster.sh: removed $dir"
   else
     echo "local_cluster.sh: removed the cluster's files from $dir; kept the directory, which holds others:" \
-      "$(ls -A "$dir" | paste -sd ' ' -)"
+      "$(ls -A "$dir" | grep -vx "$stamp" | paste -sd ' ' -)"
   fi
 }
 

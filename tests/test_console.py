@@ -43,15 +43,25 @@ def test_plain_console_names_grids_and_checkpoints_and_counts_elapsed_across_a_r
     assert f"gan-dist plot --run {printed_run}" in out
     assert "1 process on the CPU, not distributed" in out
     first_leg = _records(run)
+    logged = {key for record in first_leg for key in record} - {"step", "kimg", "time_s"}
+    unplotted = {key for key in logged if not any(claims(key) for _, claims in PANELS)}
+    assert not unplotted, f"logged but drawn in no panel of gan-dist plot: {unplotted}"
     # The closing block comes last: nothing of the run is printed after it.
     assert out.rstrip().splitlines()[-5].startswith("done: 30 steps")
 
     monkeypatch.setattr(trainer_mod, "save_checkpoint", save)
+    # A killed leg's record past the checkpoint: the resume moves it aside.
+    with open(run / "metrics.jsonl", "a") as metrics:
+        metrics.write(json.dumps({**first_leg[-1], "step": 35, "kimg": 1.12}) + "\n")
+    bar_starts = []
+    monkeypatch.setattr(Console, "start", lambda self, *args: bar_starts.append(args))
     checkpoint_elapsed_s = json.loads((run / "checkpoints" / "step_00000030" / "state.json").read_text())["elapsed_s"]
     code, out, err = train_main(*tiny_args(digits_dir, "train.max_steps=50", *common))
     assert code == 0, err
+    assert bar_starts == [(30 * 32, 30, pytest.approx(checkpoint_elapsed_s, abs=1e-6))]
     second_leg = _records(run)[len(first_leg):]
     assert [r["step"] for r in second_leg] == [40, 50]
+    assert [json.loads(line)["step"] for line in (run / "metrics.undone.jsonl").read_text().splitlines()] == [35]
     assert checkpoint_elapsed_s >= 3 * CHECKPOINT_DELAY_S
     assert second_leg[0]["time_s"] > checkpoint_elapsed_s, "elapsed restarted on resume"
     printed = re.findall(r"^step (\d+) .* elapsed (\S+)", out, re.MULTILINE)
@@ -112,7 +122,8 @@ def test_plot_draws_one_panel_per_series_family_with_every_record(tmp_path, eval
     path, figure = plot_run(tmp_path)
     try:
         titles = [ax.get_title() for ax in figure.axes]
-        expected = ["losses", "D logits (mean)", "gradient norms", "img/s", "skipped steps (total)"]
+        expected = ["losses", "D logits (mean)", "gradient norms", "img/s",
+                    "data (wait fraction, failures, bad samples, MiB read)", "skipped steps (total)"]
         assert titles == expected + (["evaluation"] if eval_steps else [])
         for ax in figure.axes:
             for line in ax.get_lines():
@@ -137,15 +148,27 @@ def test_plot_keeps_the_resumed_legs_records_and_skips_a_cut_last_line(tmp_path)
     assert len(series["losses"]["Loss/D"][1]) == 6 and len(series["losses"]["Loss/G"][1]) == 3
 
 
-def test_every_logged_family_has_a_panel():
-    """A key the trainer logs that no panel claims would silently never be plotted."""
-    logged = {"Loss/D", "Logits/real", "GradNorm/G", "Speed/img_per_s", "Skipped/D", "Rollbacks", "Augment/p",
-              "Schedule/lr_G", "Eval/fid"}
-    assert all(any(claims(key) for _, claims in PANELS) for key in logged)
-
-
 def test_plot_of_a_directory_without_metrics_exits_2(tmp_path, capsys):
     from gan_dist.cli import main
 
     assert main(["plot", "--run", str(tmp_path / "nope")]) == 2
     assert "metrics.jsonl does not exist" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("num_processes, per_node, device, expected", [
+    (1, 1, "cpu", "1 process on the CPU, not distributed"),
+    (1, 1, "cuda", "1 process on one CUDA GPU, not distributed"),
+    (2, 2, "cpu", "2 processes on the CPU, data parallel over ?"),
+    (16, 8, "cuda", "16 processes on 2 nodes, one CUDA GPU each, data parallel over ?"),
+])
+def test_the_run_summary_names_processes_and_devices_in_plain_words(monkeypatch, num_processes, per_node, device,
+                                                                      expected):
+    from types import SimpleNamespace
+
+    import torch
+
+    from gan_dist.parallel import describe_processes
+
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", str(per_node))
+    accelerator = SimpleNamespace(num_processes=num_processes, device=torch.device(device))
+    assert describe_processes(accelerator) == expected

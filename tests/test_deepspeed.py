@@ -132,7 +132,7 @@ def test_accelerate_launch_with_a_plain_multi_process_config(digits_dir, tmp_pat
     result = _launch(LAUNCHERS["accelerate"](_free_port()), digits_dir, tmp_path, "train.backend=deepspeed",
                      "deepspeed.zero_stage=2", f"deepspeed.discriminator_json={buckets}", timeout_s=400)
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
-    assert "2 process(es)" in result.stdout and "ZeRO-2" in result.stdout
+    assert "2 processes on the CPU, data parallel over gloo" in result.stdout and "ZeRO-2" in result.stdout
     ranks = [torch.load(tmp_path / "probe" / f"rank{r}.pt") for r in (0, 1)]
     assert [r["rank"] for r in ranks] == [0, 1] and ranks[0]["first_keys"] != ranks[1]["first_keys"]
     for net in NETS:

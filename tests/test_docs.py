@@ -39,6 +39,10 @@ def test_the_quickstart_section_quotes_no_figure_outside_the_block():
     thresholds = {f"{quality.CONFIDENCE:.0%}", f"{quality.MIN_SHARE:.0%}", f"{quality.MAX_SHARE:.0%}"}
     percentages = set(re.findall(r"\d+(?:\.\d+)?%", outside))
     assert percentages <= thresholds, f"figures outside the generated block: {percentages - thresholds}"
+    # Nor a measured time or speed of the quickstart's run (the test suite's own timing follows it).
+    about_the_run = outside[:outside.index("The second command")]
+    timings = re.findall(r"\d[\d,.]*\s*(?:s|min|img/s)\b|\d+:\d\d", about_the_run)
+    assert not timings, f"timings outside the generated block: {timings}"
 
 
 def test_the_readme_block_renders_every_run():

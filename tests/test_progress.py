@@ -76,6 +76,24 @@ def test_on_a_terminal_a_rich_bar_keeps_its_finished_line():
     assert "features" in final and "10/10" in final and "epoch 3/3" in final, repr(final)
 
 
+def test_an_evaluation_bar_nests_under_the_running_training_bar(tmp_path):
+    """Periodic evaluation starts its bars while the training bar is live (rich >= 14.1
+    nests them; older versions raise LiveError)."""
+    from gan_dist.console import Console as TrainingConsole
+
+    training = TrainingConsole(True, total_images=1000, run_dir=tmp_path, tty=True)
+    training.rich = Console(file=io.StringIO(), force_terminal=True, width=120)
+    training.start()
+    try:
+        with task_progress("eval: features", 4, "images", console=training.rich) as shown:
+            shown.advance(4)
+        training.advance(500, 10)
+        assert training.progress is not None and training.progress.live.is_started
+    finally:
+        training.close()
+    assert "eval: features" in training.rich.file.getvalue()
+
+
 @pytest.mark.parametrize("workers", [1, 2])
 def test_prepare_without_a_tty_prints_sample_counts(tmp_path, workers):
     result = subprocess.run([sys.executable, "-m", "gan_dist.cli", "prepare", "digits", "--out", str(tmp_path / "d"),

@@ -219,6 +219,8 @@ def test_rollback_on_divergence_recovers_from_a_bad_patch(train_main, digits_dir
     assert "rolled back to step_00000004 with new noise (rollback 1)" in out and "rollback 2" not in out
     records = [json.loads(line) for line in (tmp_path / "runs" / "tiny" / "metrics.jsonl").read_text().splitlines()]
     assert records[-1]["Rollbacks"] == 1 and records[-1]["step"] == 12
+    times = [r["time_s"] for r in records]
+    assert times == sorted(times), "the rollback set the training time back"
 
 
 def test_rollback_gives_up_after_three_tries(train_main, digits_dir, tmp_path):
@@ -377,3 +379,24 @@ def open_dataset_identity(path) -> str:
     from gan_dist.data.stream import open_dataset
 
     return open_dataset(str(path)).identity()["sha256"]
+
+
+@pytest.mark.parametrize("model_json, data_classes, refused", [
+    ({"shape": [1, 8, 8], "num_classes": 0, "data_num_classes": 10}, 10, False),  # unconditional G on the digits
+    ({"shape": [1, 8, 8], "num_classes": 0, "data_num_classes": 10}, 3, True),  # other data
+    ({"shape": [1, 8, 8], "num_classes": 10}, 10, False),  # written before data_num_classes
+    ({"shape": [1, 8, 8], "num_classes": 10}, 0, True),
+])
+def test_a_resume_checks_the_datas_classes_not_gs(tmp_path, model_json, data_classes, refused):
+    from types import SimpleNamespace
+
+    from gan_dist.errors import UserError
+    from gan_dist.resume import check_data_matches
+
+    (tmp_path / "model.json").write_text(json.dumps(model_json))
+    info = SimpleNamespace(shape=(1, 8, 8), num_classes=data_classes)
+    if refused:
+        with pytest.raises(UserError, match="point data.path at the run's data"):
+            check_data_matches(tmp_path, info)
+    else:
+        check_data_matches(tmp_path, info)

@@ -163,9 +163,9 @@ def describe_processes(accelerator) -> str:
         return f"1 process on {'the CPU' if device.type == 'cpu' else f'one {device.type.upper()} GPU'}, not distributed"
     per_node = int(os.environ.get("LOCAL_WORLD_SIZE", n) or n)
     nodes = f" on {n // per_node} nodes" if n > per_node else ""
-    where = "the CPU" if device.type == "cpu" else f"{device.type.upper()} GPUs, one each"
+    where = " on the CPU" if device.type == "cpu" else f", one {device.type.upper()} GPU each"
     backend = torch.distributed.get_backend() if torch.distributed.is_initialized() else "?"
-    return f"{n} processes{nodes} on {where}, data parallel over {backend}"
+    return f"{n} processes{nodes}{where}, data parallel over {backend}"
 
 
 def check_sync_bn(cfg, D: nn.Module) -> None:
