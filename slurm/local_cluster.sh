@@ -134,7 +134,8 @@ start() {
   if [[ -d "$dir" && -n "$(ls -A "$dir")" && ! -f "$dir/$stamp" ]]; then
     die "$dir is not empty and was not made by local_cluster.sh; set LOCAL_SLURM_DIR to a new directory"
   fi
-  rm -rf "$dir"
+  # What an earlier start left goes; files of others in a kept directory stay.
+  [[ -f "$dir/$stamp" ]] && clean_ours
   mkdir -p "$dir/state" "$dir/spool"
   touch "$dir/$stamp"
   mungekey --create --keyfile="$dir/munge.key" --force
@@ -162,14 +163,18 @@ start() {
 created=(slurm.conf gres.conf munge.key munge.socket munge.socket.lock munge.seed munged.log munged.pid
   slurmctld.log slurmctld.pid slurmd.log slurmd.pid)
 
+clean_ours() {
+  rm -rf "${dir:?}/state" "${dir:?}/spool"
+  rm -f "${created[@]/#/$dir/}" "$dir"/fake-gpu*
+}
+
 remove_dir() {
   [[ -f "$dir/$stamp" ]] || return 0  # not made by start (or gone already): not ours to remove
   local name
   for name in slurmd slurmctld munged; do
     live_pid "$dir/$name.pid" "$name" >/dev/null && die "$name still runs; $dir is left as it is"
   done
-  rm -rf "${dir:?}/state" "${dir:?}/spool"
-  rm -f "${created[@]/#/$dir/}" "$dir"/fake-gpu*
+  clean_ours
   # The stamp goes last, and only with the directory: a kept one stays ours, so start reuses it.
   if [[ -z "$(ls -A "$dir" | grep -vx "$stamp")" ]]; then
     rm -f "$dir/$stamp" && rmdir "$dir" && echo "local_cluster.sh: removed $dir"
