@@ -376,7 +376,7 @@ def _parse_overrides(overrides: list[str]) -> dict:
 def _read_yaml(path: str) -> dict:
     file = Path(path)
     if not file.is_file():
-        raise UserError(f"config file '{path}' does not exist; pass --config with a YAML file from configs/")
+        raise UserError(f"config file '{path}' does not exist; name a YAML file that does (the ones shipped are in configs/)")
     try:
         return OmegaConf.to_container(OmegaConf.load(file)) or {}
     except (yaml.YAMLError, UnicodeDecodeError) as err:

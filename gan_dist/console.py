@@ -78,10 +78,12 @@ class Console:
         speed and ETA are not skewed by the images trained before it)."""
         if not (self.enabled and self.tty):
             return
+        # The text columns take about 76 characters: the bar gets what an 80-column terminal leaves.
+        bar_width = max(4, min(40, self.rich.width - 76))
         self.progress = Progress(
-            TextColumn("[bold]step {task.fields[step]}"), BarColumn(),
+            TextColumn("[bold]step {task.fields[step]}"), BarColumn(bar_width=bar_width),
             TextColumn("{task.fields[kimg]} kimg"), _SpeedColumn(),
-            TextColumn("D {task.fields[loss_d]}  G {task.fields[loss_g]} [dim]@ step {task.fields[log_step]}"),
+            TextColumn("D {task.fields[loss_d]} G {task.fields[loss_g]} [dim]@{task.fields[log_step]}"),
             _ElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn(),
             console=self.rich, refresh_per_second=4,
         )
@@ -146,8 +148,9 @@ class Console:
         if not self._record(record):
             return
         loss_d, loss_g = _fmt(record.get("Loss/D", float("nan"))), _fmt(record.get("Loss/G", float("nan")))
-        if self.progress is not None:
-            self.progress.update(self._task, loss_d=loss_d, loss_g=loss_g, log_step=record["step"])
+        if self.progress is not None:  # three digits: the bar must fit an 80-column terminal
+            self.progress.update(self._task, loss_d=f"{record.get('Loss/D', float('nan')):.3g}",
+                                 loss_g=f"{record.get('Loss/G', float('nan')):.3g}", log_step=record["step"])
         else:
             speed = f"{record['Speed/img_per_s']:.0f}"
             wait = record.get("Speed/data_wait_fraction", 0.0)

@@ -298,6 +298,7 @@ class Trainer(Phases):
             self.log()
         self.sample_grid(name="final")  # also syncs buffers across ranks before the snapshot
         snapshot = save_checkpoint(self)
+        self.console.note(f"checkpoint {snapshot} (step {self.progress.step}, {self.num_images / 1000:.1f} kimg, final)")
         self.periodic_eval.run(self, snapshot)
         if self.acc.is_main_process:
             mark_finished(snapshot, self.progress.step, self.num_images / 1000)

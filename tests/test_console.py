@@ -39,6 +39,7 @@ def test_plain_console_names_grids_and_checkpoints_and_counts_elapsed_across_a_r
         assert f"sample grid {printed_run}/samples/step_{step:08d}.png (step {step}," in out
     for step in (10, 20):
         assert f"checkpoint {printed_run}/checkpoints/step_{step:08d} (step {step}," in out
+    assert f"checkpoint {printed_run}/checkpoints/step_00000030 (step 30, 1.0 kimg, final)" in out
     assert (run / "samples" / "latest.png").read_bytes() == (run / "samples" / "final.png").read_bytes()
     assert f"gan-dist plot --run {printed_run}" in out
     assert "1 process on the CPU, not distributed" in out
@@ -94,6 +95,29 @@ def test_the_bar_is_live_from_host_counters_and_marks_the_losses_stale(tmp_path)
         assert console.progress is None  # the bar stopped before the closing lines
     finally:
         console.close()
+
+
+def test_the_bar_fits_an_80_column_terminal(tmp_path):
+    import io
+
+    from rich.console import Console as RichConsole
+
+    console = Console(True, total_images=640_000, run_dir=tmp_path, tty=True)
+    console.rich = RichConsole(file=io.StringIO(), force_terminal=True, width=80)
+    console.start(num_images=320_000, step=5000, elapsed_before_s=40.0)
+    try:
+        console.log({"step": 9500, "kimg": 608.0, "time_s": 70.0, "Loss/D": -1.2345, "Loss/G": 12.345,
+                     "Speed/img_per_s": 8455.0})
+        console.advance(num_images=639_936, step=9999)
+        progress = console.progress
+    finally:
+        console.close()
+    terminal = RichConsole(file=io.StringIO(), width=80, color_system=None)
+    terminal.print(progress.make_tasks_table(progress.tasks))
+    lines = terminal.file.getvalue().splitlines()
+    assert len(lines) == 1, lines  # nothing wrapped
+    for shown in ("step 9999", "639.9 kimg", "D -1.23 G 12.3", "@9500", "0:00:", "ETA"):
+        assert shown in lines[0], (shown, lines[0])
 
 
 def test_format_elapsed_counts_hours_past_a_day():
