@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import torch
 
-from gan_dist import parallel
+from gan_dist import chaos, parallel
 from gan_dist.losses import (
     at_least_fp32,
     code_loss,
@@ -63,6 +63,7 @@ class Phases:
                 loss = self._d_loss(x, y, regularise, keep_fakes)
                 self._check_finite(loss, "D")
                 self.backend.backward("D", loss / num_micro)
+        chaos.point("d_step")  # gradients computed, not yet applied
         self._step("D", self.cfg.optim.discriminator)
         self.progress.num_d_steps += 1
         if self.ada is not None and self.progress.num_d_steps % self.ada.interval_d_steps == 0:

@@ -30,6 +30,7 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
+from gan_dist import chaos
 from gan_dist.checkpoint import SNAPSHOT_FORMAT, latest_snapshot
 from gan_dist.errors import UserError
 
@@ -97,6 +98,7 @@ def save_checkpoint(trainer) -> Path:
     tensors, plain = _rank_state(trainer)
     rank = acc.process_index
     torch.save(tensors, tmp / f"rank{rank}.pt")
+    chaos.point("checkpoint_files")  # one file of the checkpoint written, the others not
     (tmp / f"rank{rank}.json").write_text(json.dumps(plain))
     _written(tmp / f"rank{rank}.json")
     # Every rank: a DeepSpeed engine writes its own optimizer partition (and hangs without all).
@@ -152,6 +154,7 @@ def _commit(tmp: Path, final: Path) -> None:
         shutil.rmtree(aside, ignore_errors=True)
         final.rename(aside)
     tmp.rename(final)
+    chaos.point("checkpoint_committed")  # renamed into place, `latest` not yet moved
     pointer = final.parent / "latest.tmp"
     pointer.write_text(final.name + "\n")
     os.replace(pointer, final.parent / "latest")

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from gan_dist import parallel, schedules
+from gan_dist import chaos, parallel, schedules
 from gan_dist.augment import DIFFAUG_PURPOSE, FLIP_PURPOSE, AdaptiveP, Augment
 from gan_dist.config import to_dict as config_to_dict
 from gan_dist.console import format_elapsed
@@ -202,11 +202,14 @@ class Trainer(Phases):
         if self.num_images // interval > images_before // interval:
             self.watchdog.arm(f"the sample grid after step {self.progress.step}")
             self.sample_grid()
+        # The evaluation before the checkpoint of its step: a run killed while it evaluates then
+        # resumes from an earlier checkpoint and evaluates this step again, instead of resuming
+        # past it with the evaluation lost.
+        if self.periodic_eval.due(images_before, self.num_images):
+            self.periodic_eval.run(self)
         every = int(self.cfg.checkpoint.every_kimg * 1000)
         if (every and self.num_images // every > images_before // every) or self.checkpoint_due:
             self.checkpoint()
-        if self.periodic_eval.due(images_before, self.num_images):
-            self.periodic_eval.run(self)
 
     def checkpoint(self) -> Path:
         """Every rank, same step: buffers synced and checked first (as for a grid), then saved."""
@@ -222,6 +225,7 @@ class Trainer(Phases):
         return path
 
     def _step_once(self, batches) -> None:
+        chaos.point("step")
         self.values = schedules.values_at(self.cfg, self.num_images)
         self.augment.p = self.values.augment_p if self.ada is None else self.ada.p
         n_critic = self.cfg.train.n_critic
@@ -460,6 +464,7 @@ class Trainer(Phases):
         samples = self.ema.module(self.fixed_z, self.fixed_labels)
         path = self.run_dir / "samples" / f"{name or f'step_{self.progress.step:08d}'}.png"
         grid = save_samples(samples, path)
+        chaos.point("sample_grid")  # the grid written, latest.png not yet replaced
         replace_latest(path)
         self.console.note(f"sample grid {path} (step {self.progress.step}, {self.num_images / 1000:.1f} kimg)")
         self.console.image("samples", grid.transpose(2, 0, 1) if grid.ndim == 3 else grid[None], self.progress.step)

@@ -10,6 +10,7 @@ import json
 import math
 from pathlib import Path
 
+from gan_dist import chaos
 from gan_dist.eval.run import Target, _broadcast_object, evaluate
 
 LOWER_IS_BETTER = {"fid": True, "kid": True, "is": False, "modes2d": True, "cls": True}
@@ -54,6 +55,7 @@ class PeriodicEval:
         self.last_step = trainer.progress.step
         trainer.watchdog.arm(f"the evaluation after step {trainer.progress.step}")
         trainer.sync_buffers()
+        chaos.point("eval")
         opts = self.cfg
         info = trainer.info
         target = Target(trainer.ema.module, trainer.cfg.model.latent_dim,  # G_ema stays in eval mode
