@@ -1,15 +1,19 @@
-"""Test hook: SIGKILL this process at a named point of the loop, to prove that a run killed
-anywhere resumes to the uninterrupted run's end (tests/test_chaos.py).
+"""Test hooks: SIGKILL this process at a named point of the loop, to prove that a run killed
+anywhere resumes to the uninterrupted run's end, and a full disk at a checkpoint file
+(tests/test_chaos.py).
 
     GAN_DIST_KILL_AT=checkpoint_committed:2 GAN_DIST_KILL_MARKER=PATH python train.py ...
 
 kills at the second arrival at `checkpoint_committed`, after writing "checkpoint_committed 2"
 to PATH (so that the test knows the point was reached, not that the run died elsewhere).
-Unset, `point()` is one comparison: the variable is read once, at import.
+GAN_DIST_KILL_RANK=R limits the kill to global rank R.
+GAN_DIST_ENOSPC_AT=RANK:N makes the N-th checkpoint file that rank RANK writes fail with
+ENOSPC. Unset, each hook is one comparison: the variables are read once, at import.
 """
 
 from __future__ import annotations
 
+import errno
 import os
 import signal
 
@@ -26,7 +30,9 @@ def _target() -> tuple[str, int] | None:
     return name, int(count or 1)
 
 
-_TARGET = _target()
+# GAN_DIST_KILL_RANK=R: only the process of global rank R dies (the others live on).
+_TARGET = _target() if os.environ.get("GAN_DIST_KILL_RANK", os.environ.get("RANK", "0")) == os.environ.get(
+    "RANK", "0") else None
 _arrivals: dict[str, int] = {}
 
 
@@ -41,3 +47,24 @@ def point(name: str) -> None:
             with open(marker, "w") as out:
                 out.write(f"{name} {_arrivals[name]}\n")
         os.kill(os.getpid(), signal.SIGKILL)
+
+
+def _disk_full_target() -> tuple[int, int] | None:
+    value = os.environ.get("GAN_DIST_ENOSPC_AT", "")
+    if not value:
+        return None
+    rank, _, count = value.partition(":")
+    return int(rank), int(count or 1)
+
+
+_DISK_FULL = _disk_full_target()
+_files_written: dict[int, int] = {}
+
+
+def file_written(rank: int) -> None:
+    """A checkpoint file written by `rank`: the disk is full here if GAN_DIST_ENOSPC_AT says so."""
+    if _DISK_FULL is None or _DISK_FULL[0] != rank:
+        return
+    _files_written[rank] = _files_written.get(rank, 0) + 1
+    if _files_written[rank] == _DISK_FULL[1]:
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
