@@ -20,19 +20,25 @@ import signal
 POINTS = ("step", "d_step", "checkpoint_files", "checkpoint_committed", "sample_grid", "eval")
 
 
-def _target() -> tuple[str, int] | None:
-    value = os.environ.get("GAN_DIST_KILL_AT", "")
+def _where_and_when(variable: str) -> tuple[str, int] | None:
+    """WHERE:N from the environment: (WHERE, N), N defaulting to 1; None when unset."""
+    value = os.environ.get(variable, "")
     if not value:
         return None
-    name, _, count = value.partition(":")
-    if name not in POINTS:
-        raise ValueError(f"GAN_DIST_KILL_AT={value}: the points are {', '.join(POINTS)}")
-    return name, int(count or 1)
+    where, _, count = value.partition(":")
+    return where, int(count or 1)
 
 
-# GAN_DIST_KILL_RANK=R: only the process of global rank R dies (the others live on).
-_TARGET = _target() if os.environ.get("GAN_DIST_KILL_RANK", os.environ.get("RANK", "0")) == os.environ.get(
-    "RANK", "0") else None
+def _kill_target() -> tuple[str, int] | None:
+    target = _where_and_when("GAN_DIST_KILL_AT")
+    if target is not None and target[0] not in POINTS:
+        raise ValueError(f"GAN_DIST_KILL_AT={target[0]}: the points are {', '.join(POINTS)}")
+    # GAN_DIST_KILL_RANK=R: only the process of global rank R dies (the others live on).
+    rank = os.environ.get("RANK", "0")
+    return target if os.environ.get("GAN_DIST_KILL_RANK", rank) == rank else None
+
+
+_TARGET = _kill_target()
 _arrivals: dict[str, int] = {}
 
 
@@ -49,15 +55,8 @@ def point(name: str) -> None:
         os.kill(os.getpid(), signal.SIGKILL)
 
 
-def _disk_full_target() -> tuple[int, int] | None:
-    value = os.environ.get("GAN_DIST_ENOSPC_AT", "")
-    if not value:
-        return None
-    rank, _, count = value.partition(":")
-    return int(rank), int(count or 1)
-
-
-_DISK_FULL = _disk_full_target()
+_disk_full_at = _where_and_when("GAN_DIST_ENOSPC_AT")
+_DISK_FULL = None if _disk_full_at is None else (int(_disk_full_at[0]), _disk_full_at[1])
 _files_written: dict[int, int] = {}
 
 
