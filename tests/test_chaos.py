@@ -97,32 +97,30 @@ def test_a_full_disk_at_a_checkpoint_file_stops_cleanly_and_resumes_exactly(trai
 
 
 def test_a_full_disk_on_rank_1_stops_both_ranks(digits_dir, tmp_path):
-    """Rank 1's disk fills at its first checkpoint file: both ranks stop with the line (rank 0
-    learns it from the vote), the partial checkpoint is removed, and the same launch resumes."""
+    """Rank 1's disk fills at each of its checkpoint files in turn: both ranks stop with their
+    line (rank 0 learns it from the vote), the partial checkpoint is removed, and the same
+    launch then resumes to the uninterrupted 2-process run's end bit for bit."""
     def launch(*extra, disk_full=""):
         env = {k: v for k, v in os.environ.items() if not k.startswith(("ACCELERATE_", "WORLD_SIZE", "RANK"))}
         env.update(OMP_NUM_THREADS="1", GAN_DIST_ENOSPC_AT=disk_full)
-        command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1", "--master_port",
-                   str(_free_port()), str(ROOT / "train.py"),
+        command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr",
+                   "127.0.0.1", "--master_port", str(_free_port()), str(ROOT / "train.py"),
                    *tiny_args(digits_dir, f"run.root={tmp_path / 'runs'}", "data.num_workers=0", *extra)]
         return subprocess.run(command, env=env, cwd=tmp_path, capture_output=True, text=True, timeout=240, check=False)
 
+    assert launch("run.name=full", "train.max_steps=20").returncode == 0
     assert launch("train.max_steps=10").returncode == 0
-    failed = launch("train.max_steps=20", disk_full="1:1")
-    assert failed.returncode != 0
-    _assert_gave_up_cleanly(tmp_path / "runs" / "tiny", failed.stderr)
-    assert "[rank 0/2]" in failed.stderr and "another rank's disk is full" in failed.stderr, failed.stderr[-3000:]
-    assert "[rank 1/2]" in failed.stderr and "No space left on device" in failed.stderr
+    for file_number in (1, 2):  # rank1.pt, rank1.json
+        failed = launch("train.max_steps=20", disk_full=f"1:{file_number}")
+        assert failed.returncode != 0
+        _assert_gave_up_cleanly(tmp_path / "runs" / "tiny", failed.stderr)
+        assert "[rank 0/2]" in failed.stderr and "another rank's disk is full" in failed.stderr, failed.stderr[-3000:]
+        assert "[rank 1/2]" in failed.stderr and "No space left on device" in failed.stderr
     resumed = launch("train.max_steps=20")
     assert resumed.returncode == 0 and "at step 10 " in resumed.stdout, resumed.stderr[-3000:]
-
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+    full, split = _final(tmp_path / "runs" / "full", 20), _final(tmp_path / "runs" / "tiny", 20)
+    _assert_bitwise_equal(full[0], split[0], "weights")
+    _assert_bitwise_equal(full[1], split[1], "optimizers")
 
 
 def test_one_rank_killed_the_other_stops_and_the_resume_is_exact(digits_dir, tmp_path):
@@ -152,3 +150,11 @@ def test_one_rank_killed_the_other_stops_and_the_resume_is_exact(digits_dir, tmp
     full, split = _final(tmp_path / "runs" / "full", 30), _final(checkpoints.parent, 30)
     _assert_bitwise_equal(full[0], split[0], "weights")
     _assert_bitwise_equal(full[1], split[1], "optimizers")
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
