@@ -42,12 +42,17 @@ _TARGET = _kill_target()
 _arrivals: dict[str, int] = {}
 
 
+def _due(target: tuple | None, where, counts: dict) -> bool:
+    """One more arrival at `where`; True at the one `target` (where, N) names."""
+    if target is None or target[0] != where:
+        return False
+    counts[where] = counts.get(where, 0) + 1
+    return counts[where] == target[1]
+
+
 def point(name: str) -> None:
     """Reached `name`: the process dies here if GAN_DIST_KILL_AT names this arrival."""
-    if _TARGET is None or _TARGET[0] != name:
-        return
-    _arrivals[name] = _arrivals.get(name, 0) + 1
-    if _arrivals[name] == _TARGET[1]:
+    if _due(_TARGET, name, _arrivals):
         marker = os.environ.get("GAN_DIST_KILL_MARKER")
         if marker:
             with open(marker, "w") as out:
@@ -62,8 +67,5 @@ _files_written: dict[int, int] = {}
 
 def file_written(rank: int) -> None:
     """A checkpoint file written by `rank`: the disk is full here if GAN_DIST_ENOSPC_AT says so."""
-    if _DISK_FULL is None or _DISK_FULL[0] != rank:
-        return
-    _files_written[rank] = _files_written.get(rank, 0) + 1
-    if _files_written[rank] == _DISK_FULL[1]:
+    if _due(_DISK_FULL, rank, _files_written):
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
