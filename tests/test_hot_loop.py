@@ -37,6 +37,11 @@ def test_the_probe_sees_a_per_step_sync(digits_dir, tmp_path, monkeypatch):
 
 @pytest.mark.launch  # torch.compile on a CPU takes about a minute
 def test_channels_last_and_compile_train_like_the_plain_path(train_main, digits_dir, tmp_path):
+    """In float64: in float32 the compiled kernels sum in another order, and Adam turns a
+    rounding-sized gradient on a near-zero element into a whole step (one CI run measured
+    1.2e-4 apart after 6 steps); float64 keeps the comparison about the graphs."""
+    import torch
+
     dcgan = ["model.name=dcgan", "model.width_mult=0.125", "data.resolution=16", "loss.r1_gamma=1",
              "loss.r1_interval=2", "train.max_steps=6", "data.num_workers=0", "train.num_threads=1"]
     from gan_dist.data.prepare import write_shards
@@ -44,14 +49,19 @@ def test_channels_last_and_compile_train_like_the_plain_path(train_main, digits_
 
     data = write_shards(digits(16), tmp_path / "digits16")
     weights = {}
-    for name, extra in (("plain", []), ("fast", ["train.channels_last=true", "train.compile=true"])):
-        args = [*tiny_args(digits_dir, *dcgan, f"run.name={name}", *extra)]
-        args[3] = f"data.path={data}"
-        code, _, err = train_main(*args)
-        assert code == 0, err
-        weights[name] = load_file(str(tmp_path / "runs" / name / "checkpoints" / "step_00000006" / "G.safetensors"))
+    torch.set_default_dtype(torch.float64)
+    try:
+        for name, extra in (("plain", []), ("fast", ["train.channels_last=true", "train.compile=true"])):
+            args = [*tiny_args(digits_dir, *dcgan, f"run.name={name}", *extra)]
+            args[3] = f"data.path={data}"
+            code, _, err = train_main(*args)
+            assert code == 0, err
+            weights[name] = load_file(str(tmp_path / "runs" / name / "checkpoints" / "step_00000006" / "G.safetensors"))
+    finally:
+        torch.set_default_dtype(torch.float32)
+    assert {t.dtype for t in weights["plain"].values() if t.is_floating_point()} == {torch.float64}
     diff = max((weights["plain"][k] - weights["fast"][k]).abs().max().item() for k in weights["plain"])
-    assert diff < 1e-4, diff
+    assert diff < 1e-9, diff
 
 
 @pytest.mark.launch  # 4 processes, about 25 s on a CPU
