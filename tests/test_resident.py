@@ -155,6 +155,11 @@ def test_a_stream_resumed_from_a_batch_position_continues_exactly(tmp_path, layo
     assert any(position % 50 for _, position, _ in positions.values()), "the stop is not inside a chunk"
     start = {"rotation": (stop + 1) % max(1, workers), "workers": positions}
     resumed = list(itertools.islice(loader(start), 60 - stop - 1))
+    # The digits are all good: a bad sample or a storage failure here is the reader's fault
+    # (and would change the batches of one pass only), so it is named before the comparison.
+    trouble = [(b.bad_count, b.bad_messages, b.shard_failures, b.fatal) for b in uninterrupted + resumed
+               if b.bad_count or b.shard_failures or b.fatal]
+    assert not trouble, trouble
     for want, got in zip(uninterrupted[stop + 1:], resumed, strict=True):
         assert got.keys.tolist() == want.keys.tolist() and torch.equal(got.samples, want.samples)
         assert (got.worker, got.epoch, got.position) == (want.worker, want.epoch, want.position)
