@@ -115,7 +115,9 @@ requeue() {
     echo "slurm/train.sh: REQUEUE=0, so not requeueing; submit the same command again to resume"
     exit 0
   fi
-  scontrol requeue "$SLURM_JOB_ID" \
+  # The requeue itself makes SLURM send SIGTERM to every process of the job, scontrol too:
+  # scontrol ignores it, so it returns the requeue it made instead of dying half-way (143).
+  (trap '' TERM; exec scontrol requeue "$SLURM_JOB_ID") \
     || die "scontrol requeue failed (was the job submitted with --no-requeue?); submit the same command again to resume" 1
   echo "slurm/train.sh: requeued job $SLURM_JOB_ID; it resumes from its latest checkpoint when it starts again"
   exit 0

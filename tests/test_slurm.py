@@ -249,6 +249,34 @@ def test_plain_scancel_stops_without_requeueing(slurm_env, tmp_path, digits_dir)
     assert queue.stdout.strip() in ("", "CANCELLED", "COMPLETING"), queue.stdout
 
 
+def test_a_requeue_that_terminates_the_whole_job_is_still_reported_as_made(tmp_path, digits_dir):
+    """SLURM carries out `scontrol requeue` by sending SIGTERM to every process of the job,
+    scontrol itself included (one CI run: "Terminated", then "requeue failed" for a job that
+    was requeued). Stubs for srun (the ranks checkpointed after SIGUSR1) and scontrol (which
+    terminates its process group, as SLURM does, before it returns): the script still says
+    the job was requeued and exits 0."""
+    stubs = tmp_path / "bin"
+    stubs.mkdir()
+    run_dir = tmp_path / "runs" / "tiny"
+    (stubs / "srun").write_text(f'#!/bin/bash\nmkdir -p {run_dir}\necho "SIGUSR1 at step 5" > {run_dir}/REQUEUE\n')
+    (stubs / "scontrol").write_text(f"""#!/bin/bash
+case "$1" in
+  show) echo stubhost ;;
+  requeue) echo "requeue $2" >> {tmp_path}/requeues; kill -TERM 0; sleep 0.5; echo "requeue $2 returned" >> {tmp_path}/requeues ;;
+esac
+""")
+    for stub in stubs.iterdir():
+        stub.chmod(0o755)
+    env = {**os.environ, "PATH": f"{stubs}:{os.environ['PATH']}", "PYTHON": sys.executable, "SLURM_JOB_ID": "77",
+           "SLURM_JOB_NODELIST": "stubhost", "GAN_DIST_ROOT": str(ROOT)}
+    result = subprocess.run(["bash", str(TRAIN_SH), *_train_args(digits_dir, tmp_path / "runs")], env=env,
+                            cwd=tmp_path, capture_output=True, text=True, timeout=120, start_new_session=True,
+                            check=False)
+    out = result.stdout + result.stderr
+    assert (tmp_path / "requeues").read_text() == "requeue 77\nrequeue 77 returned\n", out
+    assert result.returncode == 0 and "requeued job 77" in out and "requeue failed" not in out, out
+
+
 def test_preemption_during_start_up_still_requeues(slurm_env, tmp_path, digits_dir):
     """USR1 as soon as the job runs, before any checkpoint: the job comes back and finishes."""
     args = _train_args(digits_dir, tmp_path / "runs", "train.max_steps=30")
