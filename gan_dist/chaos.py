@@ -7,15 +7,17 @@ anywhere resumes to the uninterrupted run's end, and a full disk at a checkpoint
 kills at the second arrival at `checkpoint_committed`, after writing "checkpoint_committed 2"
 to PATH (so that the test knows the point was reached, not that the run died elsewhere).
 GAN_DIST_KILL_RANK=R limits the kill to global rank R.
-GAN_DIST_ENOSPC_AT=RANK:N makes the N-th checkpoint file that rank RANK writes fail with
-ENOSPC. Unset, each hook is one comparison: the variables are read once, at import.
+GAN_DIST_ENOSPC_AT=RANK:N makes the N-th checkpoint file that rank RANK writes fail as on a
+full disk (the writer's own error; `latest` is rank 0's last file). Unset, each hook is one comparison: the variables are read once, at import.
 """
 
 from __future__ import annotations
 
 import errno
 import os
+import shutil
 import signal
+from pathlib import Path
 
 POINTS = ("step", "d_step", "checkpoint_files", "checkpoint_committed", "sample_grid", "eval")
 
@@ -63,9 +65,30 @@ def point(name: str) -> None:
 _disk_full_at = _where_and_when("GAN_DIST_ENOSPC_AT")
 _DISK_FULL = None if _disk_full_at is None else (int(_disk_full_at[0]), _disk_full_at[1])
 _files_written: dict[int, int] = {}
+_disk_filled = False  # once the hook has filled the disk, it stays full for free_bytes
 
 
-def file_written(rank: int) -> None:
-    """A checkpoint file written by `rank`: the disk is full here if GAN_DIST_ENOSPC_AT says so."""
+def file_written(rank: int, path: Path) -> None:
+    """A checkpoint file written by `rank`: the disk is full here if GAN_DIST_ENOSPC_AT says so,
+    and the error is the one that file's writer raises on a full disk."""
+    global _disk_filled
     if _due(_DISK_FULL, rank, _files_written):
-        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        _disk_filled = True
+        raise full_disk_error(path)
+
+
+def full_disk_error(path: Path) -> Exception:
+    """What each writer raises on a full disk (measured on /dev/full and a full tmpfs):
+    torch.save an error that names no cause, safetensors one that names the OS error."""
+    if path.suffix == ".pt":
+        return RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 704 vs 598")
+    if path.suffix == ".safetensors":
+        from safetensors import SafetensorError
+
+        return SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
+    return OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+
+def free_bytes(directory: Path) -> int:
+    """Free space where `directory` is (none once the hook filled the disk)."""
+    return 0 if _disk_filled else shutil.disk_usage(directory).free

@@ -19,7 +19,6 @@ and points `latest` at it, last; so a crash at any moment leaves the previous ch
 
 from __future__ import annotations
 
-import errno
 import hashlib
 import json
 import os
@@ -31,7 +30,7 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
-from gan_dist import chaos, parallel
+from gan_dist import chaos, save_vote
 from gan_dist.checkpoint import SNAPSHOT_FORMAT, latest_snapshot
 from gan_dist.errors import UserError
 
@@ -58,10 +57,10 @@ def config_hash(config: dict) -> str:
     return hashlib.sha256(json.dumps(config, sort_keys=True).encode()).hexdigest()[:16]
 
 
-def _written(path: Path, rank: int = 0) -> None:
+def _written(path: Path, rank: int) -> None:
     if _after_file_hook is not None:
         _after_file_hook(path)
-    chaos.file_written(rank)
+    chaos.file_written(rank, path)
 
 
 def _module_state(module: torch.nn.Module) -> dict:
@@ -87,79 +86,45 @@ def _rank_state(trainer) -> tuple[dict, dict]:
 def save_checkpoint(trainer) -> Path:
     """Every rank calls this at the same step. Whether this step is committed already (a
     periodic save at the last step, a resume of a finished run) is known in memory, the same
-    on every rank: asking the filesystem could get a different answer on each node."""
+    on every rank: asking the filesystem could get a different answer on each node.
+
+    Each stage that touches the disk (the temporary directory, every rank's files, the
+    commit) ends in a vote instead of a barrier: a rank that failed (a full disk, a lost
+    mount, a bug) stops every rank at the same point instead of leaving them waiting."""
     acc, step = trainer.acc, trainer.progress.step
     final = trainer.run_dir / "checkpoints" / f"step_{step:08d}"
     if trainer.last_checkpoint == final:
         return final
     tmp = final.with_name(final.name + ".tmp")
+    vote, attempt = save_vote.vote, save_vote.attempt
+    made = None
     if acc.is_main_process:
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
-    acc.wait_for_everyone()
-    disk_full = _write_rank_files(trainer, tmp)
-    # A full disk on any rank stops every rank at the same point, before anything is committed.
-    failed = parallel.sum_over_ranks(acc, torch.tensor([float(disk_full is not None)], device=acc.device))
-    if failed.item():
-        _give_up_on(trainer, tmp, final, disk_full)
+        made = attempt(lambda: (shutil.rmtree(tmp, ignore_errors=True), tmp.mkdir(parents=True)))
+    vote(trainer, tmp, final, made)
+    vote(trainer, tmp, final, attempt(lambda: _write_rank_files(trainer, tmp)))
+    committed = None
     if acc.is_main_process:
-        _commit(tmp, final)
-        _prune(final, trainer.cfg.checkpoint.keep_last)
-    acc.wait_for_everyone()
+        committed = attempt(lambda: (_commit(tmp, final), _prune(final, trainer.cfg.checkpoint.keep_last)))
+    vote(trainer, tmp, final, committed)
     trainer.last_checkpoint = final
     return final
 
 
-def _write_rank_files(trainer, tmp: Path) -> OSError | None:
-    """This rank's files of the checkpoint; a full disk (ENOSPC, EDQUOT) is returned, not
-    raised, so that the ranks can agree on it. Every rank still reaches the vote."""
+def _write_rank_files(trainer, tmp: Path) -> None:
     acc = trainer.acc
     rank = acc.process_index
-    try:
-        tensors, plain = _rank_state(trainer)
-        torch.save(tensors, tmp / f"rank{rank}.pt")
-        _written(tmp / f"rank{rank}.pt", rank)
-        chaos.point("checkpoint_files")  # one file of the checkpoint written, the others not
-        (tmp / f"rank{rank}.json").write_text(json.dumps(plain))
-        _written(tmp / f"rank{rank}.json", rank)
-        # Every rank: a DeepSpeed engine writes its own optimizer partition (and hangs without all).
-        for path in trainer.backend.save(tmp, acc.is_main_process):
-            _written(path, rank)
-        if acc.is_main_process:
-            _write_shared(trainer, tmp)
-    except OSError as err:
-        if err.errno not in (errno.ENOSPC, errno.EDQUOT):
-            raise
-        return err
-    return None
-
-
-def _give_up_on(trainer, tmp: Path, final: Path, disk_full: OSError | None) -> None:
-    """Every rank: remove the partial checkpoint (rank 0), then stop with one line that says
-    where, how much a checkpoint takes, and what `latest` still names."""
-    acc = trainer.acc
+    # First, on every rank: a DeepSpeed engine writes its optimizer partition through
+    # collectives of its own, which would wait forever for a rank already gone to the vote.
+    for path in trainer.backend.save(tmp, acc.is_main_process):
+        _written(path, rank)
+    tensors, plain = _rank_state(trainer)
+    torch.save(tensors, tmp / f"rank{rank}.pt")
+    _written(tmp / f"rank{rank}.pt", rank)
+    chaos.point("checkpoint_files")  # files of the checkpoint written, others not yet
+    (tmp / f"rank{rank}.json").write_text(json.dumps(plain))
+    _written(tmp / f"rank{rank}.json", rank)
     if acc.is_main_process:
-        shutil.rmtree(tmp, ignore_errors=True)
-    acc.wait_for_everyone()
-    previous = trainer.last_checkpoint
-    needed = _dir_bytes(previous) if previous is not None and previous.is_dir() else _estimated_bytes(trainer)
-    free = shutil.disk_usage(final.parent).free
-    where = f"this rank: {disk_full.strerror}" if disk_full is not None else "another rank's disk is full"
-    raise UserError(f"no space left for checkpoint {final} ({where}): a checkpoint takes about "
-                    f"{needed / 2**20:.1f} MiB and {final.parent} has {free / 2**20:.1f} MiB free; free space "
-                    f"there or move run.root, then run the same command: it resumes from "
-                    f"{previous.name if previous is not None else 'the start (no checkpoint yet)'}")
-
-
-def _dir_bytes(directory: Path) -> int:
-    return sum(f.stat().st_size for f in directory.iterdir() if f.is_file())
-
-
-def _estimated_bytes(trainer) -> int:
-    """Before the first checkpoint: weights of G, D and G_ema, and Adam's two moments of G and D."""
-    sizes = {name: sum(p.numel() * p.element_size() for p in module.parameters())
-             for name, module in (("G", trainer.G_raw), ("D", trainer.D_raw))}
-    return 4 * sizes["G"] + 3 * sizes["D"]
+        _write_shared(trainer, tmp)
 
 
 def save_safetensors(tensors: dict, path: Path) -> None:
@@ -174,9 +139,10 @@ def save_safetensors(tensors: dict, path: Path) -> None:
 def _write_shared(trainer, tmp: Path) -> None:
     for name, module in (("G", trainer.G_raw), ("D", trainer.D_raw), ("G_ema", trainer.ema.module)):
         save_safetensors(_module_state(module), tmp / f"{name}.safetensors")
-        _written(tmp / f"{name}.safetensors")
+        _written(tmp / f"{name}.safetensors", 0)
     (tmp / "model.json").write_text(json.dumps({"format": SNAPSHOT_FORMAT, "step": trainer.progress.step,
                                                 **trainer.model_info()}, indent=1))
+    _written(tmp / "model.json", 0)
     state = {"format": STATE_FORMAT, "progress": trainer.progress.counters(),
              "ema_num_averaged": int(trainer.ema.averaged.n_averaged), "config": trainer.config_dict,
              "config_hash": config_hash(trainer.config_dict),
@@ -187,7 +153,7 @@ def _write_shared(trainer, tmp: Path) -> None:
     if trainer.ada is not None:
         state["ada"] = {"p": trainer.ada.p.item(), "signal": trainer.ada.signal.item()}
     (tmp / "state.json").write_text(json.dumps(state, indent=1))
-    _written(tmp / "state.json")
+    _written(tmp / "state.json", 0)
 
 
 def _commit(tmp: Path, final: Path) -> None:
@@ -204,6 +170,7 @@ def _commit(tmp: Path, final: Path) -> None:
     chaos.point("checkpoint_committed")  # renamed into place, `latest` not yet moved
     pointer = final.parent / "latest.tmp"
     pointer.write_text(final.name + "\n")
+    _written(pointer, 0)
     os.replace(pointer, final.parent / "latest")
     shutil.rmtree(aside, ignore_errors=True)
 

@@ -1,0 +1,97 @@
+"""A checkpoint save's failures, agreed on by every rank (resume.save_checkpoint).
+
+Each stage of a save that touches the disk ends in `vote` instead of a barrier: the ranks
+sum (failed, disk full), so one rank's failure (a full disk, a lost mount, a bug) stops every
+rank at the same point, with one line each, instead of leaving the others waiting for it.
+"""
+
+from __future__ import annotations
+
+import errno
+import shutil
+from pathlib import Path
+
+import torch
+
+from gan_dist import chaos, parallel
+from gan_dist.errors import UserError
+
+
+def attempt(action) -> Exception | None:
+    """`action()`'s exception, returned so that every rank still reaches the vote."""
+    try:
+        action()
+    except Exception as err:  # noqa: BLE001 - any failure is voted on, then reported or re-raised
+        return err
+    return None
+
+
+def vote(trainer, tmp: Path, final: Path, failure: Exception | None) -> None:
+    """Every rank: (any rank failed, any rank's disk is full), summed over the ranks; a
+    failure anywhere stops them all here."""
+    acc = trainer.acc
+    full = failure is not None and _is_disk_full(failure, final.parent, _needed_bytes(trainer))
+    votes = parallel.sum_over_ranks(acc, torch.tensor([float(failure is not None), float(full)], device=acc.device))
+    if votes[0].item():
+        _give_up_on(trainer, tmp, final, failure, full, bool(votes[1].item()))
+
+
+# torch.save's own error on a full disk names no cause ("unexpected pos N vs M"), so the free
+# space decides for an error without errno or a recognisable message.
+_FULL_DISK_WORDS = ("No space left", "os error 28", "Disk quota exceeded", "os error 122")
+
+
+def _is_disk_full(err: Exception, directory: Path, needed_bytes: int) -> bool:
+    if isinstance(err, OSError) and err.errno in (errno.ENOSPC, errno.EDQUOT):
+        return True
+    if any(words in str(err) for words in _FULL_DISK_WORDS):
+        return True
+    try:
+        return chaos.free_bytes(directory) < needed_bytes
+    except OSError:
+        return False
+
+
+def _give_up_on(trainer, tmp: Path, final: Path, failure: Exception | None, full_here: bool,
+                full_anywhere: bool) -> None:
+    """Every rank: remove the partial checkpoint (rank 0), then stop with one line that says
+    where, how much a checkpoint takes, and what `latest` still names. A failure that is not
+    storage (a bug) is raised as it is, traceback and all, on the rank that met it."""
+    acc = trainer.acc
+    if acc.is_main_process:
+        shutil.rmtree(tmp, ignore_errors=True)
+    acc.wait_for_everyone()
+    if failure is not None and not full_here and not isinstance(failure, OSError):
+        raise failure
+    previous = trainer.last_checkpoint
+    resumes = f"it resumes from {previous.name if previous is not None else 'the start (no checkpoint yet)'}"
+    if failure is not None:
+        reason = failure.strerror if isinstance(failure, OSError) and failure.strerror else \
+            f"{type(failure).__name__}: {str(failure).splitlines()[0][:200] if str(failure) else ''}"
+        where = f"this rank: {reason}"
+    else:
+        where = "another rank's disk is full" if full_anywhere else "another rank could not write its files"
+    if not (full_here or (failure is None and full_anywhere)):
+        raise UserError(f"cannot write checkpoint {final} ({where}); fix the storage of {final.parent} or move "
+                        f"run.root, then run the same command: {resumes}")
+    free = chaos.free_bytes(final.parent)
+    raise UserError(f"no space left for checkpoint {final} ({where}): a checkpoint takes about "
+                    f"{_needed_bytes(trainer) / 2**20:.1f} MiB and {final.parent} has {free / 2**20:.1f} MiB free; "
+                    f"free space there or move run.root, then run the same command: {resumes}")
+
+
+def _needed_bytes(trainer) -> int:
+    """The previous checkpoint's size, or an estimate from the parameter count before the first."""
+    previous = trainer.last_checkpoint
+    return _dir_bytes(previous) if previous is not None and previous.is_dir() else _estimated_bytes(trainer)
+
+
+def _dir_bytes(directory: Path) -> int:
+    return sum(f.stat().st_size for f in directory.rglob("*") if f.is_file())  # deepspeed/ too
+
+
+def _estimated_bytes(trainer) -> int:
+    """Before the first checkpoint: weights of G, D and G_ema, and Adam's two moments of G and D."""
+    sizes = {name: sum(p.numel() * p.element_size() for p in module.parameters())
+             for name, module in (("G", trainer.G_raw), ("D", trainer.D_raw))}
+    return 4 * sizes["G"] + 3 * sizes["D"]
