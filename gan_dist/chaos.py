@@ -8,7 +8,8 @@ kills at the second arrival at `checkpoint_committed`, after writing "checkpoint
 to PATH (so that the test knows the point was reached, not that the run died elsewhere).
 GAN_DIST_KILL_RANK=R limits the kill to global rank R.
 GAN_DIST_ENOSPC_AT=RANK:N makes the N-th checkpoint file that rank RANK writes fail as on a
-full disk (the writer's own error; `latest` is rank 0's last file). Unset, each hook is one comparison: the variables are read once, at import.
+full disk (the writer's own error; `latest` is rank 0's last file). Unset, each hook is one
+comparison: the variables are read once, at import.
 """
 
 from __future__ import annotations

@@ -97,17 +97,19 @@ def save_checkpoint(trainer) -> Path:
         return final
     tmp = final.with_name(final.name + ".tmp")
     vote, attempt = save_vote.vote, save_vote.attempt
-    made = None
-    if acc.is_main_process:
-        made = attempt(lambda: (shutil.rmtree(tmp, ignore_errors=True), tmp.mkdir(parents=True)))
-    vote(trainer, tmp, final, made)
+    vote(trainer, tmp, final, attempt(lambda: _make_fresh(tmp)) if acc.is_main_process else None)
     vote(trainer, tmp, final, attempt(lambda: _write_rank_files(trainer, tmp)))
-    committed = None
-    if acc.is_main_process:
-        committed = attempt(lambda: (_commit(tmp, final), _prune(final, trainer.cfg.checkpoint.keep_last)))
-    vote(trainer, tmp, final, committed)
+    vote(trainer, tmp, final, attempt(lambda: _commit(tmp, final)) if acc.is_main_process else None)
     trainer.last_checkpoint = final
+    if acc.is_main_process:
+        # Old checkpoints that cannot be removed now are removed at a later save: no reason to stop.
+        attempt(lambda: _prune(final, trainer.cfg.checkpoint.keep_last))
     return final
+
+
+def _make_fresh(directory: Path) -> None:
+    shutil.rmtree(directory, ignore_errors=True)
+    directory.mkdir(parents=True)
 
 
 def _write_rank_files(trainer, tmp: Path) -> None:

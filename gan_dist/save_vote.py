@@ -30,26 +30,35 @@ def vote(trainer, tmp: Path, final: Path, failure: Exception | None) -> None:
     """Every rank: (any rank failed, any rank's disk is full), summed over the ranks; a
     failure anywhere stops them all here."""
     acc = trainer.acc
-    full = failure is not None and _is_disk_full(failure, final.parent, _needed_bytes(trainer))
+    full = failure is not None and _is_disk_full(failure, trainer, final.parent)
     votes = parallel.sum_over_ranks(acc, torch.tensor([float(failure is not None), float(full)], device=acc.device))
     if votes[0].item():
         _give_up_on(trainer, tmp, final, failure, full, bool(votes[1].item()))
 
 
-# torch.save's own error on a full disk names no cause ("unexpected pos N vs M"), so the free
-# space decides for an error without errno or a recognisable message.
 _FULL_DISK_WORDS = ("No space left", "os error 28", "Disk quota exceeded", "os error 122")
+# What the writers (torch.save, safetensors) say about storage they could not use; their
+# errors are no OSError, but are storage all the same, not a bug of ours.
+_STORAGE_WORDS = ("inline_container", "open file failed", "os error", "Parent directory", "No such file",
+                  "Permission denied", "Input/output error")
 
 
-def _is_disk_full(err: Exception, directory: Path, needed_bytes: int) -> bool:
-    if isinstance(err, OSError) and err.errno in (errno.ENOSPC, errno.EDQUOT):
-        return True
-    if any(words in str(err) for words in _FULL_DISK_WORDS):
-        return True
+def _is_disk_full(err: Exception, trainer, directory: Path) -> bool:
+    """Never raises: a rank that failed here would leave the others waiting in the vote."""
     try:
-        return chaos.free_bytes(directory) < needed_bytes
-    except OSError:
+        if isinstance(err, OSError) and err.errno in (errno.ENOSPC, errno.EDQUOT):
+            return True
+        if any(words in str(err) for words in _FULL_DISK_WORDS):
+            return True
+        # torch.save's error on a full disk names no cause ("unexpected pos N vs M"): the free space decides.
+        return "unexpected pos" in str(err) and chaos.free_bytes(directory) < _needed_bytes(trainer)
+    except Exception:  # noqa: BLE001 - a lost mount can fail the size and free-space reads too
         return False
+
+
+def _is_storage(err: Exception) -> bool:
+    return isinstance(err, OSError) or type(err).__name__ == "SafetensorError" or \
+        (isinstance(err, RuntimeError) and any(words in str(err) for words in _STORAGE_WORDS))
 
 
 def _give_up_on(trainer, tmp: Path, final: Path, failure: Exception | None, full_here: bool,
@@ -61,7 +70,7 @@ def _give_up_on(trainer, tmp: Path, final: Path, failure: Exception | None, full
     if acc.is_main_process:
         shutil.rmtree(tmp, ignore_errors=True)
     acc.wait_for_everyone()
-    if failure is not None and not full_here and not isinstance(failure, OSError):
+    if failure is not None and not full_here and not _is_storage(failure):
         raise failure
     previous = trainer.last_checkpoint
     resumes = f"it resumes from {previous.name if previous is not None else 'the start (no checkpoint yet)'}"
@@ -74,9 +83,12 @@ def _give_up_on(trainer, tmp: Path, final: Path, failure: Exception | None, full
     if not (full_here or (failure is None and full_anywhere)):
         raise UserError(f"cannot write checkpoint {final} ({where}); fix the storage of {final.parent} or move "
                         f"run.root, then run the same command: {resumes}")
-    free = chaos.free_bytes(final.parent)
-    raise UserError(f"no space left for checkpoint {final} ({where}): a checkpoint takes about "
-                    f"{_needed_bytes(trainer) / 2**20:.1f} MiB and {final.parent} has {free / 2**20:.1f} MiB free; "
+    try:
+        sizes = f"{_needed_bytes(trainer) / 2**20:.1f} MiB and {final.parent} has " \
+                f"{chaos.free_bytes(final.parent) / 2**20:.1f} MiB free"
+    except OSError as err:
+        sizes = f"an unknown size ({final.parent}: {err.strerror})"
+    raise UserError(f"no space left for checkpoint {final} ({where}): a checkpoint takes about {sizes}; "
                     f"free space there or move run.root, then run the same command: {resumes}")
 
 

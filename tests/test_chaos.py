@@ -108,6 +108,37 @@ def test_a_full_disk_at_a_checkpoint_file_stops_cleanly_and_resumes_exactly(trai
     _assert_bitwise_equal(full[1], split[1], "optimizers")
 
 
+@pytest.mark.parametrize("error, storage", [
+    (RuntimeError("open file failed because of errno 13 on fopen: Permission denied, file path: x"), True),
+    (TypeError("an argument of a bug of ours"), False)], ids=["torch.save refused", "a bug"])
+def test_a_failed_save_that_is_no_full_disk_stops_cleanly_too(train_main, digits_dir, tmp_path, monkeypatch,
+                                                              error, storage):
+    """Storage that torch.save cannot use (its own error, no OSError) stops with the one line
+    and exit 2; a bug of ours keeps its traceback. Either way the partial checkpoint is gone
+    and `latest` still names step 10."""
+    from gan_dist import resume
+
+    assert train_main(*tiny_args(digits_dir, "train.max_steps=10"))[0] == 0
+    save = resume.torch.save
+
+    def failing(obj, path, *args, **kwargs):
+        if "step_00000020" in str(path):
+            raise error
+        return save(obj, path, *args, **kwargs)
+
+    monkeypatch.setattr(resume.torch, "save", failing)
+    if storage:
+        code, _, err = train_main(*tiny_args(digits_dir, "train.max_steps=20"))
+        assert code == 2 and "Traceback" not in err, err[-3000:]
+        assert "cannot write checkpoint " in err and "it resumes from step_00000010" in err, err[-3000:]
+    else:
+        with pytest.raises(TypeError, match="a bug of ours"):
+            train_main(*tiny_args(digits_dir, "train.max_steps=20"))
+    checkpoints = tmp_path / "runs" / "tiny" / "checkpoints"
+    assert (checkpoints / "latest").read_text().strip() == "step_00000010"
+    assert sorted(p.name for p in checkpoints.iterdir()) == ["latest", "step_00000010"]
+
+
 def _pages(directory) -> int:
     """Bytes a tmpfs holds for the files under `directory` (whole 4 KiB pages each)."""
     return sum(-(-f.stat().st_size // 4096) * 4096 for f in directory.rglob("*") if f.is_file())
