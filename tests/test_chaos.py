@@ -7,6 +7,7 @@ processes at rank 1's and rank 0's, with a rank killed between its files."""
 import json
 import os
 import random
+import re
 import subprocess
 import sys
 
@@ -215,12 +216,15 @@ def test_two_ranks_stop_together_on_a_full_disk_and_on_a_killed_rank_and_resume_
     # Files count from the leg's start: the first leg also writes step 10's two.
     for disk_full, full_rank in (("1:3", 1), ("1:2", 1), ("0:2", 0)):
         failed = _launch_two(tmp_path, digits_dir, "split", ENOSPC_AT=disk_full)
-        # The first rank out exits 2; torchrun may SIGTERM the other before its own exit 2.
         assert failed.returncode != 0 and "exitcode  : 2" in failed.stderr, failed.stderr[-3000:]
         _assert_gave_up_cleanly(run, failed.stderr)
-        healthy = 1 - full_rank
-        assert f"[rank {healthy}/2]" in failed.stderr and "another rank's disk is full" in failed.stderr
-        assert f"[rank {full_rank}/2]" in failed.stderr and "(this rank: " in failed.stderr, failed.stderr[-3000:]
+        # The first rank out exits 2, and torchrun SIGTERMs the other at once: that one may
+        # die by the signal before it prints its own line (seen once in about 20 launches).
+        lines = {full_rank: "(this rank: ", 1 - full_rank: "(another rank's disk is full)"}
+        for rank, words in lines.items():
+            printed = any(f"[rank {rank}/2]" in line and words in line for line in failed.stderr.splitlines())
+            signalled = re.search(rf"rank +: {rank} \(local_rank: {rank}\)\n +exitcode +: -\d+", failed.stderr)
+            assert printed or signalled, (rank, failed.stderr[-3000:])
     marker = tmp_path / "rank1.marker"
     killed = _launch_two(tmp_path, digits_dir, "split", KILL_AT="checkpoint_files:1", KILL_RANK="1",
                          KILL_MARKER=str(marker))
