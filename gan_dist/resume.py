@@ -102,8 +102,10 @@ def save_checkpoint(trainer) -> Path:
     vote(trainer, tmp, final, attempt(lambda: _commit(tmp, final)) if acc.is_main_process else None)
     trainer.last_checkpoint = final
     if acc.is_main_process:
-        # Old checkpoints that cannot be removed now are removed at a later save: no reason to stop.
-        attempt(lambda: _prune(final, trainer.cfg.checkpoint.keep_last))
+        try:
+            _prune(final, trainer.cfg.checkpoint.keep_last)
+        except OSError:  # what cannot be removed now goes at a later save: no reason to stop
+            pass
     return final
 
 
