@@ -73,7 +73,9 @@ def _give_up_on(trainer, tmp: Path, final: Path, failure: Exception | None, full
     if failure is not None and not full_here and not _is_storage(failure):
         raise failure
     previous = trainer.last_checkpoint
-    resumes = f"it resumes from {previous.name if previous is not None else 'the start (no checkpoint yet)'}"
+    # Without a checkpoint the run directory holds a run that cannot resume: say how to start it again.
+    resumes = f"it resumes from {previous.name}" if previous is not None else \
+        "add run.overwrite=true (there is no checkpoint yet, so it starts again)"
     if failure is not None:
         reason = failure.strerror if isinstance(failure, OSError) and failure.strerror else \
             f"{type(failure).__name__}: {str(failure).splitlines()[0][:200] if str(failure) else ''}"
@@ -84,12 +86,16 @@ def _give_up_on(trainer, tmp: Path, final: Path, failure: Exception | None, full
         raise UserError(f"cannot write checkpoint {final} ({where}); fix the storage of {final.parent} or move "
                         f"run.root, then run the same command: {resumes}")
     try:
-        sizes = f"{_needed_bytes(trainer) / 2**20:.1f} MiB and {final.parent} has " \
-                f"{chaos.free_bytes(final.parent) / 2**20:.1f} MiB free"
+        sizes = f"{_size(_needed_bytes(trainer))} and {final.parent} has {_size(chaos.free_bytes(final.parent))} free"
     except OSError as err:
         sizes = f"an unknown size ({final.parent}: {err.strerror})"
     raise UserError(f"no space left for checkpoint {final} ({where}): a checkpoint takes about {sizes}; "
                     f"free space there or move run.root, then run the same command: {resumes}")
+
+
+def _size(num_bytes: int) -> str:
+    """KiB below 10 MiB: "0.4 MiB needed, 0.4 MiB free" would hide which is larger."""
+    return f"{num_bytes / 2**20:.1f} MiB" if num_bytes >= 10 * 2**20 else f"{num_bytes / 1024:.0f} KiB"
 
 
 def _needed_bytes(trainer) -> int:

@@ -77,8 +77,8 @@ def _assert_gave_up_cleanly(run, err: str, renamed: bool = False) -> None:
     lines = [line for line in err.splitlines() if "no space left for checkpoint" in line]
     assert lines and f"{run.name}/checkpoints/step_00000020 (" in lines[0], err[-2000:]
     assert "it resumes from step_00000010" in lines[0], err[-2000:]
-    needed_mib = float(lines[0].split("a checkpoint takes about ")[1].split(" MiB")[0])
-    assert needed_mib > 0, lines[0]
+    needed = re.search(r"a checkpoint takes about ([\d.]+) (KiB|MiB) and .* has ([\d.]+) (KiB|MiB) free", lines[0])
+    assert needed and float(needed.group(1)) > 0, lines[0]
 
 
 @pytest.mark.parametrize("file_number", range(1, len(RANK0_FILES) + 1),
@@ -107,6 +107,22 @@ def test_a_full_disk_at_a_checkpoint_file_stops_cleanly_and_resumes_exactly(trai
     full, split = _final(tmp_path / "runs" / "full", 20), _final(tmp_path / "runs" / "split", 20)
     _assert_bitwise_equal(full[0], split[0], "weights")
     _assert_bitwise_equal(full[1], split[1], "optimizers")
+
+
+def test_a_full_disk_before_the_first_checkpoint_names_the_command_that_starts_again(train_main, digits_dir,
+                                                                                   monkeypatch):
+    """No checkpoint to resume from: the line's advice, followed as written, trains the run."""
+    from gan_dist import chaos
+
+    monkeypatch.setattr(chaos, "_DISK_FULL", (0, 1))
+    monkeypatch.setattr(chaos, "_files_written", {})
+    monkeypatch.setattr(chaos, "_disk_filled", False)
+    code, _, err = train_main(*tiny_args(digits_dir, "train.max_steps=10"))
+    assert code == 2 and "add run.overwrite=true (there is no checkpoint yet" in err, err[-2000:]
+    monkeypatch.setattr(chaos, "_DISK_FULL", None)
+    monkeypatch.setattr(chaos, "_disk_filled", False)
+    code, _, err = train_main(*tiny_args(digits_dir, "train.max_steps=10", "run.overwrite=true"))
+    assert code == 0, err[-2000:]
 
 
 @pytest.mark.parametrize("error, storage", [
